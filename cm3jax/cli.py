@@ -1,0 +1,90 @@
+"""`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
+
+The only module that wires stages together. Commands available now: `train` (the CM3leon LM) and `pipeline` (every
+available stage in order, skipping those already complete).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py or configs/tiny.py:arg.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: every stage writes under it.")
+
+USAGE = """usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]
+
+commands:
+  train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint)
+  pipeline   run every stage in order, skipping those already complete
+"""
+
+EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
+
+
+def train_lm(config, workdir: str) -> None:
+    import jax
+
+    from cm3jax import stages
+    from cm3jax.config_validation import validate_config
+    from cm3jax.parallel.mesh import create_mesh, initialize_distributed, num_slices
+    from cm3jax.train import loop
+    from cm3jax.train.lm import build_lm_task
+
+    initialize_distributed(config.distributed)
+    validate_config(config, jax.device_count(), num_slices(jax.devices()))
+    mesh = create_mesh(config)
+    stage_dir = stages.prepare_stage(workdir, "lm", config)
+    task, decoder_config = build_lm_task(config, mesh)
+    logging.info("mesh %s; decoder %s", dict(mesh.shape), decoder_config)
+    result = loop.run(task, config, mesh, stage_dir)
+    if not result.preempted:
+        stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
+        print(f"lm: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, "
+              f"logs in {stage_dir}/logs", flush=True)
+
+
+STAGES = (("lm", train_lm),)
+COMMANDS = {"train": train_lm}
+
+
+def run_pipeline(config, workdir: str) -> None:
+    from cm3jax import stages
+
+    for name, stage in STAGES:
+        if stages.is_complete(os.path.join(workdir, name)):
+            print(f"{name}: complete, skipped", flush=True)
+            continue
+        stage(config, workdir)
+
+
+COMMANDS["pipeline"] = run_pipeline
+
+
+def main(argv: list[str]) -> None:
+    from cm3jax.config_validation import ConfigError
+    from cm3jax.train.loop import TrainingDivergedError
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpoint I/O) only with -v 0 or higher
+
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        sys.stderr.write(USAGE)
+        sys.exit(EXIT_CONFIG_ERROR)
+    if _CONFIG.value is None or not _WORKDIR.value:
+        sys.stderr.write("cm3jax: --config and --workdir are required\n" + USAGE)
+        sys.exit(EXIT_CONFIG_ERROR)
+    try:
+        COMMANDS[argv[1]](_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        sys.stderr.write(f"cm3jax: invalid config: {e}\n")
+        sys.exit(EXIT_CONFIG_ERROR)
+    except TrainingDivergedError as e:
+        sys.stderr.write(f"cm3jax: training diverged: {e}\n")
+        sys.exit(EXIT_DIVERGED)
+
+
+def run() -> None:
+    app.run(main)

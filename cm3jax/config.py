@@ -1,0 +1,129 @@
+"""Default values of every config section; recipes in configs/ start from `base_config()` and override.
+
+Where the CM3leon paper is silent the default is our choice and says so (see ../shared/REFERENCE.md §3).
+"""
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.vocab = ml_collections.ConfigDict(
+        dict(
+            text_size=56320,  # paper's text vocabulary
+            image_codebook_size=8192,  # paper's VQ-GAN codebook
+            num_masks=32,  # CM3 sentinels <mask:i>; spans per document are clamped below this
+            pad_to_multiple=128,
+        )
+    )
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            num_layers=24,
+            d_model=1024,
+            num_heads=16,  # unstated in the paper: GPT-3/OPT head width 64
+            head_dim=-1,  # -1: d_model // num_heads
+            ffn_dim=-1,  # -1: 4 * d_model (OPT; unstated in the paper)
+            activation="relu",  # relu (OPT) | gelu | swiglu
+            max_seq_len=4096,
+            tie_embeddings=False,
+            qk_norm=False,  # Chameleon's stability fix: parameter-free LayerNorm on q and k per head
+            init_std=0.006,
+            position_init_std=0.0002,
+            layer_norm_epsilon=1e-5,
+            param_dtype="float32",
+            compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU
+            attention="auto",  # auto | xla | cudnn | splash
+            remat_policy="full",  # none | full | dots | dots_no_batch
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            # In-slice (ici) and cross-slice (dcn) sizes per axis; one -1 per group fills the remaining devices.
+            ici=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),
+            dcn=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+        )
+    )
+
+    # Logical axis name -> mesh axes. Parameters use embed/mlp/heads/kv/vocab/layers;
+    # activations use the activation_* names so a tensor never maps two dims to one mesh axis.
+    c.logical_axis_rules = [
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_heads", "tensor"),
+        ("activation_kv", None),
+        ("activation_mlp", "tensor"),
+        ("activation_vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("position", None),
+        ("layers", None),
+    ]
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic",  # synthetic token documents (until the data pipeline lands)
+            synthetic_text_len=24,  # text tokens per synthetic document
+            synthetic_image_tokens=64,  # image codes per synthetic document (an 8x8 grid)
+            synthetic_text_pieces=512,  # distinct text pieces the synthetic source draws from
+            seed=0,
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            global_batch_size=2048,  # sequences; 2048 x 4096 = 8M tokens (paper)
+            seq_len=4096,
+            steps=300_000,
+            grad_accum_steps=1,
+            z_loss_weight=0.0,  # Chameleon uses 1e-5 * log^2(Z)
+            log_every=100,
+            eval_every=1000,
+            eval_batches=10,
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+            async_checkpointing=True,
+            peak_tflops_per_device=-1.0,  # -1: from the device kind when known; MFU is logged only then
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            peak_lr=6e-4,
+            warmup_steps=1500,
+            decay="linear",  # linear (metaseq's polynomial decay, power 1) | cosine | constant
+            end_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.98,  # CM3 / RA-CM3 Adam betas
+            eps=1e-8,
+            weight_decay=0.1,
+            no_weight_decay=["position_embedding"],  # parameter-name substrings left out of weight decay
+            clip_norm=1.0,
+        )
+    )
+
+    c.distributed = ml_collections.ConfigDict(
+        dict(
+            # Empty coordinator: auto-detect (TPU pods, SLURM, Open MPI) when several processes are expected, else
+            # single process. Set all three for an explicit cluster (e.g. two processes on localhost).
+            coordinator_address="",
+            num_processes=-1,
+            process_id=-1,
+            cpu_collectives="gloo",  # CPU-only multi-process collectives
+        )
+    )
+    return c
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,88 @@
+"""Checks that a config can run before any compilation starts; every error names the offending field."""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+MESH_AXES = ("data", "fsdp", "tensor")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LR_DECAYS = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message starts with the field name."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int, num_slices: int) -> tuple[dict, dict]:
+    """Fills the -1 entries of mesh.ici / mesh.dcn; returns ({axis: ici}, {axis: dcn})."""
+    resolved = []
+    for group, total in (("ici", num_devices // num_slices), ("dcn", num_slices)):
+        sizes = {axis: int(config.mesh[group][axis]) for axis in MESH_AXES}
+        fill = [axis for axis, size in sizes.items() if size == -1]
+        _require(len(fill) <= 1, f"mesh.{group}", f"at most one axis may be -1, got {fill}")
+        for axis, size in sizes.items():
+            _require(size == -1 or size >= 1, f"mesh.{group}.{axis}", f"must be >= 1 or -1, got {size}")
+        known = math.prod(size for size in sizes.values() if size != -1)
+        if fill:
+            _require(total % known == 0, f"mesh.{group}",
+                     f"fixed axes multiply to {known}, which does not divide the {total} {group} devices")
+            sizes[fill[0]] = total // known
+        _require(math.prod(sizes.values()) == total, f"mesh.{group}",
+                 f"{sizes} multiplies to {math.prod(sizes.values())}, but there are {total} {group} devices")
+        resolved.append(sizes)
+    return resolved[0], resolved[1]
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> None:
+    """Raises ConfigError naming the field when the config cannot run on `num_devices` devices."""
+    m, t, o = config.model, config.train, config.optim
+    for field in ("num_layers", "d_model", "num_heads", "max_seq_len"):
+        _require(int(m[field]) >= 1, f"model.{field}", f"must be >= 1, got {m[field]}")
+    _require(m.head_dim == -1 or m.head_dim >= 1, "model.head_dim", f"must be >= 1 or -1, got {m.head_dim}")
+    _require(m.ffn_dim == -1 or m.ffn_dim >= 1, "model.ffn_dim", f"must be >= 1 or -1, got {m.ffn_dim}")
+    if m.head_dim == -1:
+        _require(m.d_model % m.num_heads == 0, "model.num_heads",
+                 f"{m.num_heads} heads do not divide d_model={m.d_model} (or set model.head_dim)")
+    _require(m.activation in ACTIVATIONS, "model.activation", f"{m.activation!r} not in {ACTIVATIONS}")
+    _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+             f"{m.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+    _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"{m.remat_policy!r} not in {REMAT_POLICIES}")
+    _require(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
+    _require(m.compute_dtype in DTYPES + ("auto",), "model.compute_dtype", f"{m.compute_dtype!r} not valid")
+
+    _require(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+    _require(t.seq_len <= m.max_seq_len, "train.seq_len",
+             f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the learned position table)")
+    for field in ("global_batch_size", "steps", "grad_accum_steps", "log_every", "checkpoint_every",
+                  "keep_checkpoints", "eval_batches"):
+        _require(int(t[field]) >= 1, f"train.{field}", f"must be >= 1, got {t[field]}")
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
+    _require(t.global_batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+             f"{t.grad_accum_steps} does not divide train.global_batch_size={t.global_batch_size}")
+
+    ici, dcn = resolve_mesh_shape(config, num_devices, num_slices)
+    batch_shards = ici["data"] * ici["fsdp"] * dcn["data"] * dcn["fsdp"]
+    micro_batch = t.global_batch_size // t.grad_accum_steps
+    _require(micro_batch % batch_shards == 0, "train.global_batch_size",
+             f"micro-batch {micro_batch} (global_batch_size / grad_accum_steps) is not divisible by the "
+             f"{batch_shards} data-parallel shards (mesh data x fsdp)")
+    tensor = ici["tensor"] * dcn["tensor"]
+    _require(m.num_heads % tensor == 0, "mesh.ici.tensor",
+             f"tensor parallelism {tensor} does not divide model.num_heads={m.num_heads}")
+
+    _require(o.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {o.peak_lr}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(o.decay in LR_DECAYS, "optim.decay", f"{o.decay!r} not in {LR_DECAYS}")
+    _require(0.0 <= o.end_lr_ratio <= 1.0, "optim.end_lr_ratio", "must be in [0, 1]")
+    _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must be in [0, 1)")
+    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    _require(config.data.source in ("synthetic",), "data.source", f"{config.data.source!r} is not a known source")

@@ -1,0 +1,1 @@
+"""Input sources for training."""

@@ -1,0 +1,298 @@
+"""The CM3leon decoder: an OPT-style, decoder-only transformer over the unified token stream.
+
+Exactly as the paper describes (../shared/REFERENCE.md §3): pre-LayerNorm, LayerNorm without learnable parameters, no bias
+terms, no dropout, learned absolute positional embedding (truncated normal, std 0.0002), every other weight truncated
+normal with std 0.006 cut at 3 sigma. "Output layers initialised to 0" is read as the two projections that write into the
+residual stream in every block (attention output and FFN output): at initialisation every block is the identity, while
+the LM head keeps the ordinary init so the first logits are not all equal.
+
+Options beyond the paper: activation (relu as OPT, gelu, swiglu), tied input/output embeddings, QK-norm (Chameleon),
+and the z-loss lives in the loss. Layers are stacked on a leading `layers` axis and run with `nn.scan`, so compile time
+does not grow with depth; each layer is rematerialised by the configured policy.
+
+Packed sequences: `segment_ids` (0 = padding, 1.. = documents) stop attention across documents, and `positions` restart
+at every document. Decoding: with `decode=True` each layer keeps a KV cache in the `cache` collection (allocated by
+`init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Static shape and numerics of the decoder; built from `config.model` by `from_config`."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int
+    activation: str = "relu"
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    init_std: float = 0.006
+    position_init_std: float = 0.0002
+    layer_norm_epsilon: float = 1e-5
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    attention: str = "xla"  # resolved implementation: xla | cudnn | splash
+    remat_policy: str = "full"
+
+    @classmethod
+    def from_config(cls, model_config, vocab_size: int, platform: str | None = None) -> "DecoderConfig":
+        """`platform` (cpu / gpu / tpu, default: jax's backend) resolves the `auto` dtype and attention choices."""
+        platform = platform or jax.default_backend()
+        m = model_config
+        compute = m.compute_dtype
+        if compute == "auto":
+            compute = "float32" if platform == "cpu" else "bfloat16"
+        attention = m.attention
+        if attention == "auto":
+            attention = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+        return cls(
+            vocab_size=vocab_size,
+            num_layers=m.num_layers,
+            d_model=m.d_model,
+            num_heads=m.num_heads,
+            head_dim=m.head_dim if m.head_dim > 0 else m.d_model // m.num_heads,
+            ffn_dim=m.ffn_dim if m.ffn_dim > 0 else 4 * m.d_model,
+            max_seq_len=m.max_seq_len,
+            activation=m.activation,
+            tie_embeddings=m.tie_embeddings,
+            qk_norm=m.qk_norm,
+            init_std=m.init_std,
+            position_init_std=m.position_init_std,
+            layer_norm_epsilon=m.layer_norm_epsilon,
+            param_dtype=jnp.dtype(m.param_dtype),
+            compute_dtype=jnp.dtype(compute),
+            attention=attention,
+            remat_policy=m.remat_policy,
+        )
+
+
+def _truncated_normal(std: float):
+    # jax's truncated_normal rescales so the truncated distribution has exactly this std; cut at +-3 sigma.
+    return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple, axes: tuple) -> Array:
+    cfg = module.cfg
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
+    return value.astype(cfg.compute_dtype)
+
+
+def _layer_norm(x: Array, epsilon: float) -> Array:
+    """LayerNorm without scale or bias, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + epsilon)).astype(x.dtype)
+
+
+def attention_mask(query_index: Array, key_index: Array, query_segments: Array, key_segments: Array) -> Array:
+    """[batch, 1, q, k] boolean: causal by absolute index and restricted to the same packed document."""
+    causal = key_index[:, None, :] <= query_index[:, :, None]
+    same_document = query_segments[:, :, None] == key_segments[:, None, :]
+    return (causal & same_document)[:, None]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str) -> Array:
+    """q [b, t, n, h], k/v [b, s, n, h] -> [b, t, n, h]; mask None means plain causal over equal-length q and k."""
+    if implementation == "splash":
+        from cm3jax.models import splash
+
+        return splash.attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=mask is None, implementation=implementation
+    )
+
+
+class Attention(nn.Module):
+    cfg: DecoderConfig
+    decode: bool = False
+    packed: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, query_index: Array, segment_ids: Array) -> Array:
+        cfg = self.cfg
+        init = _truncated_normal(cfg.init_std)
+        qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+        qkv_axes = ("embed", "heads", "kv")
+        q = jnp.einsum("btd,dnh->btnh", x, _param(self, "query", init, qkv_shape, qkv_axes))
+        k = jnp.einsum("btd,dnh->btnh", x, _param(self, "key", init, qkv_shape, qkv_axes))
+        v = jnp.einsum("btd,dnh->btnh", x, _param(self, "value", init, qkv_shape, qkv_axes))
+        head_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        q, k, v = (nn.with_logical_constraint(a, head_axes) for a in (q, k, v))
+        if cfg.qk_norm:
+            q = _layer_norm(q, cfg.layer_norm_epsilon)
+            k = _layer_norm(k, cfg.layer_norm_epsilon)
+
+        if self.decode:
+            k, v, key_index, key_segments = self._update_cache(k, v, segment_ids, query_index[0, 0])
+            mask = attention_mask(query_index, key_index, segment_ids, key_segments)
+        elif self.packed:
+            index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            mask = attention_mask(index, index, segment_ids, segment_ids)
+        else:
+            mask = None
+        out = dot_product_attention(q, k, v, mask, cfg.attention)
+        out = nn.with_logical_constraint(out, head_axes)
+        wo = _param(self, "out", nn.initializers.zeros, (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                    ("heads", "kv", "embed"))
+        return jnp.einsum("btnh,nhd->btd", out, wo)
+
+    def _update_cache(self, k: Array, v: Array, segment_ids: Array, start: Array):
+        """Writes this call's keys/values at cache position `start`; returns the whole cache, key indices and segments.
+
+        `init` with a [batch, max_decode_len] input only allocates the cache (zeros).
+        """
+        allocated = self.has_variable("cache", "key")
+        batch, length, heads, head_dim = k.shape
+        cached_key = self.variable("cache", "key", jnp.zeros, (batch, length, heads, head_dim), k.dtype)
+        cached_value = self.variable("cache", "value", jnp.zeros, (batch, length, heads, head_dim), v.dtype)
+        cached_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
+        max_length = cached_key.value.shape[1]
+        key_index = jnp.broadcast_to(jnp.arange(max_length), (batch, max_length))
+        if not allocated:
+            return k, v, key_index[:, :length], segment_ids
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
+        cached_segments.value = jax.lax.dynamic_update_slice(
+            cached_segments.value, segment_ids.astype(jnp.int32), (0, start))
+        return cached_key.value, cached_value.value, key_index, cached_segments.value
+
+
+class FeedForward(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        init = _truncated_normal(cfg.init_std)
+        mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
+        h = jnp.einsum("btd,df->btf", x, _param(self, "wi", init, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp")))
+        if cfg.activation == "swiglu":
+            gate = jnp.einsum("btd,df->btf", x,
+                              _param(self, "wi_gate", init, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp")))
+            h = nn.silu(gate) * h
+        elif cfg.activation == "gelu":
+            h = nn.gelu(h)
+        else:
+            h = nn.relu(h)
+        h = nn.with_logical_constraint(h, mlp_axes)
+        wo = _param(self, "wo", nn.initializers.zeros, (cfg.ffn_dim, cfg.d_model), ("mlp", "embed"))
+        return jnp.einsum("btf,fd->btd", h, wo)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-LN block; shaped as a scan body: (carry, broadcast inputs) -> (carry, None)."""
+
+    cfg: DecoderConfig
+    decode: bool = False
+    packed: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, query_index: Array, segment_ids: Array):
+        cfg = self.cfg
+        embed_axes = ("activation_batch", "activation_length", "activation_embed")
+        x = nn.with_logical_constraint(x, embed_axes)
+        h = Attention(cfg, self.decode, self.packed, name="attention")(
+            _layer_norm(x, cfg.layer_norm_epsilon), query_index, segment_ids)
+        x = x + h
+        x = x + FeedForward(cfg, name="mlp")(_layer_norm(x, cfg.layer_norm_epsilon))
+        return nn.with_logical_constraint(x, embed_axes), None
+
+
+class CM3LeonDecoder(nn.Module):
+    """tokens [batch, length] -> logits [batch, length, vocab_size] (float32)."""
+
+    cfg: DecoderConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        cfg = self.cfg
+        batch, length = tokens.shape
+        packed = segment_ids is not None
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        start = self._advance_cache_index(length) if self.decode else 0
+        query_index = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if positions is None:
+            positions = query_index
+
+        init = _truncated_normal(cfg.init_std)
+        embedding = self.param("token_embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                               (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+        position_embedding = self.param(
+            "position_embedding",
+            nn.with_logical_partitioning(_truncated_normal(cfg.position_init_std), ("position", "embed")),
+            (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
+        x = jnp.take(embedding, tokens, axis=0) + jnp.take(position_embedding, positions, axis=0)
+        x = x.astype(cfg.compute_dtype)
+
+        layer = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = layers(cfg, self.decode, packed, name="layers")(x, query_index, segment_ids)
+        x = _layer_norm(x, cfg.layer_norm_epsilon)
+
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
+        else:
+            head = _param(self, "lm_head", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            logits = jnp.einsum("btd,dv->btv", x, head)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+    def _advance_cache_index(self, length: int) -> Array:
+        """Returns where this call's tokens go in the KV cache and moves the index past them (not during init)."""
+        allocated = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+        if allocated:
+            index.value = start + length
+        return start
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM appendix-B formula.
+
+    6 * (matmul parameters: attention, FFN, LM head) + 12 * layers * seq_len * num_heads * head_dim for attention
+    scores and values (counted over the full square, as PaLM and MaxText do). Embedding lookups are not matmuls and
+    rematerialisation is not counted (MFU measures useful work).
+    """
+    attention_params = 4 * cfg.d_model * cfg.num_heads * cfg.head_dim
+    ffn_params = (3 if cfg.activation == "swiglu" else 2) * cfg.d_model * cfg.ffn_dim
+    matmul_params = cfg.num_layers * (attention_params + ffn_params) + cfg.d_model * cfg.vocab_size
+    attention_flops = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    return float(6 * matmul_params + attention_flops)
+

@@ -1,0 +1,1 @@
+"""Device mesh, distributed start-up and logical-axis sharding."""

@@ -1,0 +1,47 @@
+"""Logical axis names -> mesh shardings, and global batches built from each process's rows."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.logical_axis_rules)
+
+
+def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules: tuple) -> Any:
+    """A pytree with flax LogicallyPartitioned leaves (e.g. from jax.eval_shape of init) -> NamedSharding tree
+    matching the unboxed tree; unannotated leaves (step counters, optimizer counts) are replicated."""
+    logical_specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[batch, ...] arrays: batch split over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """The contiguous [start, stop) rows of the global batch that this process's devices hold."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(global_batch_size))})
+    start, stop = rows[0], rows[-1] + 1
+    if len(rows) != stop - start:
+        raise ValueError("this process's batch rows are not contiguous; use a mesh with dcn axes outermost")
+    return start, stop
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global jax.Arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value, (global_batch_size,) + value.shape[1:])
+        for key, value in local_batch.items()
+    }

@@ -1,0 +1,1 @@
+"""Training loop, losses, optimizer, checkpoints and metrics."""

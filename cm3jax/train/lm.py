@@ -1,0 +1,156 @@
+"""The language-model objective: weighted next-token cross-entropy (split by target modality), z-loss, and the
+jitted train / eval steps with gradient accumulation."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.synthetic import SyntheticDocuments
+from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
+from cm3jax.parallel.sharding import process_rows
+from cm3jax.train.optim import make_optimizer
+from cm3jax.train.loop import TrainTask
+from cm3jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def loss_sums(logits: jax.Array, batch: Batch, z_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns (objective summed over weighted tokens, per-metric sums).
+
+    Sums, not means, so gradient accumulation and data parallelism normalise once by the total weight.
+    `modality` is the modality of each target token: text and image losses are reported separately.
+    """
+    weights = batch["loss_weights"].astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    ce = log_z - target_logit
+    z_loss = jnp.square(log_z)
+    objective = jnp.sum(weights * (ce + z_loss_weight * z_loss))
+    text = weights * (batch["modality"] == vocab_lib.MODALITY_TEXT)
+    image = weights * (batch["modality"] == vocab_lib.MODALITY_IMAGE)
+    sums = {
+        "loss": jnp.sum(weights * ce),
+        "weight": jnp.sum(weights),
+        "z_loss": jnp.sum(weights * z_loss),
+        "text_loss": jnp.sum(text * ce),
+        "text_weight": jnp.sum(text),
+        "image_loss": jnp.sum(image * ce),
+        "image_weight": jnp.sum(image),
+    }
+    return objective, sums
+
+
+def means_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-token means; a split with no tokens in the batch reports NaN-free zero."""
+    def mean(key, weight_key):
+        return sums[key] / jnp.maximum(sums[weight_key], 1.0)
+
+    return {
+        "loss": mean("loss", "weight"),
+        "z_loss": mean("z_loss", "weight"),
+        "text_loss": mean("text_loss", "text_weight"),
+        "image_loss": mean("image_loss", "image_weight"),
+        "loss_tokens": sums["weight"],
+    }
+
+
+def _forward(model: nn.Module, params: Any, batch: Batch) -> jax.Array:
+    return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+
+
+def _split_microbatches(batch: Batch, accum: int) -> Batch:
+    """[B, ...] -> [accum, B/accum, ...] taking every accum-th row, so each data shard keeps its rows local."""
+    def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    z_loss_weight: float, grad_accum_steps: int) -> Callable[[TrainState, Batch], tuple]:
+    def grads_and_sums(params, batch):
+        def objective(p):
+            return loss_sums(_forward(model, p, batch), batch, z_loss_weight)
+
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, sums
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if grad_accum_steps == 1:
+            grads, sums = grads_and_sums(state.params, batch)
+        else:
+            def accumulate(carry, microbatch):
+                grads, sums = grads_and_sums(state.params, microbatch)
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+            sums_shape = jax.eval_shape(grads_and_sums, state.params, batch)[1]
+            zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+            (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                            _split_microbatches(batch, grad_accum_steps))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = means_from_sums(sums)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, z_loss_weight: float) -> Callable[[TrainState, Batch], dict]:
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        return loss_sums(_forward(model, state.params, batch), batch, z_loss_weight)[1]
+
+    return eval_step
+
+
+def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainTask, DecoderConfig]:
+    """The CM3leon LM as a TrainTask for the generic loop, fed by the configured data source."""
+    t = config.train
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    decoder_config = DecoderConfig.from_config(config.model, vocab.padded_size)
+    model = CM3LeonDecoder(decoder_config)
+    optimizer, schedule = make_optimizer(config.optim, t.steps)
+
+    def init_state(rng: jax.Array) -> TrainState:
+        params = model.init(rng, jnp.zeros((1, t.seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    rows = process_rows(mesh, t.global_batch_size)
+
+    def source(split: str) -> SyntheticDocuments:
+        d = config.data
+        return SyntheticDocuments(vocab, seq_len=t.seq_len, global_batch_size=t.global_batch_size, rows=rows,
+                                  split=split, seed=d.seed, text_len=d.synthetic_text_len,
+                                  image_tokens=d.synthetic_image_tokens, text_pieces=d.synthetic_text_pieces)
+
+    def eval_data():
+        validation = source("validation")
+        return (validation.batch_at(i) for i in range(t.eval_batches))
+
+    tokens_per_step = t.global_batch_size * t.seq_len
+    task = TrainTask(
+        name="lm",
+        init_state=init_state,
+        train_step=make_train_step(model, optimizer, schedule, t.z_loss_weight, t.grad_accum_steps),
+        train_data=source("train"),
+        global_batch_size=t.global_batch_size,
+        flops_per_step=flops_per_token(decoder_config, t.seq_len) * tokens_per_step,
+        tokens_per_step=tokens_per_step,
+        eval_step=make_eval_step(model, t.z_loss_weight),
+        eval_data=eval_data,
+        summarize_eval=means_from_sums,
+    )
+    return task, decoder_config

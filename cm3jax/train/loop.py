@@ -1,0 +1,211 @@
+"""The generic training loop every trainer (LM, VQ-GAN, retriever) runs: sharded state initialisation or restore,
+one jitted step with donated state, logging, periodic evaluation, checkpoints, preemption and divergence handling."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from cm3jax.config import config_to_json
+from cm3jax.parallel import sharding
+from cm3jax.train.checkpoint import Checkpointer
+from cm3jax.train.metrics import MetricsWriter, peak_flops_per_device
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient norm stopped being finite; the last good checkpoint is kept."""
+
+
+class CheckpointableIterator(Iterator[dict]):
+    """What the loop needs from a data source: local batches, and a JSON-serialisable position."""
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What a model family plugs into the loop.
+
+    init_state(rng) builds the state with flax LogicallyPartitioned parameters (the loop only traces it for shapes and
+    axis names, then runs it under jit with the resulting shardings). train_step(state, batch) -> (state, metrics)
+    where metrics holds scalars and a boolean `finite`. eval_step(state, batch) -> sums that summarize_eval turns
+    into the logged means.
+    """
+
+    name: str
+    init_state: Callable[[jax.Array], Any]
+    train_step: Callable[[Any, dict], tuple[Any, dict]]
+    train_data: CheckpointableIterator
+    global_batch_size: int
+    flops_per_step: float = 0.0
+    tokens_per_step: int = 0
+    eval_step: Callable[[Any, dict], dict] | None = None
+    eval_data: Callable[[], Iterable[dict]] | None = None
+    summarize_eval: Callable[[dict], dict] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any
+    step: int
+    preempted: bool
+    last_metrics: dict
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM (or SIGINT); the loop finishes its step, saves and returns."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM,):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("signal %d received: saving a checkpoint at the end of this step", signum)
+        self.event.set()
+
+    def reached(self, step: int) -> bool:
+        local = self.event.is_set()
+        if jax.process_count() == 1:
+            return local
+        # Every process must agree, or the collective save would hang.
+        flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+        return bool(np.any(flags))
+
+    def restore_handlers(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _to_host(metrics: dict) -> dict:
+    return {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+
+
+def abstract_state_and_shardings(init_state: Callable, mesh: Mesh, rules: tuple) -> tuple[Any, Any]:
+    """Shapes and shardings of the state, from tracing init (no arrays are allocated)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_state, jax.random.key(0))
+    return nn.unbox(boxed), sharding.logical_to_shardings(boxed, mesh, rules)
+
+
+def initialize_state(init_state: Callable, rng: jax.Array, mesh: Mesh, rules: tuple, shardings: Any) -> Any:
+    """Runs init directly into its shards: no host ever holds the full model."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(rng)
+
+
+def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str) -> TrainResult:
+    """Trains `task` to config.train.steps, resuming from the latest checkpoint under `workdir`."""
+    t = config.train
+    rules = sharding.logical_axis_rules(config)
+    abstract, shardings = abstract_state_and_shardings(task.init_state, mesh, rules)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
+    logging.info("%s: %.2fM parameters on mesh %s", task.name, num_params / 1e6, dict(mesh.shape))
+    checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, abstract, shardings)
+        task.train_data.set_state(data_state)
+        logging.info("resumed %s from step %d", task.name, latest)
+    else:
+        state = initialize_state(task.init_state, jax.random.key(t.seed), mesh, rules, shardings)
+    config_json = {"json": config_to_json(config)}
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_step = jax.jit(task.train_step, in_shardings=(shardings, batch_sharding),
+                             out_shardings=(shardings, None), donate_argnums=0)
+        eval_step = jax.jit(task.eval_step, in_shardings=(shardings, batch_sharding)) if task.eval_step else None
+
+    writer = MetricsWriter(f"{workdir}/logs")
+    preemption = _PreemptionFlag()
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, t.peak_tflops_per_device)
+    step = int(jax.device_get(state.step))
+    last_saved = latest
+    pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch asynchronous
+    interval_start, interval_steps = time.perf_counter(), 0
+    metrics_host: dict = {}
+    preempted = False
+
+    def check_finite(at_step: int, metrics: dict) -> None:
+        if not bool(jax.device_get(metrics["finite"])):
+            checkpointer.wait_until_finished()
+            where = f"step {last_saved} in {checkpointer.directory}" if last_saved is not None else "none yet"
+            raise TrainingDivergedError(
+                f"{task.name}: loss={float(jax.device_get(metrics['loss']))} grad_norm="
+                f"{float(jax.device_get(metrics['grad_norm']))} at step {at_step} is not finite; stopped without "
+                f"saving. Last good checkpoint: {where} (kept). Lower optim.peak_lr, raise optim.warmup_steps, set "
+                f"train.z_loss_weight / model.qk_norm, or check the data.")
+
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            while step < t.steps:
+                batch = sharding.global_batch(next(task.train_data), mesh, task.global_batch_size)
+                state, metrics = train_step(state, batch)
+                step += 1
+                interval_steps += 1
+                if pending is not None:
+                    check_finite(*pending)
+                pending = (step, metrics)
+
+                if step % t.log_every == 0 or step == t.steps:
+                    check_finite(step, metrics)
+                    metrics_host = _to_host(metrics)
+                    elapsed = time.perf_counter() - interval_start
+                    metrics_host.pop("finite")
+                    metrics_host.update(_throughput(task, elapsed / interval_steps, peak, mesh.devices.size))
+                    writer.write(step, metrics_host)
+                    interval_start, interval_steps = time.perf_counter(), 0
+
+                if eval_step is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                    writer.write(step, _evaluate(task, eval_step, state, mesh), prefix="eval")
+                    interval_start, interval_steps = time.perf_counter(), 0
+
+                preempted = preemption.reached(step)
+                if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+                    check_finite(step, metrics)
+                    checkpointer.save(step, state, task.train_data.get_state(), config_json)
+                    last_saved = step
+                if preempted:
+                    logging.warning("%s: preempted; checkpoint saved at step %d. Rerun the same command to resume.",
+                                    task.name, step)
+                    break
+    finally:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        writer.close()
+        preemption.restore_handlers()
+    return TrainResult(state=state, step=step, preempted=preempted, last_metrics=metrics_host)
+
+
+def _throughput(task: TrainTask, step_time: float, peak: float | None, num_devices: int) -> dict:
+    out = {"step_time_s": step_time}
+    if task.tokens_per_step:
+        out["tokens_per_s"] = task.tokens_per_step / step_time
+    if task.flops_per_step and peak:
+        out["mfu"] = task.flops_per_step / step_time / (peak * num_devices)
+    return out
+
+
+def _evaluate(task: TrainTask, eval_step: Callable, state: Any, mesh: Mesh) -> dict:
+    totals = None
+    for local_batch in task.eval_data():
+        sums = eval_step(state, sharding.global_batch(local_batch, mesh, task.global_batch_size))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    means = task.summarize_eval(totals) if task.summarize_eval else totals
+    return _to_host(means)

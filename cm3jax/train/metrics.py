@@ -1,0 +1,63 @@
+"""Training metrics: console, a JSONL file and TensorBoard event files (process 0 writes), plus MFU."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax
+from absl import logging
+
+# Dense bf16 peak TFLOP/s per device (vendor figures), for MFU when config.train.peak_tflops_per_device is -1.
+_PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
+    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v4", 275.0),
+)
+
+
+def peak_flops_per_device(device_kind: str, configured_tflops: float) -> float | None:
+    """FLOP/s of one device: the configured value if set (> 0), else the table entry for its kind, else None."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    for name, tflops in _PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops * 1e12
+    return None
+
+
+class MetricsWriter:
+    """Writes scalar metrics by step; only process 0 writes files."""
+
+    def __init__(self, log_dir: str):
+        self._enabled = jax.process_index() == 0
+        self._tensorboard = None
+        self._jsonl = None
+        if self._enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir)
+            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
+        if not self._enabled:
+            return
+        text = " ".join(f"{k}={_format(v)}" for k, v in scalars.items())
+        logging.info("[%s] step %d: %s", prefix, step, text)
+        print(f"[{prefix}] step {step}: {text}", flush=True)
+        self._jsonl.write(json.dumps({"step": step, "split": prefix, **{k: float(v) for k, v in scalars.items()}})
+                          + "\n")
+        self._jsonl.flush()
+        for key, value in scalars.items():
+            self._tensorboard.add_scalar(f"{prefix}/{key}", float(value), step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._tensorboard.close()
+            self._jsonl.close()
+
+
+def _format(value: float) -> str:
+    value = float(value)
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"

@@ -1,0 +1,101 @@
+"""The unified token-id layout: special tokens, then text pieces, then image codes.
+
+This is the only module that does arithmetic on token ids. Every other module asks it for ids, ranges and
+modalities, so changing the layout (say, more mask tokens) is a change here and nowhere else.
+
+Layout (contiguous ranges):
+    [0, 4)                          <pad>, <eos>, <break>, <eoss>
+    [4, 4 + M)                      <mask:0> ... <mask:M-1>   (CM3 sentinels)
+    [text_offset, image_offset)     text pieces (SentencePiece ids, shifted)
+    [image_offset, size)            image codes (VQ-GAN codebook indices, shifted)
+The model's embedding table is `padded_size` rows (a multiple of 128, so the vocabulary axis shards and tiles well);
+the rows past `size` are never produced by the data and are masked out when decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+PAD, EOS, BREAK, EOSS = 0, 1, 2, 3
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>")
+
+MODALITY_SPECIAL, MODALITY_TEXT, MODALITY_IMAGE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class UnifiedVocab:
+    """Sizes of the three id ranges; see the module docstring for the layout."""
+
+    text_size: int
+    image_codebook_size: int
+    num_masks: int = 32
+    pad_to_multiple: int = 128
+
+    def __post_init__(self):
+        for name in ("text_size", "image_codebook_size", "num_masks", "pad_to_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"vocab.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, vocab_config) -> "UnifiedVocab":
+        return cls(
+            text_size=int(vocab_config.text_size),
+            image_codebook_size=int(vocab_config.image_codebook_size),
+            num_masks=int(vocab_config.num_masks),
+            pad_to_multiple=int(vocab_config.pad_to_multiple),
+        )
+
+    @property
+    def mask_offset(self) -> int:
+        return len(SPECIAL_TOKENS)
+
+    @property
+    def text_offset(self) -> int:
+        return self.mask_offset + self.num_masks
+
+    @property
+    def image_offset(self) -> int:
+        return self.text_offset + self.text_size
+
+    @property
+    def size(self) -> int:
+        return self.image_offset + self.image_codebook_size
+
+    @property
+    def padded_size(self) -> int:
+        m = self.pad_to_multiple
+        return -(-self.size // m) * m
+
+    def mask_id(self, i: int) -> int:
+        if not 0 <= i < self.num_masks:
+            raise ValueError(f"mask index {i} outside [0, {self.num_masks})")
+        return self.mask_offset + i
+
+    def text_ids(self, pieces: np.ndarray) -> np.ndarray:
+        """SentencePiece ids -> unified ids."""
+        pieces = np.asarray(pieces)
+        if pieces.size and (pieces.min() < 0 or pieces.max() >= self.text_size):
+            raise ValueError(f"text piece id outside [0, {self.text_size})")
+        return (pieces + self.text_offset).astype(np.int32)
+
+    def image_ids(self, codes: np.ndarray) -> np.ndarray:
+        """VQ-GAN codebook indices -> unified ids."""
+        codes = np.asarray(codes)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.image_codebook_size):
+            raise ValueError(f"image code outside [0, {self.image_codebook_size})")
+        return (codes + self.image_offset).astype(np.int32)
+
+    def modality(self, ids):
+        """Per-token modality (MODALITY_SPECIAL / _TEXT / _IMAGE); works on numpy and jax arrays alike."""
+        xp = np if isinstance(ids, np.ndarray) else _jnp()
+        ids = xp.asarray(ids)
+        is_text = (ids >= self.text_offset) & (ids < self.image_offset)
+        is_image = (ids >= self.image_offset) & (ids < self.size)
+        return xp.where(is_image, MODALITY_IMAGE, xp.where(is_text, MODALITY_TEXT, MODALITY_SPECIAL)).astype(xp.int32)
+
+
+def _jnp():
+    import jax.numpy as jnp
+
+    return jnp

@@ -1,0 +1,19 @@
+"""Tiny model for tests: compiles in seconds on CPU.
+
+    cm3jax train --config=configs/tiny.py --workdir=/tmp/cm3jax_tiny
+"""
+from cm3jax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.vocab.text_size = 96
+    c.vocab.image_codebook_size = 64
+    c.vocab.num_masks = 8
+    c.model.update(num_layers=2, d_model=32, num_heads=4, max_seq_len=64, remat_policy="none")
+    c.data.update(synthetic_text_len=6, synthetic_image_tokens=8, synthetic_text_pieces=40)
+    c.train.update(global_batch_size=8, seq_len=32, steps=6, log_every=1, eval_every=0, eval_batches=2,
+                   checkpoint_every=3, keep_checkpoints=3, async_checkpointing=False)
+    c.optim.update(peak_lr=3e-3, warmup_steps=2)
+    c.mesh.ici.update(data=1, fsdp=-1, tensor=1)
+    return c

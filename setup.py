@@ -1,0 +1,33 @@
+"""cm3jax: retrieval-augmented CM3leon-style multimodal pretraining and instruction tuning in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cm3jax",
+    version="0.1.0",
+    description="Retrieval-augmented CM3leon-style multimodal pretraining and instruction tuning in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cm3jax", "cm3jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.9",
+        "grain>=0.2.12",
+        "sentencepiece>=0.2",
+        "scann>=1.4",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # Side-by-side reference for benchmarks/train_step.py (CPU wheel of torch is enough).
+        "bench": ["torch>=2.4", "transformers>=4.45"],
+    },
+    entry_points={"console_scripts": ["cm3jax=cm3jax.cli:run"]},
+)
