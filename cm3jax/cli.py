@@ -25,21 +25,13 @@ EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
 
 
 def train_lm(config, workdir: str) -> None:
-    import jax
-
     from cm3jax import stages
-    from cm3jax.config_validation import validate_config
-    from cm3jax.parallel.mesh import create_mesh, initialize_distributed, num_slices
-    from cm3jax.train import loop
-    from cm3jax.train.lm import build_lm_task
+    from cm3jax.parallel.mesh import initialize_distributed
+    from cm3jax.train.lm import train_language_model
 
     initialize_distributed(config.distributed)
-    validate_config(config, jax.device_count(), num_slices(jax.devices()))
-    mesh = create_mesh(config)
     stage_dir = stages.prepare_stage(workdir, "lm", config)
-    task, decoder_config = build_lm_task(config, mesh)
-    logging.info("mesh %s; decoder %s", dict(mesh.shape), decoder_config)
-    result = loop.run(task, config, mesh, stage_dir)
+    result = train_language_model(config, stage_dir)
     if not result.preempted:
         stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
         print(f"lm: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, "

@@ -12,11 +12,14 @@ import optax
 from jax.sharding import Mesh
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.config_validation import validate_config
 from cm3jax.data.synthetic import SyntheticDocuments
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
+from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
+from cm3jax.train import loop
+from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.optim import make_optimizer
-from cm3jax.train.loop import TrainTask
 from cm3jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -101,7 +104,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = means_from_sums(sums)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -154,3 +157,12 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
         summarize_eval=means_from_sums,
     )
     return task, decoder_config
+
+
+def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None) -> TrainResult:
+    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`."""
+    devices = list(devices if devices is not None else jax.devices())
+    validate_config(config, len(devices), num_slices(devices))
+    mesh = create_mesh(config, devices)
+    task, _ = build_lm_task(config, mesh)
+    return loop.run(task, config, mesh, stage_dir)

@@ -115,7 +115,8 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
     rules = sharding.logical_axis_rules(config)
     abstract, shardings = abstract_state_and_shardings(task.init_state, mesh, rules)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
-    logging.info("%s: %.2fM parameters on mesh %s", task.name, num_params / 1e6, dict(mesh.shape))
+    if jax.process_index() == 0:
+        print(f"{task.name}: {num_params / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}", flush=True)
     checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     latest = checkpointer.latest_step()
     if latest is not None:
