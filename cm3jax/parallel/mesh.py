@@ -44,9 +44,13 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def _is_tpu_slice(device) -> bool:
+    return device.platform == "tpu" and hasattr(device, "slice_index")
+
+
 def num_slices(devices) -> int:
     """Groups joined by the slower network: TPU slices (multislice), else processes (hosts)."""
-    if hasattr(devices[0], "slice_index"):
+    if _is_tpu_slice(devices[0]):
         return len({d.slice_index for d in devices})
     return len({d.process_index for d in devices})
 
@@ -60,7 +64,7 @@ def create_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     dcn_shape = [dcn[a] for a in MESH_AXES]
     if slices > 1:
         device_array = mesh_utils.create_hybrid_device_mesh(
-            ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+            ici_shape, dcn_shape, devices, process_is_granule=not _is_tpu_slice(devices[0]))
     elif len(devices) == len(jax.devices()) and jax.default_backend() == "tpu":
         device_array = mesh_utils.create_device_mesh(ici_shape, devices)  # follows the physical torus
     else:
