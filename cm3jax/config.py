@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
             layer_norm_epsilon=1e-5,
             param_dtype="float32",
             compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU
-            attention="auto",  # auto | xla | cudnn | splash
+            attention="auto",  # auto: cudnn on GPU, splash on TPU, xla elsewhere | xla | cudnn | splash
+            attention_block_size=128,  # xla: query block of the block-causal attention (upper blocks skipped)
             remat_policy="full",  # none | full | dots | dots_no_batch
         )
     )

@@ -55,6 +55,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     _require(m.activation in ACTIVATIONS, "model.activation", f"{m.activation!r} not in {ACTIVATIONS}")
     _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
              f"{m.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+    _require(m.attention_block_size >= 1, "model.attention_block_size", f"must be >= 1, got {m.attention_block_size}")
     _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"{m.remat_policy!r} not in {REMAT_POLICIES}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
     _require(m.compute_dtype in DTYPES + ("auto",), "model.compute_dtype", f"{m.compute_dtype!r} not valid")

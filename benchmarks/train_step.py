@@ -1,0 +1,204 @@
+"""Train-step throughput and MFU of the CM3leon decoder, side by side with PyTorch + HuggingFace OPTForCausalLM.
+
+Both run the same architecture (pre-LN, no biases, no LayerNorm parameters, ReLU FFN 4d, learned positions,
+untied LM head), batch, sequence length, dtype (float32 on CPU) and thread count, with AdamW and clipping at 1.0.
+MFU = model FLOPs per step (cm3jax.models.transformer.flops_per_token, PaLM formula) / step time / peak, where the
+peak is the best dense float32 matmul throughput measured in this run (jax and torch, the larger).
+
+    python benchmarks/train_step.py                       # CPU: d=512, 8 layers, seq 512, batch 8
+    python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8   # an accelerator, paper shape
+
+Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="", help="recipe file for the model shape (default: the CPU target shape)")
+    p.add_argument("--d_model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--skip_torch", action="store_true")
+    return p.parse_args()
+
+
+def load_model_config(args):
+    from cm3jax.config import base_config
+
+    if args.config:
+        spec = importlib.util.spec_from_file_location("recipe", args.config)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        args.d_model, args.layers, args.heads = config.model.d_model, config.model.num_layers, config.model.num_heads
+        args.seq = config.train.seq_len
+    else:
+        config = base_config()
+    config.model.update(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, max_seq_len=args.seq,
+                        remat_policy="none" if not args.config else config.model.remat_policy)
+    config.train.update(global_batch_size=args.batch, seq_len=args.seq, steps=1000)
+    return config
+
+
+def time_calls(fn, steps: int) -> float:
+    """Median seconds per call after two warm-up calls; fn must block until its result is ready."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def jax_matmul_peak(n: int = 2048) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    return 2 * n ** 3 / time_calls(lambda: matmul(a, b).block_until_ready(), 10)
+
+
+def torch_matmul_peak(n: int = 2048) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / time_calls(lambda: a @ b, 10)
+
+
+def cm3jax_step_time(config, args, vocab_size: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
+    from cm3jax.train.lm import make_train_step
+    from cm3jax.train.optim import make_optimizer
+    from cm3jax.train.state import TrainState
+    import flax.linen as nn
+
+    decoder_config = DecoderConfig.from_config(config.model, vocab_size)
+    model = CM3LeonDecoder(decoder_config)
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, args.seq), jnp.int32))["params"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.seq)
+    batch = {
+        "inputs": jnp.asarray(rng.integers(0, vocab_size, shape), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, vocab_size, shape), jnp.int32),
+        "loss_weights": jnp.ones(shape, jnp.float32),
+        "segment_ids": jnp.ones(shape, jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), shape),
+        "modality": jnp.ones(shape, jnp.int32),
+    }
+    step = jax.jit(make_train_step(model, optimizer, schedule, 0.0, 1), donate_argnums=0)
+    holder = [state]
+
+    def run():
+        holder[0], metrics = step(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return time_calls(run, args.steps)
+
+
+def torch_step_time(args, vocab_size: int) -> float:
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=vocab_size, hidden_size=args.d_model, num_hidden_layers=args.layers, ffn_dim=4 * args.d_model,
+        num_attention_heads=args.heads, max_position_embeddings=args.seq, word_embed_proj_dim=args.d_model,
+        enable_bias=False, layer_norm_elementwise_affine=False, do_layer_norm_before=True,
+        activation_function="relu", dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+    )
+    model = OPTForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1)
+    inputs = torch.randint(0, vocab_size, (args.batch, args.seq))
+    labels = torch.randint(0, vocab_size, (args.batch, args.seq))
+
+    def run():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab_size), labels.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_calls(run, args.steps)
+
+
+def main():
+    args = parse_args()
+    import jax
+
+    from cm3jax.models.transformer import DecoderConfig, flops_per_token
+
+    config = load_model_config(args)
+    vocab_size = args.vocab
+    decoder_config = DecoderConfig.from_config(config.model, vocab_size)
+    flops_per_step = flops_per_token(decoder_config, args.seq) * args.batch * args.seq
+    device = jax.devices()[0]
+    rows, figures = [], {"device": device.device_kind, "platform": device.platform, "cpu": platform.processor()
+                         or platform.machine(), "threads": args.threads, "d_model": args.d_model,
+                         "layers": args.layers, "seq": args.seq, "batch": args.batch, "vocab": vocab_size,
+                         "dtype": str(decoder_config.compute_dtype), "flops_per_step": flops_per_step}
+
+    peaks = {"jax_matmul_peak_tflops": jax_matmul_peak() / 1e12}
+    use_torch = not args.skip_torch and device.platform == "cpu" and importlib.util.find_spec("transformers")
+    if use_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        peaks["torch_matmul_peak_tflops"] = torch_matmul_peak() / 1e12
+    peak = max(peaks.values()) * 1e12
+    figures.update(peaks)
+
+    jax_time = cm3jax_step_time(config, args, vocab_size)
+    tokens = args.batch * args.seq
+    figures.update(cm3jax_step_s=jax_time, cm3jax_tokens_per_s=tokens / jax_time,
+                   cm3jax_mfu=flops_per_step / jax_time / peak)
+    rows.append(("cm3jax (jax.jit, scan)", jax_time, tokens / jax_time, flops_per_step / jax_time / peak))
+    if use_torch:
+        torch_time = torch_step_time(args, vocab_size)
+        figures.update(torch_step_s=torch_time, torch_tokens_per_s=tokens / torch_time,
+                       torch_mfu=flops_per_step / torch_time / peak, ratio_cm3jax_over_torch=torch_time / jax_time)
+        rows.append(("torch + HF OPTForCausalLM", torch_time, tokens / torch_time, flops_per_step / torch_time / peak))
+    elif device.platform == "cpu" and not args.skip_torch:
+        print("torch/transformers not installed: pip install -e '.[bench]' for the side-by-side comparison")
+
+    print(f"device {figures['device']} ({figures['cpu']}), {args.threads} threads, {figures['dtype']}; "
+          f"d={args.d_model} layers={args.layers} seq={args.seq} batch={args.batch} vocab={vocab_size}; "
+          f"matmul peak {peak / 1e12:.3f} TFLOP/s")
+    print(f"{'implementation':28s} {'step s':>9s} {'tokens/s':>10s} {'MFU':>7s}")
+    for name, seconds, tps, mfu in rows:
+        print(f"{name:28s} {seconds:9.4f} {tps:10.0f} {mfu:7.1%}")
+    if "ratio_cm3jax_over_torch" in figures:
+        print(f"cm3jax / torch throughput: {figures['ratio_cm3jax_over_torch']:.2f}x")
+    print(json.dumps({"benchmark": "train_step", **figures}))
+
+
+if __name__ == "__main__":
+    main()
