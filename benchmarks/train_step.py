@@ -33,7 +33,7 @@ def parse_args():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of each implementation, interleaved")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip_torch", action="store_true")
     return p.parse_args()
@@ -59,14 +59,22 @@ def load_model_config(args):
 
 def time_calls(fn, steps: int) -> float:
     """Median seconds per call after two warm-up calls; fn must block until its result is ready."""
-    for _ in range(2):
-        fn()
-    times = []
+    return time_interleaved({"fn": fn}, steps)["fn"]
+
+
+def time_interleaved(fns: dict, steps: int) -> dict:
+    """Median seconds per call of each fn, calling them in turn (a, b, a, b, ...) after two warm-up calls each, so
+    that a change in machine speed during the run affects every implementation alike."""
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def jax_matmul_peak(n: int = 2048) -> float:
@@ -86,7 +94,8 @@ def torch_matmul_peak(n: int = 2048) -> float:
     return 2 * n ** 3 / time_calls(lambda: a @ b, 10)
 
 
-def cm3jax_step_time(config, args, vocab_size: int) -> float:
+def cm3jax_step(config, args, vocab_size: int):
+    """A closure that runs one cm3jax train step (AdamW, clipping) and waits for it."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -119,10 +128,11 @@ def cm3jax_step_time(config, args, vocab_size: int) -> float:
         holder[0], metrics = step(holder[0], batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_calls(run, args.steps)
+    return run
 
 
-def torch_step_time(args, vocab_size: int) -> float:
+def torch_step(args, vocab_size: int):
+    """A closure that runs one PyTorch + HF OPTForCausalLM train step (AdamW, clipping)."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -147,7 +157,7 @@ def torch_step_time(args, vocab_size: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_calls(run, args.steps)
+    return run
 
 
 def main():
@@ -176,18 +186,20 @@ def main():
     peak = max(peaks.values()) * 1e12
     figures.update(peaks)
 
-    jax_time = cm3jax_step_time(config, args, vocab_size)
-    tokens = args.batch * args.seq
-    figures.update(cm3jax_step_s=jax_time, cm3jax_tokens_per_s=tokens / jax_time,
-                   cm3jax_mfu=flops_per_step / jax_time / peak)
-    rows.append(("cm3jax (jax.jit, scan)", jax_time, tokens / jax_time, flops_per_step / jax_time / peak))
+    steps = {"cm3jax": cm3jax_step(config, args, vocab_size)}
     if use_torch:
-        torch_time = torch_step_time(args, vocab_size)
-        figures.update(torch_step_s=torch_time, torch_tokens_per_s=tokens / torch_time,
-                       torch_mfu=flops_per_step / torch_time / peak, ratio_cm3jax_over_torch=torch_time / jax_time)
-        rows.append(("torch + HF OPTForCausalLM", torch_time, tokens / torch_time, flops_per_step / torch_time / peak))
+        steps["torch"] = torch_step(args, vocab_size)
     elif device.platform == "cpu" and not args.skip_torch:
         print("torch/transformers not installed: pip install -e '.[bench]' for the side-by-side comparison")
+    seconds = time_interleaved(steps, args.steps)
+    tokens = args.batch * args.seq
+    labels = {"cm3jax": "cm3jax (jax.jit, scan)", "torch": "torch + HF OPTForCausalLM"}
+    for name, step_s in seconds.items():
+        mfu = flops_per_step / step_s / peak
+        figures.update({f"{name}_step_s": step_s, f"{name}_tokens_per_s": tokens / step_s, f"{name}_mfu": mfu})
+        rows.append((labels[name], step_s, tokens / step_s, mfu))
+    if "torch" in seconds:
+        figures["ratio_cm3jax_over_torch"] = seconds["torch"] / seconds["cm3jax"]
 
     print(f"device {figures['device']} ({figures['cpu']}), {args.threads} threads, {figures['dtype']}; "
           f"d={args.d_model} layers={args.layers} seq={args.seq} batch={args.batch} vocab={vocab_size}; "
