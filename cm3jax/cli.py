@@ -39,7 +39,6 @@ def train_lm(config, workdir: str) -> None:
 
 
 STAGES = (("lm", train_lm),)
-COMMANDS = {"train": train_lm}
 
 
 def run_pipeline(config, workdir: str) -> None:
@@ -52,7 +51,7 @@ def run_pipeline(config, workdir: str) -> None:
         stage(config, workdir)
 
 
-COMMANDS["pipeline"] = run_pipeline
+COMMANDS = {"train": train_lm, "pipeline": run_pipeline}
 
 
 def main(argv: list[str]) -> None:

@@ -12,9 +12,6 @@ from jax.sharding import AxisType, Mesh
 
 from cm3jax.config_validation import MESH_AXES, resolve_mesh_shape
 
-_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
 def _expects_several_processes() -> bool:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return True

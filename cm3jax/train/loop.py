@@ -6,7 +6,7 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Protocol
 
 import flax.linen as nn
 import jax
@@ -27,8 +27,10 @@ class TrainingDivergedError(RuntimeError):
     """The loss or gradient norm stopped being finite; the last good checkpoint is kept."""
 
 
-class CheckpointableIterator(Iterator[dict]):
-    """What the loop needs from a data source: local batches, and a JSON-serialisable position."""
+class CheckpointableIterator(Protocol):
+    """What the loop needs from a data source: this process's rows of each batch, and a JSON-serialisable position."""
+
+    def __next__(self) -> dict: ...
 
     def get_state(self) -> dict: ...
 
@@ -66,14 +68,14 @@ class TrainResult:
 
 
 class _PreemptionFlag:
-    """Set by SIGTERM (or SIGINT); the loop finishes its step, saves and returns."""
+    """Set by SIGTERM (how TPU VMs, SLURM and Kubernetes announce preemption); the loop finishes its step, saves
+    and returns."""
 
     def __init__(self):
         self.event = threading.Event()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM,):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("signal %d received: saving a checkpoint at the end of this step", signum)
