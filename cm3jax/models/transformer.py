@@ -118,7 +118,7 @@ def block_causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | No
     """Causal self-attention in XLA that never computes the score blocks above the diagonal.
 
     Queries are cut into blocks of `block_size`; block i attends to keys [0, end of block i) only, so about half of
-    the score matrix (and its softmax) is skipped: on CPU this is most of the gap to a fused flash kernel.
+    the score matrix and its softmax is never computed (XLA has no fused flash kernel on CPU; see README Performance).
     Heads are moved in front once so every score matmul is a plain batched matmul.
     q, k, v [b, t, n, h] -> [b, t, n, h]; `segment_ids` [b, t] (None: one document per row).
     """
