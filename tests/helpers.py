@@ -3,7 +3,7 @@ import flax.linen as nn
 import jax
 
 from cm3jax.parallel.mesh import create_mesh
-from cm3jax.parallel.sharding import batch_sharding, global_batch, logical_axis_rules
+from cm3jax.parallel.sharding import global_batch, logical_axis_rules
 from cm3jax.train import loop
 from cm3jax.train.lm import build_lm_task
 
@@ -19,7 +19,7 @@ def train_steps(config, devices, num_steps):
     state = loop.initialize_state(task.init_state, jax.random.key(config.train.seed), mesh, rules, shardings)
     history = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = jax.jit(task.train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None))
+        step = loop.jit_train_step(task, mesh, shardings)
         for _ in range(num_steps):
             batch = global_batch(next(task.train_data), mesh, task.global_batch_size)
             state, metrics = step(state, batch)

@@ -307,10 +307,6 @@ class CM3LeonDecoder(nn.Module):
         return start
 
 
-def count_params(params: Any) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-
-
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), the PaLM appendix-B formula.
 

@@ -111,6 +111,12 @@ def initialize_state(init_state: Callable, rng: jax.Array, mesh: Mesh, rules: tu
         return jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(rng)
 
 
+def jit_train_step(task: TrainTask, mesh: Mesh, shardings: Any) -> Callable:
+    """The one compiled train step: state keeps its shardings and is donated, batches split over the batch axes."""
+    return jax.jit(task.train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
 def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str) -> TrainResult:
     """Trains `task` to config.train.steps, resuming from the latest checkpoint under `workdir`."""
     t = config.train
@@ -129,11 +135,10 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
         state = initialize_state(task.init_state, jax.random.key(t.seed), mesh, rules, shardings)
     config_json = {"json": config_to_json(config)}
 
-    batch_sharding = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(task.train_step, in_shardings=(shardings, batch_sharding),
-                             out_shardings=(shardings, None), donate_argnums=0)
-        eval_step = jax.jit(task.eval_step, in_shardings=(shardings, batch_sharding)) if task.eval_step else None
+        train_step = jit_train_step(task, mesh, shardings)
+        eval_step = (jax.jit(task.eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
+                     if task.eval_step else None)
 
     writer = MetricsWriter(f"{workdir}/logs")
     preemption = _PreemptionFlag()
