@@ -72,10 +72,43 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            source="synthetic",  # synthetic token documents (until the data pipeline lands)
+            # What the LM trains on: token shards (DIR/tokens, written by `cm3jax tokenize`) or synthetic
+            # caption-image documents (tests and benchmarks that need no tokenizer run).
+            source="token_shards",  # token_shards | synthetic
+            token_dir="",  # "": WORKDIR/tokens; folder of {split}-NNNNN-of-NNNNN.array_record
+            train_split="train",
+            eval_split="validation",
+            synthetic_records=10000,  # records per split of the synthetic source
             synthetic_text_len=24,  # text tokens per synthetic document
             synthetic_image_tokens=64,  # image codes per synthetic document (an 8x8 grid)
             synthetic_text_pieces=512,  # distinct text pieces the synthetic source draws from
+            seed=0,
+            shuffle=True,
+            image_first_probability=0.5,  # caption-image pairs put image-first (captioning); unstated in the paper
+            cm3_poisson_lambda=1.0,  # spans per document ~ Poisson(lambda), clamped to [min, max] (REFERENCE §2)
+            cm3_min_spans=1,
+            cm3_max_spans=16,  # <= vocab.num_masks
+            packing="first_fit",  # first_fit (several documents per row, segment_ids) | pad (one per row)
+            packing_bins=0,  # first-fit bins filled at once; 0: rows per stream
+            num_streams=-1,  # -1: one per process. Fix it to keep batches identical across process counts
+            num_workers=0,  # grain worker processes per host (0: in the training process)
+            worker_buffer_size=2,  # batches each worker prepares ahead
+            restore_iterator=True,  # False: on resume, start a fresh data order (set a new data.seed with it)
+        )
+    )
+
+    # Raw image-caption data: what `cm3jax data` builds or checks, and what the tokenizers and retriever read.
+    c.raw_data = ml_collections.ConfigDict(
+        dict(
+            dataset="digits",  # digits | shapes (embedded, built locally) | tfds | array_record | image_folder
+            tfds_name="",  # dataset=tfds: e.g. coco_captions, prepared as array_record under tfds_data_dir
+            tfds_data_dir="",  # "": WORKDIR/data (where the embedded datasets are built)
+            caption_key="caption",  # tfds / array_record: feature holding the caption (or a list of captions)
+            image_key="image",  # tfds / array_record: feature holding the image (encoded bytes or an array)
+            paths="",  # array_record: glob of files of tf.train.Example; image_folder: folder with captions.jsonl
+            image_size=32,  # images become RGB image_size x image_size (resize short side, center crop)
+            shapes_train_size=20000,  # examples in the embedded shapes train split
+            shapes_image_size=64,
             seed=0,
         )
     )

@@ -11,6 +11,9 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 LR_DECAYS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("token_shards", "synthetic")
+PACKINGS = ("first_fit", "pad")
+RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
 class ConfigError(ValueError):
@@ -42,7 +45,8 @@ def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int, num_
     return resolved[0], resolved[1]
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> None:
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1,
+                    num_processes: int = 1) -> None:
     """Raises ConfigError naming the field when the config cannot run on `num_devices` devices."""
     m, t, o = config.model, config.train, config.optim
     for field in ("num_layers", "d_model", "num_heads", "max_seq_len"):
@@ -86,4 +90,35 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     _require(0.0 <= o.end_lr_ratio <= 1.0, "optim.end_lr_ratio", "must be in [0, 1]")
     _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must be in [0, 1)")
     _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
-    _require(config.data.source in ("synthetic",), "data.source", f"{config.data.source!r} is not a known source")
+    validate_data_config(config, num_processes)
+
+
+def resolve_num_streams(config: ml_collections.ConfigDict, num_processes: int) -> int:
+    """data.num_streams, with -1 meaning one stream per process."""
+    streams = int(config.data.num_streams)
+    return num_processes if streams == -1 else streams
+
+
+def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) -> None:
+    d, t, v = config.data, config.train, config.vocab
+    _require(d.source in DATA_SOURCES, "data.source", f"{d.source!r} not in {DATA_SOURCES}")
+    _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
+    _require(0.0 <= d.image_first_probability <= 1.0, "data.image_first_probability", "must be in [0, 1]")
+    _require(d.cm3_poisson_lambda >= 0, "data.cm3_poisson_lambda", f"must be >= 0, got {d.cm3_poisson_lambda}")
+    _require(0 <= d.cm3_min_spans <= d.cm3_max_spans, "data.cm3_min_spans",
+             f"need 0 <= cm3_min_spans <= cm3_max_spans, got {d.cm3_min_spans} and {d.cm3_max_spans}")
+    _require(d.cm3_max_spans <= v.num_masks, "data.cm3_max_spans",
+             f"{d.cm3_max_spans} spans need as many <mask:i> tokens, but vocab.num_masks={v.num_masks}")
+    _require(t.seq_len > 3 * d.cm3_max_spans + 2, "data.cm3_max_spans",
+             f"{d.cm3_max_spans} spans add up to {3 * d.cm3_max_spans} tokens: too many for train.seq_len={t.seq_len}")
+    for field in ("num_workers", "packing_bins", "synthetic_records", "worker_buffer_size"):
+        _require(int(d[field]) >= 0, f"data.{field}", f"must be >= 0, got {d[field]}")
+    _require(d.num_streams == -1 or d.num_streams >= 1, "data.num_streams", f"must be >= 1 or -1, got {d.num_streams}")
+    streams = resolve_num_streams(config, num_processes)
+    _require(t.global_batch_size % streams == 0, "data.num_streams",
+             f"{streams} streams do not divide train.global_batch_size={t.global_batch_size}")
+    _require(streams % num_processes == 0, "data.num_streams",
+             f"{streams} streams cannot be split evenly over {num_processes} processes")
+    _require(config.raw_data.dataset in RAW_DATASETS, "raw_data.dataset",
+             f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
+    _require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")

@@ -72,6 +72,11 @@ class UnifiedVocab:
             raise ValueError(f"mask index {i} outside [0, {self.num_masks})")
         return self.mask_offset + i
 
+    def is_mask(self, ids: np.ndarray) -> np.ndarray:
+        """True where an id is one of the CM3 sentinels <mask:i>."""
+        ids = np.asarray(ids)
+        return (ids >= self.mask_offset) & (ids < self.mask_offset + self.num_masks)
+
     def text_ids(self, pieces: np.ndarray) -> np.ndarray:
         """SentencePiece ids -> unified ids."""
         pieces = np.asarray(pieces)

@@ -12,7 +12,7 @@ def get_config(arg=None):
     c = base_config()
     c.vocab.update(text_size=1024, image_codebook_size=512, num_masks=16)
     c.model.update(num_layers=4, d_model=256, num_heads=4, max_seq_len=256, remat_policy="none")
-    c.data.update(synthetic_text_len=12, synthetic_image_tokens=64, synthetic_text_pieces=200)
+    c.data.update(source="synthetic", synthetic_text_len=12, synthetic_image_tokens=64, synthetic_text_pieces=200)
     c.train.update(global_batch_size=16, seq_len=256, steps=200, log_every=25, eval_every=100, eval_batches=4,
                    checkpoint_every=100, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")

@@ -11,7 +11,8 @@ def get_config(arg=None):
     c.vocab.image_codebook_size = 64
     c.vocab.num_masks = 8
     c.model.update(num_layers=2, d_model=32, num_heads=4, max_seq_len=64, remat_policy="none")
-    c.data.update(synthetic_text_len=6, synthetic_image_tokens=8, synthetic_text_pieces=40)
+    c.data.update(source="synthetic", synthetic_records=256, synthetic_text_len=6, synthetic_image_tokens=8,
+                  synthetic_text_pieces=40, cm3_max_spans=4)
     c.train.update(global_batch_size=8, seq_len=32, steps=6, log_every=1, eval_every=0, eval_batches=2,
                    checkpoint_every=3, keep_checkpoints=3, async_checkpointing=False)
     c.optim.update(peak_lr=3e-3, warmup_steps=2)

@@ -1,5 +1,5 @@
 """Two processes on localhost (2 CPU devices each, gloo collectives) train, checkpoint, restore, and match one
-process with 4 devices."""
+process with 4 devices (both read two data streams, so they see the same global batches)."""
 import json
 import os
 import socket
@@ -31,7 +31,7 @@ def _launch(workdir, steps, num_processes, devices_per_process):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     args = [sys.executable, "-m", "cm3jax", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-            f"--config.train.steps={steps}"]
+            f"--config.train.steps={steps}", "--config.data.num_streams=2"]
     if num_processes > 1:
         args += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                  f"--config.distributed.num_processes={num_processes}"]
@@ -44,14 +44,15 @@ def _launch(workdir, steps, num_processes, devices_per_process):
     return outputs
 
 
-def _final_params(config, workdir, step):
+def _final_params(config, workdir, step, num_processes):
     mesh = create_mesh(config, jax.devices()[:1])
     task, _ = build_lm_task(config, mesh)
     abstract, shardings = loop.abstract_state_and_shardings(task.init_state, mesh, logical_axis_rules(config))
     checkpointer = Checkpointer(os.path.join(workdir, "lm", "checkpoints"), keep=3)
     state, data_state = checkpointer.restore(step, abstract, shardings)
     checkpointer.close()
-    assert data_state == {"step": step}
+    assert data_state["process_count"] == num_processes  # every process's iterator state is in the checkpoint
+    assert len(data_state["processes"]) == num_processes
     return jax.device_get(state.params)
 
 
@@ -72,4 +73,4 @@ def test_two_processes_match_one_process(tmp_path, tiny_config):
     for step in range(1, 6):
         np.testing.assert_allclose(multi_losses[step], single_losses[step], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
-                 _final_params(tiny_config, multi, 5), _final_params(tiny_config, single, 5))
+                 _final_params(tiny_config, multi, 5, 2), _final_params(tiny_config, single, 5, 1))

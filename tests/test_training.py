@@ -53,7 +53,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tiny_config, tmp_path):
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
     state, data_state = checkpointer.restore(3, abstract, shardings)
     checkpointer.close()
-    assert data_state == {"step": 3}
+    assert data_state["process_count"] == 1 and "iterator" in data_state["processes"][0]
     assert state.params["lm_head"].sharding.spec == shardings.params["lm_head"].spec
     assert dict(state.params["lm_head"].sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     jax.tree.map(np.testing.assert_array_equal, saved_params, jax.device_get(state.params))

@@ -3,11 +3,16 @@
 restores onto another."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from cm3jax.config_validation import ConfigError
 
 ITEMS = ("state", "data", "config")
 
@@ -56,3 +61,26 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def gather_process_states(local_state: dict) -> dict:
+    """Every process's data-iterator state in one JSON item (orbax writes JSON items from the primary process only)."""
+    if jax.process_count() == 1:
+        return {"process_count": 1, "processes": [local_state]}
+    encoded = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray(len(encoded), np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[:len(encoded)] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    states = [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
+    return {"process_count": jax.process_count(), "processes": states}
+
+
+def select_process_state(saved: dict) -> dict:
+    """This process's iterator state from a gathered `data` item; the process count must not have changed."""
+    if saved.get("process_count") != jax.process_count():
+        raise ConfigError(
+            f"config.data.restore_iterator: the checkpoint's data iterators were saved by {saved.get('process_count')} "
+            f"processes but this run has {jax.process_count()}. Resume with the same number of processes, or set "
+            f"--config.data.restore_iterator=False and a new --config.data.seed to continue with a fresh data order.")
+    return saved["processes"][jax.process_index()]

@@ -2,6 +2,7 @@
 jitted train / eval steps with gradient accumulation."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -12,8 +13,8 @@ import optax
 from jax.sharding import Mesh
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.config_validation import validate_config
-from cm3jax.data.synthetic import SyntheticDocuments
+from cm3jax.config_validation import resolve_num_streams, validate_config
+from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
 from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
@@ -132,28 +133,26 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     rows = process_rows(mesh, t.global_batch_size)
-
-    def source(split: str) -> SyntheticDocuments:
-        d = config.data
-        return SyntheticDocuments(vocab, seq_len=t.seq_len, global_batch_size=t.global_batch_size, rows=rows,
-                                  split=split, seed=d.seed, text_len=d.synthetic_text_len,
-                                  image_tokens=d.synthetic_image_tokens, text_pieces=d.synthetic_text_pieces)
+    options = PipelineOptions.from_config(config, resolve_num_streams(config, jax.process_count()))
+    eval_options = dataclasses.replace(options, shuffle=False, num_workers=0)
+    eval_source = open_document_source(config.data, vocab, config.data.eval_split) if t.eval_every else None
 
     def eval_data():
-        validation = source("validation")
-        return (validation.batch_at(i) for i in range(t.eval_batches))
+        batches = DocumentBatches(eval_source, vocab, eval_options, rows)
+        return (next(batches) for _ in range(t.eval_batches))
 
     tokens_per_step = t.global_batch_size * t.seq_len
     task = TrainTask(
         name="lm",
         init_state=init_state,
         train_step=make_train_step(model, optimizer, schedule, t.z_loss_weight, t.grad_accum_steps),
-        train_data=source("train"),
+        train_data=DocumentBatches(open_document_source(config.data, vocab, config.data.train_split), vocab, options,
+                                   rows),
         global_batch_size=t.global_batch_size,
         flops_per_step=flops_per_token(decoder_config, t.seq_len) * tokens_per_step,
         tokens_per_step=tokens_per_step,
         eval_step=make_eval_step(model, t.z_loss_weight),
-        eval_data=eval_data,
+        eval_data=eval_data if t.eval_every else None,
         summarize_eval=means_from_sums,
     )
     return task, decoder_config
@@ -162,7 +161,7 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
 def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None) -> TrainResult:
     """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`."""
     devices = list(devices if devices is not None else jax.devices())
-    validate_config(config, len(devices), num_slices(devices))
+    validate_config(config, len(devices), num_slices(devices), jax.process_count())
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
     return loop.run(task, config, mesh, stage_dir)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from cm3jax.config import config_to_json
 from cm3jax.parallel import sharding
-from cm3jax.train.checkpoint import Checkpointer
+from cm3jax.train.checkpoint import Checkpointer, gather_process_states, select_process_state
 from cm3jax.train.metrics import MetricsWriter, peak_flops_per_device
 
 
@@ -129,7 +129,10 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
     latest = checkpointer.latest_step()
     if latest is not None:
         state, data_state = checkpointer.restore(latest, abstract, shardings)
-        task.train_data.set_state(data_state)
+        if config.data.restore_iterator:
+            task.train_data.set_state(select_process_state(data_state))
+        else:
+            logging.warning("%s: data iterator not restored (data.restore_iterator=False): fresh data order", task.name)
         logging.info("resumed %s from step %d", task.name, latest)
     else:
         state = initialize_state(task.init_state, jax.random.key(t.seed), mesh, rules, shardings)
@@ -177,6 +180,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                     elapsed = time.perf_counter() - interval_start
                     metrics_host.pop("finite")
                     metrics_host.update(_throughput(task, elapsed / interval_steps, peak, mesh.devices.size))
+                    metrics_host.update(_data_counters(task.train_data))
                     writer.write(step, metrics_host)
                     interval_start, interval_steps = time.perf_counter(), 0
 
@@ -187,7 +191,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                 preempted = preemption.reached(step)
                 if step % t.checkpoint_every == 0 or step == t.steps or preempted:
                     check_finite(step, metrics)
-                    checkpointer.save(step, state, task.train_data.get_state(), config_json)
+                    checkpointer.save(step, state, gather_process_states(task.train_data.get_state()), config_json)
                     last_saved = step
                 if preempted:
                     logging.warning("%s: preempted; checkpoint saved at step %d. Rerun the same command to resume.",
@@ -208,6 +212,18 @@ def _throughput(task: TrainTask, step_time: float, peak: float | None, num_devic
     if task.flops_per_step and peak:
         out["mfu"] = task.flops_per_step / step_time / (peak * num_devices)
     return out
+
+
+def _data_counters(data: CheckpointableIterator) -> dict:
+    """The iterator's skip/truncation counters (if it keeps any), summed over processes, as data_* metrics."""
+    counters = getattr(data, "counters", None)
+    if not counters:
+        return {}
+    keys = sorted(counters)
+    values = np.asarray([counters[k] for k in keys], np.int64)
+    if jax.process_count() > 1:
+        values = multihost_utils.process_allgather(values).sum(axis=0)
+    return {f"data_{k}": int(v) for k, v in zip(keys, values)}
 
 
 def _evaluate(task: TrainTask, eval_step: Callable, state: Any, mesh: Mesh) -> dict:

@@ -1,0 +1,94 @@
+"""The causally masked (CM3) objective, REFERENCE §2, with CM3leon's rule that a span never crosses `<break>`.
+
+Per document: n ~ Poisson(lambda) clamped to [min_spans, max_spans]. Candidate spans are drawn n^2 times and kept
+greedily while they do not overlap, until n are kept (metaseq's procedure). A candidate picks a segment with probability
+proportional to its length, then two uniform boundaries in [0, len] of that segment, sorted, as [start, end); so a span
+lies inside one text or one image segment. Kept spans are numbered in document order; span i is replaced in place by
+`<mask:i>` and appended after the document as `<mask:i> span tokens <eoss>`:
+
+    <eos> seg_0 <break> ... <mask:0> ... <break> seg_k <mask:0> span_0 <eoss> <mask:1> span_1 <eoss> <eos>
+
+The loss is next-token cross-entropy over the whole reordered sequence, with weight 0 wherever the target is a
+`<mask:i>` (where a mask goes is not something to learn; what follows it is).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.documents import Document
+
+# Each span adds three tokens: the in-place <mask:i>, and <mask:i> ... <eoss> at the end.
+TOKENS_ADDED_PER_SPAN = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class CM3Options:
+    poisson_lambda: float = 1.0
+    min_spans: int = 1  # CM3leon clamps the span count to [1, 16]; metaseq to [0, 511]
+    max_spans: int = 16
+
+    @classmethod
+    def from_config(cls, data_config) -> "CM3Options":
+        return cls(float(data_config.cm3_poisson_lambda), int(data_config.cm3_min_spans),
+                   int(data_config.cm3_max_spans))
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    segment: int
+    start: int
+    end: int  # exclusive
+
+
+def draw_span_count(rng: np.random.Generator, options: CM3Options) -> int:
+    return int(np.clip(rng.poisson(options.poisson_lambda), options.min_spans, options.max_spans))
+
+
+def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Generator) -> list[Span]:
+    """Up to `num_spans` non-overlapping non-empty spans, each inside one segment, sorted in document order."""
+    lengths = np.asarray(segment_lengths, np.int64)
+    total = int(lengths.sum())
+    if num_spans <= 0 or total == 0:
+        return []
+    kept: list[Span] = []
+    segment_of = np.repeat(np.arange(len(lengths)), lengths)
+    for _ in range(num_spans * num_spans):
+        segment = int(segment_of[rng.integers(total)])
+        a, b = sorted(rng.integers(0, lengths[segment] + 1, size=2))
+        if a == b:
+            continue
+        candidate = Span(segment, int(a), int(b))
+        if all(k.segment != segment or candidate.end <= k.start or k.end <= candidate.start for k in kept):
+            kept.append(candidate)
+            if len(kept) == num_spans:
+                break
+    return sorted(kept, key=lambda s: (s.segment, s.start))
+
+
+def cm3_mask_document(document: Document, spans: list[Span],
+                      vocab: vocab_lib.UnifiedVocab) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (tokens, target_weights): the CM3-reordered serialised document and, per token, the loss weight of
+    predicting it (0 for every <mask:i>). With no spans this is `serialize_document(document)` with weights 1."""
+    if len(spans) > vocab.num_masks:
+        raise ValueError(f"{len(spans)} spans but only vocab.num_masks={vocab.num_masks} mask tokens")
+    by_segment: dict[int, list[tuple[int, Span]]] = {}
+    for i, span in enumerate(spans):
+        by_segment.setdefault(span.segment, []).append((i, span))
+    body = [np.array([vocab_lib.EOS], np.int32)]
+    for index, segment in enumerate(document):
+        if index:
+            body.append(np.array([vocab_lib.BREAK], np.int32))
+        cursor = 0
+        for i, span in by_segment.get(index, []):
+            body += [segment.tokens[cursor:span.start], np.array([vocab.mask_id(i)], np.int32)]
+            cursor = span.end
+        body.append(segment.tokens[cursor:])
+    for i, span in enumerate(spans):
+        body += [np.array([vocab.mask_id(i)], np.int32), document[span.segment].tokens[span.start:span.end],
+                 np.array([vocab_lib.EOSS], np.int32)]
+    body.append(np.array([vocab_lib.EOS], np.int32))
+    tokens = np.concatenate(body).astype(np.int32)
+    return tokens, np.where(vocab.is_mask(tokens), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,213 @@
+"""The grain input pipeline: document records -> CM3 training rows -> this process's rows of each global batch.
+
+    source records --shuffle(seed), repeat--> (global index, record)
+      --every num_streams-th element--> per-stream --decode, retrieval hook, caption/image rotation, fit to
+      seq_len, CM3 masking--> examples --first-fit packing (or pad)--> rows --batch--> stream batches
+      --zip this process's streams--> local batch --multiprocess prefetch--> the training loop
+
+Data streams make the batch independent of the number of processes: the global batch is `num_streams` equal blocks of
+rows, block s always comes from stream s (elements s, s+S, s+2S, ... of the shuffled order), and each process builds the
+streams whose rows its devices hold. Every random choice of an example is seeded by (seed, global index), so the
+content of a batch depends only on the config and the source (and on data.num_workers, which splits each stream
+between worker processes).
+
+The iterator state (grain's, plus the skip/truncation counters) is JSON and goes into the checkpoint's `data` item.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data import cm3
+from cm3jax.data.augment import NoRetrieval, RetrievalAugmenter
+from cm3jax.data.documents import decode_document_record, fit_to_budget, rotate_caption_image
+from cm3jax.data.shards import open_token_shards
+from cm3jax.data.synthetic import SyntheticDocumentSource
+
+BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions", "modality")
+COUNTER_KEYS = ("text_tokens_cut", "segments_dropped")
+_SEQUENCE_KEYS = ("inputs", "targets", "loss_weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    seq_len: int
+    global_batch_size: int
+    num_streams: int
+    seed: int = 0
+    shuffle: bool = True
+    image_first_probability: float = 0.5
+    cm3: cm3.CM3Options = cm3.CM3Options()
+    packing: str = "first_fit"  # first_fit | pad
+    packing_bins: int = 0  # 0: rows per stream
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+
+    @classmethod
+    def from_config(cls, config, num_streams: int) -> "PipelineOptions":
+        d, t = config.data, config.train
+        return cls(seq_len=int(t.seq_len), global_batch_size=int(t.global_batch_size), num_streams=num_streams,
+                   seed=int(d.seed), shuffle=bool(d.shuffle), image_first_probability=float(d.image_first_probability),
+                   cm3=cm3.CM3Options.from_config(d), packing=str(d.packing), packing_bins=int(d.packing_bins),
+                   num_workers=int(d.num_workers), worker_buffer_size=int(d.worker_buffer_size))
+
+    @property
+    def rows_per_stream(self) -> int:
+        return self.global_batch_size // self.num_streams
+
+
+def open_document_source(data_config, vocab: vocab_lib.UnifiedVocab, split: str) -> Sequence[bytes]:
+    """The random-access records of `split`: token shards under data.token_dir, or the synthetic source."""
+    d = data_config
+    if d.source == "synthetic":
+        return SyntheticDocumentSource(
+            vocab, num_records=d.synthetic_records, split="train" if split == d.train_split else "validation",
+            seed=d.seed, text_len=d.synthetic_text_len, image_tokens=d.synthetic_image_tokens,
+            text_pieces=d.synthetic_text_pieces)
+    if not d.token_dir:
+        raise ValueError("data.token_dir is empty: set it to a folder of token shards")
+    return open_token_shards(d.token_dir, split)
+
+
+class DocumentToExample:
+    """(global index, source index, record) -> one training example of at most seq_len tokens, plus counters.
+
+    A plain picklable class: grain worker processes run it."""
+
+    def __init__(self, vocab: vocab_lib.UnifiedVocab, options: PipelineOptions, augment: RetrievalAugmenter):
+        self.vocab = vocab
+        self.options = options
+        self.augment = augment
+
+    def __call__(self, item: tuple[int, int, bytes]) -> dict[str, Any]:
+        global_index, source_index, record = item
+        o = self.options
+        rng = np.random.default_rng([o.seed, global_index])
+        document, meta = decode_document_record(record)
+        document = self.augment(source_index, document, meta)
+        document = rotate_caption_image(document, rng, o.image_first_probability)
+        num_spans = cm3.draw_span_count(rng, o.cm3)
+        # seq_len inputs need seq_len + 1 tokens; keep room for the tokens the spans add.
+        document, report = fit_to_budget(document, o.seq_len + 1 - cm3.TOKENS_ADDED_PER_SPAN * num_spans)
+        spans = cm3.sample_spans([len(s.tokens) for s in document], num_spans, rng)
+        tokens, weights = cm3.cm3_mask_document(document, spans, self.vocab)
+        return {
+            "inputs": tokens[:-1],
+            "targets": tokens[1:],
+            "loss_weights": weights[1:],
+            "text_tokens_cut": np.int64(report.text_tokens_cut),
+            "segments_dropped": np.int64(report.segments_dropped),
+        }
+
+
+class PackedToBatchRow:
+    """Packed (or padded) example -> the batch contract's row (DESIGN.md), counters summed over packed examples."""
+
+    def __init__(self, vocab: vocab_lib.UnifiedVocab, packed: bool):
+        self.vocab = vocab
+        self.packed = packed
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+        row = {key: example[key] for key in _SEQUENCE_KEYS}
+        if self.packed:
+            row["segment_ids"] = example["inputs_segment_ids"].astype(np.int32)
+            row["positions"] = example["inputs_positions"].astype(np.int32)
+        else:
+            row["segment_ids"] = (np.arange(len(row["inputs"])) < example["length"]).astype(np.int32)
+            row["positions"] = np.where(row["segment_ids"] > 0, np.arange(len(row["inputs"])), 0).astype(np.int32)
+        row["loss_weights"] = row["loss_weights"].astype(np.float32)
+        row["modality"] = self.vocab.modality(row["targets"])
+        for key in COUNTER_KEYS:
+            row[key] = np.int64(np.sum(example[key]))
+        return row
+
+
+class PadToLength:
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        n = len(example["inputs"])
+        out = {key: np.pad(example[key], (0, self.seq_len - n)) for key in _SEQUENCE_KEYS}
+        out.update({key: example[key] for key in COUNTER_KEYS}, length=n)
+        return out
+
+
+class _WithSourceIndex:
+    """Looks up the record of a source index; keeps both indices for seeding and for retrieval."""
+
+    def __init__(self, source: Sequence[bytes]):
+        self.source = source
+
+    def __call__(self, global_index: int, source_index: int) -> tuple[int, int, bytes]:
+        return global_index, int(source_index), self.source[int(source_index)]
+
+
+def _concatenate_rows(stream_batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([b[key] for b in stream_batches]) for key in stream_batches[0]}
+
+
+def stream_dataset(source: Sequence[bytes], stream: int, vocab: vocab_lib.UnifiedVocab, options: PipelineOptions,
+                   augment: RetrievalAugmenter) -> grain.IterDataset:
+    """Batches of rows_per_stream rows built from elements stream, stream + S, ... of the shuffled, repeated source."""
+    ds = grain.MapDataset.range(len(source))
+    if options.shuffle:
+        ds = ds.shuffle(seed=options.seed)
+    ds = ds.repeat(None).map_with_index(_WithSourceIndex(source))
+    ds = ds[stream::options.num_streams].map(DocumentToExample(vocab, options, augment)).to_iter_dataset()
+    if options.packing == "first_fit":
+        lengths = {key: options.seq_len for key in _SEQUENCE_KEYS}
+        ds = grain.experimental.FirstFitPackIterDataset(
+            ds, length_struct=lengths, num_packing_bins=options.packing_bins or options.rows_per_stream,
+            seed=options.seed + stream, shuffle_bins=options.shuffle, meta_features=COUNTER_KEYS)
+    else:
+        ds = ds.map(PadToLength(options.seq_len))
+    ds = ds.map(PackedToBatchRow(vocab, packed=options.packing == "first_fit"))
+    return ds.batch(options.rows_per_stream, drop_remainder=True)
+
+
+def local_streams(rows: tuple[int, int], options: PipelineOptions) -> range:
+    """The streams whose rows [start, stop) of the global batch this process holds."""
+    start, stop = rows
+    per = options.rows_per_stream
+    if start % per or stop % per:
+        raise ValueError(f"this process holds batch rows [{start}, {stop}), which do not align with data.num_streams="
+                         f"{options.num_streams} blocks of {per} rows; use a multiple of the process count")
+    return range(start // per, stop // per)
+
+
+class DocumentBatches:
+    """This process's rows of every global batch, as numpy arrays under BATCH_KEYS; checkpointable.
+
+    `counters` holds this process's running totals of text tokens cut and segments dropped to fit seq_len."""
+
+    def __init__(self, sources: Sequence[bytes], vocab: vocab_lib.UnifiedVocab, options: PipelineOptions,
+                 rows: tuple[int, int], augment: RetrievalAugmenter | None = None):
+        augment = augment or NoRetrieval()
+        streams = [stream_dataset(sources, s, vocab, options, augment) for s in local_streams(rows, options)]
+        ds = grain.experimental.ZipIterDataset(streams).map(_concatenate_rows) if len(streams) > 1 else streams[0]
+        if options.num_workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.num_workers,
+                                                             per_worker_buffer_size=options.worker_buffer_size))
+        self._iterator = iter(ds)
+        self.counters = dict.fromkeys(COUNTER_KEYS, 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        for key in COUNTER_KEYS:
+            self.counters[key] += int(np.sum(batch.pop(key)))
+        return batch
+
+    def get_state(self) -> dict:
+        return {"iterator": self._iterator.get_state(), "counters": dict(self.counters)}
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state["iterator"])
+        self.counters = {key: int(state["counters"].get(key, 0)) for key in COUNTER_KEYS}
