@@ -91,24 +91,27 @@ def serialized_length(document: Document) -> int:
 def fit_to_budget(document: Document, max_tokens: int) -> tuple[Document, FitReport]:
     """Shortens a document so that its serialisation has at most `max_tokens` tokens.
 
-    Text is cut first (from the end of the longest text segment, each keeping at least one token); an image is never
-    cut: when images alone do not fit, whole segments are dropped from the end.
+    An image is never cut. Whole segments are dropped from the end only while the document cannot fit even with
+    every text segment cut to one token; then text is cut (from the end of the longest text segment).
     """
     report = FitReport()
     document = list(document)
+
+    def shortest_possible(doc):
+        return serialized_length(doc) - sum(len(s.tokens) - 1 for s in doc
+                                            if s.modality == vocab_lib.MODALITY_TEXT and len(s.tokens) > 1)
+
+    while document and shortest_possible(document) > max_tokens:
+        document.pop()
+        report.segments_dropped += 1
     excess = serialized_length(document) - max_tokens
     while excess > 0:
-        texts = [i for i, s in enumerate(document) if s.modality == vocab_lib.MODALITY_TEXT and len(s.tokens) > 1]
-        if not texts:
-            break
-        i = max(texts, key=lambda j: len(document[j].tokens))
+        i = max((j for j, s in enumerate(document) if s.modality == vocab_lib.MODALITY_TEXT),
+                key=lambda j: len(document[j].tokens))
         cut = min(excess, len(document[i].tokens) - 1)
         document[i] = Segment(document[i].modality, document[i].tokens[:-cut])
         report.text_tokens_cut += cut
         excess -= cut
-    while document and serialized_length(document) > max_tokens:
-        document.pop()
-        report.segments_dropped += 1
     return document, report
 
 

@@ -137,14 +137,27 @@ class PadToLength:
         return out
 
 
-class _WithSourceIndex:
-    """Looks up the record of a source index; keeps both indices for seeding and for retrieval."""
-
+class _WithRecord:
     def __init__(self, source: Sequence[bytes]):
         self.source = source
 
-    def __call__(self, global_index: int, source_index: int) -> tuple[int, int, bytes]:
-        return global_index, int(source_index), self.source[int(source_index)]
+    def __call__(self, indices: tuple[int, int]) -> tuple[int, int, bytes]:
+        global_index, source_index = indices
+        return global_index, source_index, self.source[source_index]
+
+
+def _pair_with_global_index(global_index: int, source_index: int) -> tuple[int, int]:
+    return global_index, int(source_index)
+
+
+def stream_indices(num_records: int, stream: int, options: PipelineOptions) -> grain.MapDataset:
+    """(global index, source index) of the stream's elements: every num_streams-th element of the source order,
+    shuffled afresh each epoch when options.shuffle, repeated forever."""
+    ds = grain.MapDataset.range(num_records)
+    if options.shuffle:
+        ds = ds.shuffle(seed=options.seed)
+    ds = ds.repeat(None).map_with_index(_pair_with_global_index)
+    return ds[stream::options.num_streams]
 
 
 def _concatenate_rows(stream_batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
@@ -154,11 +167,8 @@ def _concatenate_rows(stream_batches: tuple[dict[str, np.ndarray], ...]) -> dict
 def stream_dataset(source: Sequence[bytes], stream: int, vocab: vocab_lib.UnifiedVocab, options: PipelineOptions,
                    augment: RetrievalAugmenter) -> grain.IterDataset:
     """Batches of rows_per_stream rows built from elements stream, stream + S, ... of the shuffled, repeated source."""
-    ds = grain.MapDataset.range(len(source))
-    if options.shuffle:
-        ds = ds.shuffle(seed=options.seed)
-    ds = ds.repeat(None).map_with_index(_WithSourceIndex(source))
-    ds = ds[stream::options.num_streams].map(DocumentToExample(vocab, options, augment)).to_iter_dataset()
+    ds = stream_indices(len(source), stream, options).map(_WithRecord(source))
+    ds = ds.map(DocumentToExample(vocab, options, augment)).to_iter_dataset()
     if options.packing == "first_fit":
         lengths = {key: options.seq_len for key in _SEQUENCE_KEYS}
         ds = grain.experimental.FirstFitPackIterDataset(
