@@ -23,6 +23,10 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "array-record>=0.5",  # token shards
+        "msgpack>=1.0",  # token shard records
+        "scikit-learn>=1.3",  # ships the handwritten digits of the embedded `digits` dataset
+        "importlib_resources>=6.0",  # TFDS needs it to build local datasets
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],

@@ -1,7 +1,8 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
-The only module that wires stages together. Commands available now: `train` (the CM3leon LM) and `pipeline` (every
-available stage in order, skipping those already complete).
+The only module that wires stages together. Commands available now: `data` (build the embedded datasets or check the
+configured raw source), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those
+already complete).
 """
 from __future__ import annotations
 
@@ -17,11 +18,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: every stage writes 
 USAGE = """usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]
 
 commands:
+  data       build the embedded dataset (DIR/data) or check the configured raw source; print a summary
   train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint)
   pipeline   run every stage in order, skipping those already complete
 """
 
 EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
+
+
+def prepare_data(config, workdir: str) -> None:
+    import json
+
+    from cm3jax import stages
+    from cm3jax.data.prepare import prepare_raw_data
+
+    stage_dir = stages.prepare_stage(workdir, "data", config)
+    summary = prepare_raw_data(config.raw_data, stage_dir)
+    stages.mark_complete(stage_dir, {"dataset": config.raw_data.dataset, "splits": summary})
+    print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
 
 
 def train_lm(config, workdir: str) -> None:
@@ -30,6 +44,8 @@ def train_lm(config, workdir: str) -> None:
     from cm3jax.train.lm import train_language_model
 
     initialize_distributed(config.distributed)
+    if not config.data.token_dir:
+        config.data.token_dir = os.path.join(workdir, "tokens")
     stage_dir = stages.prepare_stage(workdir, "lm", config)
     result = train_language_model(config, stage_dir)
     if not result.preempted:
@@ -38,7 +54,7 @@ def train_lm(config, workdir: str) -> None:
               f"logs in {stage_dir}/logs", flush=True)
 
 
-STAGES = (("lm", train_lm),)
+STAGES = (("data", prepare_data), ("lm", train_lm))
 
 
 def run_pipeline(config, workdir: str) -> None:
@@ -51,7 +67,7 @@ def run_pipeline(config, workdir: str) -> None:
         stage(config, workdir)
 
 
-COMMANDS = {"train": train_lm, "pipeline": run_pipeline}
+COMMANDS = {"data": prepare_data, "train": train_lm, "pipeline": run_pipeline}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,37 @@
+"""`cm3jax data`: build the embedded datasets, or check a user's source, and summarise what is there."""
+from __future__ import annotations
+
+import itertools
+
+from cm3jax.data.sources import RAW_SPLITS, SkipCounts, open_raw_source, read_examples
+
+SAMPLE_PER_SPLIT = 256  # examples decoded per split when checking a user's source
+
+
+def prepare_raw_data(raw_config, data_dir: str) -> dict:
+    """Builds raw_data.dataset when it is embedded (into data_dir unless raw_data.tfds_data_dir is set); for every
+    source, opens each split, decodes a sample and returns {split: {examples, sampled, skipped}}."""
+    r = raw_config
+    if r.dataset in ("digits", "shapes"):
+        import tensorflow_datasets as tfds
+
+        from cm3jax.data.embedded import build_embedded
+
+        tfds.disable_progress_bar()
+        build_embedded(r.dataset, r.tfds_data_dir or data_dir, shapes_train_size=r.shapes_train_size,
+                       shapes_image_size=r.shapes_image_size, seed=r.seed)
+    summary = {}
+    for split in RAW_SPLITS:
+        try:
+            source = open_raw_source(r, split, data_dir)
+        except FileNotFoundError as e:
+            if split == "train":
+                raise
+            summary[split] = {"missing": str(e)}
+            continue
+        counts = SkipCounts()
+        sampled = sum(1 for _ in read_examples(source, r.image_size, counts,
+                                               itertools.islice(range(len(source)), SAMPLE_PER_SPLIT)))
+        counts.log(f"{r.dataset}/{split} sample")
+        summary[split] = {"examples": len(source), "sampled_ok": sampled, "skipped": dict(counts)}
+    return summary

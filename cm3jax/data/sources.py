@@ -1,0 +1,249 @@
+"""Raw image-caption sources a real user has, read as RGB images of one size and non-empty captions.
+
+    tfds          any TFDS dataset prepared as array_record (e.g. coco_captions), or the embedded digits / shapes
+    array_record  ArrayRecord files of tf.train.Example (image bytes + caption), parsed without TensorFlow
+    image_folder  a folder with images and captions.jsonl ({"file": "0001.jpg", "caption": "..."} per line)
+
+Bad input never stops a run: an unreadable or corrupt image, a missing file or an empty caption is skipped and counted
+(`SkipCounts`), and the counts are logged.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import json
+import os
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+from absl import logging
+
+RAW_SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class ImageCaption:
+    image: np.ndarray  # uint8 [size, size, 3]
+    caption: str
+    meta: dict[str, Any]
+
+
+class SkipCounts(collections.Counter):
+    """Examples skipped, by reason."""
+
+    def log(self, what: str) -> None:
+        if sum(self.values()):
+            logging.warning("%s: skipped %s", what, dict(sorted(self.items())))
+
+
+class RawSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def raw(self, index: int) -> tuple[Any, Any, dict]:
+        """(undecoded image: bytes / path / array, caption: str / bytes / list of them, meta)."""
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16/32-bit and float scaled to 8 bits, EXIF rotation."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 16-bit range
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        return PIL.Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: PIL.Image.Image, size: int) -> np.ndarray:
+    """Resize so the short side is `size` (bicubic), then crop the centre square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), PIL.Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def load_image(value: Any) -> PIL.Image.Image:
+    """Encoded bytes, a file path or a uint8 array -> a fully decoded PIL image (raises on corrupt data)."""
+    if isinstance(value, np.ndarray):
+        array = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
+        return PIL.Image.fromarray(array.astype(np.uint8))
+    image = PIL.Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+    image.load()  # decode now: truncated or corrupt files fail here, not later
+    return image
+
+
+def normalize_caption(value: Any) -> str:
+    """str / bytes / a list of them (the first non-empty one) -> stripped text ('' when there is none)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        texts = [normalize_caption(v) for v in value]
+        return next((t for t in texts if t), "")
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return " ".join(str(value).split())
+
+
+def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
+                  indices: Iterable[int] | None = None) -> Iterator[ImageCaption]:
+    """Decoded examples of `source`; bad ones are skipped and counted in `counts`."""
+    for index in range(len(source)) if indices is None else indices:
+        try:
+            image_value, caption_value, meta = source.raw(index)
+        except Exception as e:  # noqa: BLE001 - a bad record is data, not a bug
+            counts["unreadable_record"] += 1
+            logging.debug("record %d unreadable: %s", index, e)
+            continue
+        caption = normalize_caption(caption_value)
+        if not caption:
+            counts["empty_caption"] += 1
+            continue
+        try:
+            image = resize_center_crop(to_rgb(load_image(image_value)), image_size)
+        except FileNotFoundError:
+            counts["missing_image_file"] += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+            counts["unreadable_image"] += 1
+            logging.debug("record %d: image unreadable: %s", index, e)
+            continue
+        yield ImageCaption(image, caption, {"index": int(index), **meta})
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+def _feature(example: dict, key: str) -> Any:
+    """`a/b` reads nested features (e.g. coco_captions' captions/text)."""
+    for part in key.split("/"):
+        example = example[part]
+    return example
+
+
+class TfdsSource:
+    def __init__(self, data_source, image_key: str = "image", caption_key: str = "caption"):
+        self.data_source = data_source
+        self.image_key = image_key
+        self.caption_key = caption_key
+
+    @classmethod
+    def open(cls, name: str, data_dir: str, split: str, image_key: str, caption_key: str) -> "TfdsSource":
+        import tensorflow_datasets as tfds
+
+        try:
+            data_source = tfds.data_source(name, data_dir=data_dir or None, split=split)
+        except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not prepared"
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} split {split!r} is not prepared as array_record under "
+                f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {e}). Prepare it once on a machine with "
+                f"TensorFlow and network: `tfds build {name} --file_format=array_record --data_dir=DIR`, copy DIR "
+                f"here and set raw_data.tfds_data_dir=DIR.") from e
+        return cls(data_source, image_key, caption_key)
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def raw(self, index: int) -> tuple[Any, Any, dict]:
+        example = self.data_source[index]
+        meta = {"label": int(example["label"])} if "label" in example else {}
+        return _feature(example, self.image_key), _feature(example, self.caption_key), meta
+
+
+class ArrayRecordExampleSource:
+    """ArrayRecord files whose records are serialized tf.train.Example protos."""
+
+    def __init__(self, paths: list[str], image_key: str = "image", caption_key: str = "caption"):
+        import grain
+
+        if not paths:
+            raise FileNotFoundError("no ArrayRecord files matched raw_data.paths")
+        self.records = grain.sources.ArrayRecordDataSource(paths)
+        self.image_key = image_key
+        self.caption_key = caption_key
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def raw(self, index: int) -> tuple[Any, Any, dict]:
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        features = tf_example_pb2.Example.FromString(self.records[index]).features.feature
+        image = features[self.image_key].bytes_list.value
+        caption = features[self.caption_key].bytes_list.value if self.caption_key in features else []
+        if not image:
+            raise ValueError(f"record has no bytes feature {self.image_key!r}")
+        return image[0], list(caption), {}
+
+
+class ImageFolderSource:
+    """`folder/captions.jsonl`: one JSON object per line with the image path (key file, image or path; relative to
+    the folder) and its caption (key caption or text). Malformed lines are skipped and counted at open."""
+
+    def __init__(self, folder: str):
+        manifest = os.path.join(folder, "captions.jsonl")
+        if not os.path.exists(manifest):
+            raise FileNotFoundError(f"{manifest} not found: an image folder needs captions.jsonl with one "
+                                    f'{{"file": "...", "caption": "..."}} per line')
+        self.folder = folder
+        self.entries: list[tuple[str, str]] = []
+        self.open_counts = SkipCounts()
+        with open(manifest, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    path = next(entry[k] for k in ("file", "image", "path") if k in entry)
+                    caption = next((entry[k] for k in ("caption", "text") if k in entry), "")
+                except (ValueError, StopIteration, TypeError):
+                    self.open_counts["bad_manifest_line"] += 1
+                    continue
+                self.entries.append((str(path), caption))
+        self.open_counts.log(manifest)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def raw(self, index: int) -> tuple[Any, Any, dict]:
+        path, caption = self.entries[index]
+        return os.path.join(self.folder, path), caption, {"file": path}
+
+
+def _split_path(pattern: str, split: str) -> str:
+    if "{split}" in pattern:
+        return pattern.replace("{split}", split)
+    if split != "train":
+        raise FileNotFoundError(f"raw_data.paths={pattern!r} has no {{split}} placeholder, so it only provides the "
+                                f"train split (asked for {split!r})")
+    return pattern
+
+
+def open_raw_source(raw_config, split: str, default_data_dir: str) -> RawSource:
+    """The configured raw source's `split` (raw_data section of the config)."""
+    r = raw_config
+    data_dir = r.tfds_data_dir or default_data_dir
+    if r.dataset in ("digits", "shapes"):
+        from cm3jax.data.embedded import embedded_builder
+
+        builder = embedded_builder(r.dataset, data_dir, shapes_train_size=r.shapes_train_size,
+                                   shapes_image_size=r.shapes_image_size, seed=r.seed)
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"embedded dataset {r.dataset!r} is not built under {data_dir}: run "
+                                    f"`cm3jax data` first")
+        return TfdsSource(builder.as_data_source(split))
+    if r.dataset == "tfds":
+        return TfdsSource.open(r.tfds_name, data_dir, split, r.image_key, r.caption_key)
+    if r.dataset == "array_record":
+        return ArrayRecordExampleSource(sorted(glob.glob(_split_path(r.paths, split))), r.image_key, r.caption_key)
+    if r.dataset == "image_folder":
+        return ImageFolderSource(_split_path(r.paths, split))
+    raise ValueError(f"unknown raw_data.dataset {r.dataset!r}")

@@ -1,0 +1,189 @@
+"""Embedded TFDS datasets and the raw sources: image modes, bad input skipped and counted."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+from array_record.python import array_record_module
+
+from cm3jax.config import base_config
+from cm3jax.data.embedded import build_embedded, digits, shapes
+from cm3jax.data.sources import (ArrayRecordExampleSource, ImageFolderSource, SkipCounts, TfdsSource,
+                                 load_image, open_raw_source, read_examples, resize_center_crop, to_rgb)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def encoded(image: PIL.Image.Image, fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def raw_config(**overrides) -> ml_collections.ConfigDict:
+    config = base_config().raw_data
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def embedded_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    build_embedded("digits", data_dir)
+    build_embedded("shapes", data_dir, shapes_train_size=40)
+    return data_dir
+
+
+def test_digits_builds_and_reads_back(embedded_dir):
+    sizes = {}
+    for split in ("train", "validation", "test"):
+        source = open_raw_source(raw_config(dataset="digits"), split, embedded_dir)
+        sizes[split] = len(source)
+        image, caption, meta = source.raw(0)
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        label = meta["label"]
+        assert digits.NAMES[label] in caption.decode() or str(label) in caption.decode()
+    assert sizes == {"train": 1397, "validation": 200, "test": 200}  # all 1,797 scikit-learn digits
+    counts = SkipCounts()
+    examples = list(read_examples(open_raw_source(raw_config(dataset="digits"), "test", embedded_dir), 32, counts))
+    assert len(examples) == 200 and not counts
+    assert sorted({e.meta["label"] for e in examples}) == list(range(10))
+
+
+def test_shapes_ground_truth_is_exact(embedded_dir):
+    source = open_raw_source(raw_config(dataset="shapes", shapes_train_size=40), "train", embedded_dir)
+    assert len(source) == 40
+    data = source.data_source
+    for i in range(len(source)):
+        example = data[i]
+        objects = example["objects"]
+        n = len(objects["kind"])
+        assert 1 <= n <= 3
+        segmentation = example["segmentation"][..., 0]
+        assert set(np.unique(segmentation)) == set(range(n + 1))  # every object is visible
+        for k in range(n):
+            ys, xs = np.nonzero(segmentation == k + 1)
+            ymin, xmin, ymax, xmax = objects["bbox"][k] * 64
+            assert ys.min() >= ymin - 1 and ys.max() <= ymax + 1 and xs.min() >= xmin - 1 and xs.max() <= xmax + 1
+            # The caption names each object's colour and kind.
+            color, kind = shapes.COLORS[objects["color"][k]], shapes.KINDS[objects["kind"][k]]
+            assert f"{color} {kind}" in example["caption"].decode()
+        answers = dict(zip([q.decode() for q in example["vqa"]["question"]],
+                           [a.decode() for a in example["vqa"]["answer"]]))
+        assert answers["how many shapes are there?"] == shapes.NUMBER_WORDS[n]
+        assert not np.array_equal(example["edit"]["image"], example["image"])  # every edit changes the picture
+    # Deterministic by seed: the generator gives the same scenes again (TFDS stores them in its own order).
+    captions = {data[i]["caption"].decode() for i in range(len(source))}
+    assert {shapes.scene_example(0, "train", i, 64)["caption"] for i in range(40)} == captions
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "PA", "L", "1", "I;16", "I", "F", "CMYK"])
+def test_every_image_mode_becomes_rgb(mode):
+    gradient = np.tile(np.linspace(0, 1, 60), (40, 1))  # dark left, bright right
+    if mode in ("I;16", "I"):  # 16-bit scans, and 32-bit integer images holding 16-bit values
+        image = PIL.Image.fromarray((gradient * 65535).astype(np.uint16 if mode == "I;16" else np.int32))
+        assert image.mode == mode
+    elif mode == "F":
+        image = PIL.Image.fromarray(gradient.astype(np.float32), "F")
+    else:
+        image = PIL.Image.fromarray((gradient * 255).astype(np.uint8)).convert(mode)
+    out = resize_center_crop(to_rgb(image), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    if mode in ("L", "I;16", "I", "F", "RGB"):
+        # Grey levels survive the 8-bit scaling: dark on the left, bright on the right.
+        assert out[:, 0].mean() < 80 and out[:, -1].mean() > 170
+
+
+def test_transparency_is_composited_on_white():
+    transparent = PIL.Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.all(resize_center_crop(to_rgb(transparent), 8) == 255)
+
+
+def test_resize_short_side_then_center_crop():
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, 10:30] = 255  # a white centre square in a wide image
+    out = resize_center_crop(PIL.Image.fromarray(image), 10)
+    assert out.shape == (10, 10, 3) and out.mean() > 250
+
+
+def write_folder(folder):
+    os.makedirs(folder, exist_ok=True)
+    good = PIL.Image.new("RGB", (30, 20), (10, 200, 30))
+    with open(os.path.join(folder, "good.jpg"), "wb") as f:
+        f.write(encoded(good, "JPEG"))
+    with open(os.path.join(folder, "cmyk.jpg"), "wb") as f:
+        f.write(encoded(good.convert("CMYK"), "JPEG"))
+    with open(os.path.join(folder, "truncated.png"), "wb") as f:
+        f.write(encoded(PIL.Image.new("RGB", (64, 64), (1, 2, 3)))[:60])
+    with open(os.path.join(folder, "not_an_image.jpg"), "wb") as f:
+        f.write(b"hello")
+    lines = [{"file": "good.jpg", "caption": "  a green\nbox "}, {"file": "cmyk.jpg", "text": "cmyk box"},
+             {"file": "truncated.png", "caption": "cut"}, {"file": "not_an_image.jpg", "caption": "text"},
+             {"file": "missing.jpg", "caption": "gone"}, {"file": "good.jpg", "caption": "   "}]
+    with open(os.path.join(folder, "captions.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(line) for line in lines) + "\n{not json\n")
+
+
+def test_image_folder_skips_and_counts_bad_input(tmp_path):
+    write_folder(tmp_path)
+    source = ImageFolderSource(str(tmp_path))
+    assert source.open_counts == {"bad_manifest_line": 1}
+    counts = SkipCounts()
+    examples = list(read_examples(source, 16, counts))
+    assert [e.caption for e in examples] == ["a green box", "cmyk box"]
+    assert all(e.image.shape == (16, 16, 3) for e in examples)
+    assert abs(int(examples[0].image[8, 8, 1]) - 200) < 20  # the green survived decoding and resizing
+    assert counts == {"unreadable_image": 2, "missing_image_file": 1, "empty_caption": 1}
+
+
+def test_array_record_of_tf_examples(tmp_path):
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    def example(image_bytes, caption):
+        proto = tf_example_pb2.Example()
+        proto.features.feature["image"].bytes_list.value.append(image_bytes)
+        proto.features.feature["caption"].bytes_list.value.append(caption.encode())
+        return proto.SerializeToString()
+
+    path = str(tmp_path / "pairs-00000.array_record")
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    writer.write(example(encoded(PIL.Image.new("RGB", (20, 20), (0, 0, 255))), "a blue square"))
+    writer.write(example(b"\x89PNG broken", "broken"))
+    writer.write(b"not a proto at all")
+    writer.close()
+    source = open_raw_source(raw_config(dataset="array_record", paths=str(tmp_path / "pairs-*.array_record")),
+                             "train", "")
+    assert isinstance(source, ArrayRecordExampleSource) and len(source) == 3
+    counts = SkipCounts()
+    examples = list(read_examples(source, 8, counts))
+    assert [e.caption for e in examples] == ["a blue square"] and examples[0].image[4, 4, 2] > 200
+    assert counts == {"unreadable_image": 1, "unreadable_record": 1}
+    with pytest.raises(FileNotFoundError, match="split"):
+        open_raw_source(raw_config(dataset="array_record", paths=str(tmp_path / "*.array_record")), "test", "")
+
+
+def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds build coco_captions --file_format=array_record"):
+        TfdsSource.open("coco_captions", str(tmp_path), "train", "image", "captions/text")
+
+
+def test_load_image_rejects_garbage():
+    with pytest.raises(Exception):
+        load_image(b"garbage")
+
+
+def test_data_command_builds_shapes(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "cm3jax", "data", "--config=configs/tiny.py",
+                          f"--workdir={tmp_path}", "--config.raw_data.dataset=shapes",
+                          "--config.raw_data.shapes_train_size=30"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.load(open(tmp_path / "data" / "COMPLETE.json"))
+    assert summary["splits"]["train"] == {"examples": 30, "sampled_ok": 30, "skipped": {}}
+    assert summary["splits"]["validation"]["examples"] == 10
