@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) workdir
