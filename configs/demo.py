@@ -2,7 +2,8 @@
 
     cm3jax pipeline --config=configs/demo.py --workdir=workdir/demo
 
-Until the data pipeline lands the LM trains on the synthetic caption-image source (see cm3jax/data/synthetic.py); the
+The `data` stage builds the embedded `digits` dataset (DIR/data). Until the tokenizers land, the LM trains on synthetic
+caption-image token documents (cm3jax/data/synthetic.py) through the real pipeline (CM3 masking, packing); the
 vocabulary already has the demo's shape: a small text vocabulary and a 512-code image codebook with 64 codes per image.
 """
 from cm3jax.config import base_config

@@ -1,5 +1,6 @@
 """The grain pipeline: packing, per-process streams, iterator restore, counters, token shards."""
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -75,6 +76,19 @@ def test_batches_follow_the_contract():
     assert np.all(batch["loss_weights"][VOCAB.is_mask(batch["targets"])] == 0)
 
 
+def test_pad_mode_keeps_one_document_per_row():
+    options = dataclasses.replace(OPTIONS, packing="pad", shuffle=False, num_streams=1)
+    batch = next(DocumentBatches(varied_source(), VOCAB, options, rows=(0, 8)))
+    make = DocumentToExample(VOCAB, options, NoRetrieval())
+    for r in range(8):
+        expected = make((r, r, varied_source()[r]))
+        n = len(expected["inputs"])
+        np.testing.assert_array_equal(batch["inputs"][r, :n], expected["inputs"])
+        np.testing.assert_array_equal(batch["segment_ids"][r], np.arange(48) < n)
+        np.testing.assert_array_equal(batch["positions"][r, :n], np.arange(n))
+        assert np.all(batch["loss_weights"][r, n:] == 0)
+
+
 def test_processes_read_disjoint_streams_that_cover_the_data():
     assert list(local_streams((0, 4), OPTIONS)) == [0] and list(local_streams((4, 8), OPTIONS)) == [1]
     with pytest.raises(ValueError, match="num_streams"):
@@ -97,7 +111,7 @@ def test_restored_iterator_gives_the_same_next_batches(num_workers):
     batches = DocumentBatches(source, VOCAB, options, rows=(0, 8))
     for _ in range(3):
         next(batches)
-    state = batches.get_state()
+    state = json.loads(json.dumps(batches.get_state()))  # as the checkpoint's JSON `data` item stores it
     expected = [next(batches) for _ in range(3)]
     restored = DocumentBatches(source, VOCAB, options, rows=(0, 8))
     restored.set_state(state)

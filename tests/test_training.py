@@ -146,6 +146,13 @@ def test_cli_overrides_reach_the_run_and_bad_values_name_the_field(tmp_path):
     ({"model.attention": "flash"}, "model.attention"),
     ({"optim.decay": "step"}, "optim.decay"),
     ({"model.remat_policy": "some"}, "model.remat_policy"),
+    ({"data.source": "web"}, "data.source"),
+    ({"data.cm3_max_spans": 9}, "data.cm3_max_spans"),  # tiny has 8 mask tokens
+    ({"data.cm3_min_spans": 5}, "data.cm3_min_spans"),
+    ({"data.num_streams": 3}, "data.num_streams"),
+    ({"data.packing": "greedy"}, "data.packing"),
+    ({"data.image_first_probability": 1.5}, "data.image_first_probability"),
+    ({"raw_data.dataset": "laion"}, "raw_data.dataset"),
 ])
 def test_config_that_cannot_run_fails_naming_the_field(tiny_config, overrides, field):
     for key, value in overrides.items():
