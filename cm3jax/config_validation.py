@@ -122,3 +122,17 @@ def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) 
     _require(config.raw_data.dataset in RAW_DATASETS, "raw_data.dataset",
              f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
     _require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")
+    validate_vqgan_config(config)
+
+
+def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
+    v = config.vqgan
+    factor = 2 ** (len(v.channel_multipliers) - 1)
+    _require(v.image_size >= 32, "vqgan.image_size", f"must be >= 32 (LPIPS needs it), got {v.image_size}")
+    _require(v.image_size % factor == 0, "vqgan.channel_multipliers",
+             f"{len(v.channel_multipliers)} resolutions downsample by {factor}, which does not divide "
+             f"vqgan.image_size={v.image_size}")
+    _require(v.reconstruction_loss in ("l1", "l2"), "vqgan.reconstruction_loss",
+             f"{v.reconstruction_loss!r} not in ('l1', 'l2')")
+    _require(v.lpips_net in ("vgg16", "alexnet"), "vqgan.lpips_net", f"{v.lpips_net!r} not in ('vgg16', 'alexnet')")
+    _require(v.code_dim >= 1 and v.channels >= 4, "vqgan.code_dim", "code_dim must be >= 1 and channels >= 4")

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm3jax.config import config_to_json
 from cm3jax.parallel import sharding
@@ -44,7 +44,7 @@ class TrainTask:
     init_state(rng) builds the state with flax LogicallyPartitioned parameters (the loop only traces it for shapes and
     axis names, then runs it under jit with the resulting shardings). train_step(state, batch) -> (state, metrics)
     where metrics holds scalars and a boolean `finite`. eval_step(state, batch) -> sums that summarize_eval turns
-    into the logged means.
+    into the logged means. With `frozen` set, both steps take it as a third argument.
     """
 
     name: str
@@ -57,6 +57,8 @@ class TrainTask:
     eval_step: Callable[[Any, dict], dict] | None = None
     eval_data: Callable[[], Iterable[dict]] | None = None
     summarize_eval: Callable[[dict], dict] | None = None
+    frozen: Any = None  # inputs the steps read but never update (e.g. LPIPS weights): a replicated jit argument
+    after_eval: Callable[[Any, int, str], None] | None = None  # (state, step, workdir), e.g. to save sample images
 
 
 @dataclasses.dataclass
@@ -111,10 +113,24 @@ def initialize_state(init_state: Callable, rng: jax.Array, mesh: Mesh, rules: tu
         return jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(rng)
 
 
+def _with_frozen(task: TrainTask, mesh: Mesh, fn: Callable, in_shardings: tuple, **jit_kwargs) -> Callable:
+    """jit(fn) called as (state, batch); `task.frozen`, when set, is placed once and passed as a third argument."""
+    if task.frozen is None:
+        return jax.jit(fn, in_shardings=in_shardings, **jit_kwargs)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    compiled = jax.jit(fn, in_shardings=in_shardings + (replicated,), **jit_kwargs)
+    frozen = jax.device_put(task.frozen, replicated)
+    return lambda state, batch: compiled(state, batch, frozen)
+
+
 def jit_train_step(task: TrainTask, mesh: Mesh, shardings: Any) -> Callable:
     """The one compiled train step: state keeps its shardings and is donated, batches split over the batch axes."""
-    return jax.jit(task.train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    return _with_frozen(task, mesh, task.train_step, (shardings, sharding.batch_sharding(mesh)),
+                        out_shardings=(shardings, None), donate_argnums=0)
+
+
+def jit_eval_step(task: TrainTask, mesh: Mesh, shardings: Any) -> Callable:
+    return _with_frozen(task, mesh, task.eval_step, (shardings, sharding.batch_sharding(mesh)))
 
 
 def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str) -> TrainResult:
@@ -140,8 +156,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = jit_train_step(task, mesh, shardings)
-        eval_step = (jax.jit(task.eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
-                     if task.eval_step else None)
+        eval_step = jit_eval_step(task, mesh, shardings) if task.eval_step else None
 
     writer = MetricsWriter(f"{workdir}/logs")
     preemption = _PreemptionFlag()
@@ -186,6 +201,8 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
 
                 if eval_step is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
                     writer.write(step, _evaluate(task, eval_step, state, mesh), prefix="eval")
+                    if task.after_eval is not None:
+                        task.after_eval(state, step, workdir)
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 preempted = preemption.reached(step)

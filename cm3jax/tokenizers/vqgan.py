@@ -1,0 +1,191 @@
+"""The VQ-GAN image tokenizer (Flax): images <-> grids of codebook indices.
+
+Encoder and decoder follow taming-transformers: conv stem, residual blocks (GroupNorm, swish, 3x3 convs) per
+resolution with stride-2 downsampling (nearest-neighbour upsampling in the decoder), an optional self-attention block
+at the lowest resolution, and a 1x1 projection to and from the code space. The codebook is factorised and
+l2-normalised (ViT-VQGAN / LlamaGen, REFERENCE §7): the encoder output is projected to `code_dim` (e.g. 8), both it and
+the codebook rows are l2-normalised, and the nearest code by cosine similarity is chosen; this keeps a large codebook in
+use where plain VQ collapses. Gradients pass the quantiser straight through. The PatchGAN discriminator is
+taming's NLayerDiscriminator with GroupNorm in place of BatchNorm (no mutable batch statistics under jit/sharding).
+
+Images are float [-1, 1], NHWC.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    image_size: int = 256
+    channels: int = 128
+    channel_multipliers: Sequence[int] = (1, 1, 2, 4)  # one entry per resolution: f = 2 ** (len - 1)
+    num_res_blocks: int = 2
+    attention_at_lowest: bool = True
+    z_channels: int = 256
+    codebook_size: int = 8192
+    code_dim: int = 8
+    commitment_beta: float = 0.25
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+    @classmethod
+    def from_config(cls, c, codebook_size: int) -> "VQGANConfig":
+        """From the config's vqgan section; the codebook size is the vocabulary's (vocab.image_codebook_size)."""
+        return cls(image_size=int(c.image_size), channels=int(c.channels),
+                   channel_multipliers=tuple(int(m) for m in c.channel_multipliers),
+                   num_res_blocks=int(c.num_res_blocks), attention_at_lowest=bool(c.attention_at_lowest),
+                   z_channels=int(c.z_channels), codebook_size=codebook_size, code_dim=int(c.code_dim),
+                   commitment_beta=float(c.commitment_beta), disc_channels=int(c.disc_channels),
+                   disc_layers=int(c.disc_layers))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_size ** 2
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, channels // 4 if channels >= 4 else 1), epsilon=1e-6)
+
+
+class ResBlock(nn.Module):
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(self.out_channels, (3, 3))(nn.swish(_group_norm(x.shape[-1])(x)))
+        h = nn.Conv(self.out_channels, (3, 3))(nn.swish(_group_norm(self.out_channels)(h)))
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1))(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        y = _group_norm(c)(x).reshape(b, h * w, c)
+        y = nn.MultiHeadDotProductAttention(num_heads=1, qkv_features=c, out_features=c)(y)
+        return x + y.reshape(b, h, w, c)
+
+
+class Encoder(nn.Module):
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        x = nn.Conv(c.channels, (3, 3))(x)
+        for level, multiplier in enumerate(c.channel_multipliers):
+            for _ in range(c.num_res_blocks):
+                x = ResBlock(c.channels * multiplier)(x)
+            if level < len(c.channel_multipliers) - 1:
+                x = nn.Conv(x.shape[-1], (3, 3), strides=(2, 2))(x)
+        x = ResBlock(x.shape[-1])(x)
+        if c.attention_at_lowest:
+            x = AttentionBlock()(x)
+        x = ResBlock(x.shape[-1])(x)
+        x = nn.Conv(c.z_channels, (3, 3))(nn.swish(_group_norm(x.shape[-1])(x)))
+        return nn.Conv(c.code_dim, (1, 1), name="to_code")(x)
+
+
+class Decoder(nn.Module):
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, z):
+        c = self.config
+        x = nn.Conv(c.z_channels, (1, 1), name="from_code")(z)
+        x = nn.Conv(c.channels * c.channel_multipliers[-1], (3, 3))(x)
+        x = ResBlock(x.shape[-1])(x)
+        if c.attention_at_lowest:
+            x = AttentionBlock()(x)
+        x = ResBlock(x.shape[-1])(x)
+        for level, multiplier in reversed(list(enumerate(c.channel_multipliers))):
+            for _ in range(c.num_res_blocks + 1):
+                x = ResBlock(c.channels * multiplier)(x)
+            if level > 0:
+                b, h, w, ch = x.shape
+                x = jax.image.resize(x, (b, h * 2, w * 2, ch), "nearest")
+                x = nn.Conv(ch, (3, 3))(x)
+        x = nn.swish(_group_norm(x.shape[-1])(x))
+        return nn.Conv(3, (3, 3), name="to_image")(x)
+
+
+def _l2_normalize(x, axis=-1):
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + 1e-12)
+
+
+class Quantizer(nn.Module):
+    """Factorised, l2-normalised codebook with straight-through gradients."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, z):
+        c = self.config
+        codebook = self.param("codebook", nn.initializers.normal(1.0), (c.codebook_size, c.code_dim))
+        z = _l2_normalize(z)
+        codes = jnp.argmax(jnp.einsum("...d,kd->...k", z, _l2_normalize(codebook)), axis=-1)
+        quantized = self.lookup(codes)
+        codebook_loss = jnp.mean(jnp.square(quantized - jax.lax.stop_gradient(z)))
+        commitment_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(quantized)))
+        straight_through = z + jax.lax.stop_gradient(quantized - z)
+        return straight_through, codes, codebook_loss + c.commitment_beta * commitment_loss
+
+    def lookup(self, codes):
+        codebook = self.get_variable("params", "codebook")
+        return _l2_normalize(jnp.take(codebook, codes, axis=0))
+
+
+class VQGAN(nn.Module):
+    """__call__(images) -> (reconstructions, codes, quantiser loss); encode / decode for tokenising."""
+
+    config: VQGANConfig
+
+    def setup(self):
+        self.encoder = Encoder(self.config)
+        self.quantizer = Quantizer(self.config)
+        self.decoder = Decoder(self.config)
+
+    def __call__(self, images):
+        quantized, codes, vq_loss = self.quantizer(self.encoder(images))
+        return self.decoder(quantized), codes, vq_loss
+
+    def encode(self, images):
+        """[B, S, S, 3] in [-1, 1] -> int32 codes [B, S/f, S/f]."""
+        return self.quantizer(self.encoder(images))[1].astype(jnp.int32)
+
+    def decode(self, codes):
+        """int32 codes [B, g, g] -> images [B, g*f, g*f, 3] (not clipped)."""
+        return self.decoder(self.quantizer.lookup(codes))
+
+
+class PatchDiscriminator(nn.Module):
+    """Per-patch real/fake logits [B, h, w, 1]."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, images):
+        c = self.config
+        x = nn.leaky_relu(nn.Conv(c.disc_channels, (4, 4), strides=(2, 2))(images), 0.2)
+        for layer in range(1, c.disc_layers + 1):
+            channels = c.disc_channels * min(2 ** layer, 8)
+            stride = 2 if layer < c.disc_layers else 1
+            x = nn.Conv(channels, (4, 4), strides=(stride, stride), use_bias=False)(x)
+            x = nn.leaky_relu(_group_norm(channels)(x), 0.2)
+        return nn.Conv(1, (4, 4))(x)

