@@ -1,7 +1,7 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
 The only module that wires stages together. Commands available now: `data` (build the embedded datasets or check the
-configured raw source), `vqgan` (the image tokenizer), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those
+configured raw source), `vqgan` (the image tokenizer), `tokenize` (token shards), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those
 already complete).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ USAGE = """usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--
 commands:
   data       build the embedded dataset (DIR/data) or check the configured raw source; print a summary
   vqgan      train the VQ-GAN image tokenizer on the raw images (DIR/vqgan; resumes)
+  tokenize   text tokenizer (trained when absent) + VQ-GAN codes -> token shards in DIR/tokens (resumable)
   train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint)
   pipeline   run every stage in order, skipping those already complete
 """
@@ -53,6 +54,20 @@ def train_vqgan(config, workdir: str) -> None:
               f"{stage_dir}/samples", flush=True)
 
 
+def tokenize(config, workdir: str) -> None:
+    import json
+
+    from cm3jax import stages
+    from cm3jax.parallel.mesh import initialize_distributed
+    from cm3jax.tokenizers.tokenize import tokenize_dataset
+
+    initialize_distributed(config.distributed)
+    stage_dir = stages.prepare_stage(workdir, "tokens", config)
+    manifest = tokenize_dataset(config, workdir)
+    stages.mark_complete(stage_dir, manifest)
+    print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)
+
+
 def train_lm(config, workdir: str) -> None:
     from cm3jax import stages
     from cm3jax.parallel.mesh import initialize_distributed
@@ -69,7 +84,7 @@ def train_lm(config, workdir: str) -> None:
               f"logs in {stage_dir}/logs", flush=True)
 
 
-STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("lm", train_lm))
+STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("tokens", tokenize), ("lm", train_lm))
 
 
 def run_pipeline(config, workdir: str) -> None:
@@ -82,7 +97,8 @@ def run_pipeline(config, workdir: str) -> None:
         stage(config, workdir)
 
 
-COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "train": train_lm, "pipeline": run_pipeline}
+COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "train": train_lm,
+            "pipeline": run_pipeline}
 
 
 def main(argv: list[str]) -> None:

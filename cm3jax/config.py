@@ -146,6 +146,16 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # `cm3jax tokenize`: raw pairs -> token shards (DIR/tokens) with the trained tokenizers.
+    c.tokenize = ml_collections.ConfigDict(
+        dict(
+            splits=("train", "validation"),
+            batch_size=64,  # images per jitted VQ-GAN encode, split over this process's devices
+            shard_size=10_000,  # raw examples per token shard (the unit of resumption)
+            text_model_type="unigram",  # SentencePiece model when DIR/text_tokenizer has none: unigram | bpe
+        )
+    )
+
     c.train = ml_collections.ConfigDict(
         dict(
             seed=0,

@@ -13,6 +13,7 @@ LR_DECAYS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("token_shards", "synthetic")
 PACKINGS = ("first_fit", "pad")
+MIN_TEXT_VOCAB = 320
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
@@ -101,6 +102,9 @@ def resolve_num_streams(config: ml_collections.ConfigDict, num_processes: int) -
 
 def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) -> None:
     d, t, v = config.data, config.train, config.vocab
+    _require(v.text_size >= MIN_TEXT_VOCAB, "vocab.text_size",
+             f"must be >= {MIN_TEXT_VOCAB}: the byte-fallback SentencePiece tokenizer needs 256 byte pieces, <unk> and "
+             f"the corpus's characters, got {v.text_size}")
     _require(d.source in DATA_SOURCES, "data.source", f"{d.source!r} not in {DATA_SOURCES}")
     _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
     _require(0.0 <= d.image_first_probability <= 1.0, "data.image_first_probability", "must be in [0, 1]")

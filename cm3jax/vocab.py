@@ -91,6 +91,20 @@ class UnifiedVocab:
             raise ValueError(f"image code outside [0, {self.image_codebook_size})")
         return (codes + self.image_offset).astype(np.int32)
 
+    def text_pieces(self, ids: np.ndarray) -> np.ndarray:
+        """Unified ids of text tokens -> SentencePiece ids (the inverse of text_ids)."""
+        ids = np.asarray(ids)
+        if ids.size and np.any(self.modality(ids) != MODALITY_TEXT):
+            raise ValueError("ids outside the text range")
+        return (ids - self.text_offset).astype(np.int32)
+
+    def image_codes(self, ids: np.ndarray) -> np.ndarray:
+        """Unified ids of image tokens -> VQ-GAN codebook indices (the inverse of image_ids)."""
+        ids = np.asarray(ids)
+        if ids.size and np.any(self.modality(ids) != MODALITY_IMAGE):
+            raise ValueError("ids outside the image range")
+        return (ids - self.image_offset).astype(np.int32)
+
     def modality(self, ids):
         """Per-token modality (MODALITY_SPECIAL / _TEXT / _IMAGE); works on numpy and jax arrays alike."""
         xp = np if isinstance(ids, np.ndarray) else _jnp()

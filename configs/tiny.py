@@ -7,7 +7,7 @@ from cm3jax.config import base_config
 
 def get_config(arg=None):
     c = base_config()
-    c.vocab.text_size = 96
+    c.vocab.text_size = 384  # byte-fallback SentencePiece: 256 byte pieces, <unk> and the corpus characters
     c.vocab.image_codebook_size = 64
     c.vocab.num_masks = 8
     c.model.update(num_layers=2, d_model=32, num_heads=4, max_seq_len=64, remat_policy="none")

@@ -35,3 +35,8 @@ def test_size_bound_learned_pieces_and_save_load(tokenizer, tmp_path):
 def test_empty_corpus_is_an_error():
     with pytest.raises(ValueError, match="no non-empty text"):
         TextTokenizer.train(["", ""], vocab_size=300)
+
+
+def test_too_small_a_vocabulary_is_a_clear_error():
+    with pytest.raises(ValueError, match="vocab.text_size"):
+        TextTokenizer.train(CORPUS, vocab_size=96)  # fewer than the 256 byte pieces

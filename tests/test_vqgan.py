@@ -85,12 +85,23 @@ def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     assert usage >= 0.5, usage  # 256 code slots over a 32-code codebook
 
 
-def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, digits_dir, tmp_path):
-    tiny_config.vqgan.train.steps = 2
-    devices = jax.devices()[:2]  # data parallel over two devices
-    train_vqgan(tiny_config, str(tmp_path), digits_dir, devices)
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """DIR with the digits dataset and a tiny VQ-GAN trained for 2 steps (DIR/vqgan)."""
+    from configs import tiny
+
+    workdir = tmp_path_factory.mktemp("workdir")
+    build_embedded("digits", str(workdir / "data"))
+    config = tiny.get_config()
+    config.vqgan.train.steps = 2
+    train_vqgan(config, str(workdir / "vqgan"), str(workdir / "data"), jax.devices()[:2])
+    return workdir
+
+
+def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, trained_workdir):
+    tmp_path = trained_workdir / "vqgan"  # trained to step 2 on two devices (data parallel)
     tiny_config.vqgan.train.steps = 4  # resumes from step 2; the GAN switches on at step 2
-    result = train_vqgan(tiny_config, str(tmp_path), digits_dir, devices)
+    result = train_vqgan(tiny_config, str(tmp_path), str(trained_workdir / "data"), jax.devices()[:2])
     assert result.step == 4
     records = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
     train = [r for r in records if r["split"] == "train"]
@@ -99,3 +110,38 @@ def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, digit
     evals = [r for r in records if r["split"] == "eval"]
     assert {"psnr", "lpips", "codebook_usage", "code_perplexity"} <= set(evals[-1])
     assert os.path.exists(tmp_path / "samples" / "reconstructions_0000004.png")
+
+
+def test_tokenize_writes_documents_that_round_trip(tiny_config, trained_workdir):
+    from cm3jax import vocab as vocab_lib
+    from cm3jax.data.documents import decode_document_record, validate_document
+    from cm3jax.data.shards import open_token_shards
+    from cm3jax.tokenizers.tokenize import restore_vqgan_params, tokenize_dataset
+    from cm3jax.tokenizers.text import TextTokenizer
+
+    tiny_config.tokenize.update(splits=("validation",), batch_size=16, shard_size=120)
+    manifest = tokenize_dataset(tiny_config, str(trained_workdir), jax.devices()[:2])
+    assert manifest["splits"]["validation"] == {"raw_examples": 200, "documents_written_now": 200, "skipped": {},
+                                                "shards": 2}
+    assert manifest["code_grid"] == 4 and json.load(open(trained_workdir / "tokens" / "manifest.json")) == manifest
+    again = tokenize_dataset(tiny_config, str(trained_workdir), jax.devices()[:2])  # resumes: both shards kept
+    assert again["splits"]["validation"]["documents_written_now"] == 0
+
+    vocab = vocab_lib.UnifiedVocab.from_config(tiny_config.vocab)
+    text = TextTokenizer.load(str(trained_workdir / "text_tokenizer" / "text.model"))
+    assert text.vocab_size <= vocab.text_size
+    records = open_token_shards(str(trained_workdir / "tokens"), "validation")
+    raw = open_raw_source(tiny_config.raw_data, "validation", str(trained_workdir / "data"))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    params, _ = restore_vqgan_params(tiny_config, str(trained_workdir / "vqgan"), mesh)
+    model = VQGAN(VQGANConfig.from_config(tiny_config.vqgan, codebook_size=vocab.image_codebook_size))
+    for i in (0, 57, 199):
+        document, meta = decode_document_record(records[i])
+        validate_document(document, vocab)  # ids inside their modality's range
+        example = next(read_examples(raw, 32, SkipCounts(), [meta["index"]]))
+        assert text.decode(vocab.text_pieces(document[0].tokens)) == example.caption
+        codes = vocab.image_codes(document[1].tokens).reshape(1, 4, 4)
+        image = jnp.asarray(example.image[None].astype(np.float32) / 127.5 - 1.0)
+        reconstruction = model.apply({"params": params}, image)[0]
+        np.testing.assert_allclose(model.apply({"params": params}, codes, method=model.decode), reconstruction,
+                                   atol=1e-4)  # decode(shard codes) is the VQ-GAN's reconstruction of the image

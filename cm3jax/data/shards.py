@@ -13,6 +13,10 @@ import grain
 _WRITER_OPTIONS = "group_size:1"
 
 
+def shard_path(directory: str, split: str, shard: int, num_shards: int) -> str:
+    return os.path.join(directory, f"{split}-{shard:05d}-of-{num_shards:05d}.array_record")
+
+
 def shard_paths(directory: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, f"{split}-*-of-*.array_record")))
 
@@ -23,7 +27,7 @@ def write_token_shards(records: Iterable[bytes], directory: str, split: str, num
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, f"{split}-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
+    paths = [shard_path(directory, split, i, num_shards) for i in range(num_shards)]
     writers = [array_record_module.ArrayRecordWriter(f"{p}.tmp", _WRITER_OPTIONS) for p in paths]
     try:
         for i, record in enumerate(records):
@@ -34,6 +38,22 @@ def write_token_shards(records: Iterable[bytes], directory: str, split: str, num
     for path in paths:
         os.replace(f"{path}.tmp", path)
     return paths
+
+
+def write_token_shard(records: Iterable[bytes], directory: str, split: str, shard: int, num_shards: int) -> int:
+    """Writes one shard (temporary name, renamed when closed); returns the number of records."""
+    os.makedirs(directory, exist_ok=True)
+    path = shard_path(directory, split, shard, num_shards)
+    writer = array_record_module.ArrayRecordWriter(f"{path}.tmp", _WRITER_OPTIONS)
+    count = 0
+    try:
+        for record in records:
+            writer.write(record)
+            count += 1
+    finally:
+        writer.close()
+    os.replace(f"{path}.tmp", path)
+    return count
 
 
 def open_token_shards(directory: str, split: str) -> grain.sources.ArrayRecordDataSource:

@@ -43,12 +43,10 @@ class TextTokenizer:
         if not sentences:
             raise ValueError("no non-empty text to train the text tokenizer on")
         model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, hard_vocab_limit=False, character_coverage=1.0, split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, input_sentence_size=max_sentences,
-            shuffle_input_sentence=True, seed_sentencepiece_size=seed_sentencepiece_size, minloglevel=2)
+        try:
+            _train_sentencepiece(sentences, model, vocab_size, model_type, max_sentences, seed_sentencepiece_size)
+        except RuntimeError as e:
+            raise ValueError(f"SentencePiece training failed with vocab_size={vocab_size} (vocab.text_size): {e}") from e
         tokenizer = cls(model.getvalue())
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(f"SentencePiece produced {tokenizer.vocab_size} pieces, more than {vocab_size}")
@@ -63,3 +61,13 @@ class TextTokenizer:
 
     def decode(self, pieces: np.ndarray) -> str:
         return self._processor.decode([int(p) for p in pieces])
+
+
+def _train_sentencepiece(sentences: list[str], model: io.BytesIO, vocab_size: int, model_type: str,
+                         max_sentences: int, seed_sentencepiece_size: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, hard_vocab_limit=False, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, input_sentence_size=max_sentences,
+        shuffle_input_sentence=True, seed_sentencepiece_size=seed_sentencepiece_size, minloglevel=2)

@@ -179,12 +179,10 @@ def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callabl
     return save
 
 
-def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, eval_data,
-                     sample_images: Callable[[], np.ndarray] | None = None) -> TrainTask:
+def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax.GradientTransformation]:
+    """(init_state(rng) -> TrainState of {"vqgan", "discriminator"} params, their optimizer)."""
     v = config.vqgan
     model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
-    options = VQGANLossOptions.from_config(v)
-    lpips_model, lpips_params = load_lpips(v.lpips_net)  # a held-out metric even when its loss weight is 0
     schedule = (optax.warmup_constant_schedule(0.0, float(v.learning_rate), int(v.warmup_steps)) if v.warmup_steps
                 else optax.constant_schedule(float(v.learning_rate)))
     optimizer = optax.chain(optax.clip_by_global_norm(float(v.clip_norm)) if v.clip_norm else optax.identity(),
@@ -198,11 +196,21 @@ def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, 
                   "discriminator": discriminator.init(disc_rng, images)["params"]}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
+    return init_state, optimizer
+
+
+def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, eval_data,
+                     sample_images: Callable[[], np.ndarray] | None = None) -> TrainTask:
+    v = config.vqgan
+    model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
+    options = VQGANLossOptions.from_config(v)
+    lpips_model, lpips_params = load_lpips(v.lpips_net)  # a held-out metric even when its loss weight is 0
+    init_state, optimizer = vqgan_state_init(config)
     train_step, eval_step = make_vqgan_steps(model_config, options, lpips_model, optimizer)
     return TrainTask(name="vqgan", init_state=init_state, train_step=train_step, train_data=train_data,
                      global_batch_size=int(config.train.global_batch_size), eval_step=eval_step, eval_data=eval_data,
                      summarize_eval=summarize_vqgan_eval, frozen=lpips_params,
-                     after_eval=grid_saver(model, sample_images) if sample_images else None)
+                     after_eval=grid_saver(VQGAN(model_config), sample_images) if sample_images else None)
 
 
 def vqgan_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,0 +1,128 @@
+"""`cm3jax tokenize`: raw image-caption pairs -> token shards the data pipeline reads.
+
+Text goes through the SentencePiece tokenizer (trained on the train captions first when DIR/text_tokenizer has none),
+images through the trained VQ-GAN (DIR/vqgan, latest checkpoint) in jitted batches split over this process's devices.
+Each document is `[caption, image codes]` in the unified vocabulary, one ArrayRecord record each. Shard k of a split
+holds raw examples [k * shard_size, (k + 1) * shard_size); process p writes the shards k = p mod P, and a shard that is
+already written is kept, so an interrupted job resumes where it stopped. Bad images and empty captions are skipped and
+counted; `manifest.json` records the counts, the vocabulary and the code grid.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.documents import encode_document_record, image_segment, text_segment
+from cm3jax.data.shards import shard_path, write_token_shard
+from cm3jax.data.sources import SkipCounts, normalize_caption, open_raw_source, read_examples
+from cm3jax.stages import atomic_write_text
+from cm3jax.tokenizers.text import TextTokenizer
+from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
+
+TEXT_TOKENIZER_FILE = "text.model"
+
+
+def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_dir: str,
+                                 raw_data_dir: str) -> TextTokenizer:
+    path = os.path.join(tokenizer_dir, TEXT_TOKENIZER_FILE)
+    if os.path.exists(path):
+        return TextTokenizer.load(path)
+    source = open_raw_source(config.raw_data, "train", raw_data_dir)
+    captions = [source.raw(i)[1] for i in range(len(source))]
+    tokenizer = TextTokenizer.train((normalize_caption(c) for c in captions), vocab_size=int(config.vocab.text_size),
+                                    model_type=str(config.tokenize.text_model_type))
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        tokenizer.save(path)
+    return tokenizer
+
+
+def restore_vqgan_params(config: ml_collections.ConfigDict, vqgan_dir: str, mesh: Mesh):
+    """The VQ-GAN parameters of the latest checkpoint under vqgan_dir."""
+    from cm3jax.parallel.sharding import logical_axis_rules
+    from cm3jax.train import loop
+    from cm3jax.train.checkpoint import Checkpointer
+    from cm3jax.train.vqgan import vqgan_state_init, vqgan_stage_config
+
+    stage = vqgan_stage_config(config)
+    init_state, _ = vqgan_state_init(stage)
+    abstract, shardings = loop.abstract_state_and_shardings(init_state, mesh, logical_axis_rules(stage))
+    checkpointer = Checkpointer(os.path.join(vqgan_dir, "checkpoints"), keep=1)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no VQ-GAN checkpoint under {vqgan_dir}/checkpoints: run `cm3jax vqgan` first")
+    state, _ = checkpointer.restore(step, abstract, shardings)
+    checkpointer.close()
+    return state.params["vqgan"], step
+
+
+def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Writes DIR/tokens/{split}-*.array_record for the train and validation splits; returns the manifest."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.asarray(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    raw_data_dir = os.path.join(workdir, "data")
+    text = load_or_train_text_tokenizer(config, os.path.join(workdir, "text_tokenizer"), raw_data_dir)
+    params, vqgan_step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
+    model_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
+    model = VQGAN(model_config)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode), in_shardings=(None, batch_sharding))
+    batch_size = int(config.tokenize.batch_size)
+    if batch_size % len(devices):
+        raise ValueError(f"tokenize.batch_size={batch_size} must be a multiple of the {len(devices)} local devices")
+
+    out_dir = os.path.join(workdir, "tokens")
+    manifest = {"vocab": config.vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": vqgan_step,
+                "code_grid": model_config.grid_size, "image_size": model_config.image_size, "splits": {}}
+    for split in config.tokenize.splits:
+        source = open_raw_source(config.raw_data, split, raw_data_dir)
+        shard_size = int(config.tokenize.shard_size)
+        num_shards = max(1, math.ceil(len(source) / shard_size))
+        counts, documents = SkipCounts(), 0
+        for shard in range(jax.process_index(), num_shards, jax.process_count()):
+            if os.path.exists(shard_path(out_dir, split, shard, num_shards)):
+                logging.info("tokenize: %s shard %d exists, kept", split, shard)
+                continue
+            indices = range(shard * shard_size, min((shard + 1) * shard_size, len(source)))
+            records = _encode_examples(read_examples(source, model_config.image_size, counts, indices), text, vocab,
+                                       lambda x: np.asarray(jax.device_get(encode(params, x))), batch_size)
+            documents += write_token_shard(records, out_dir, split, shard, num_shards)
+            print(f"tokenize: {split} shard {shard + 1}/{num_shards} written", flush=True)
+        counts.log(f"tokenize {split}")
+        manifest["splits"][split] = {"raw_examples": len(source), "documents_written_now": documents,
+                                     "skipped": dict(counts), "shards": num_shards}
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVocab, encode_images, batch_size: int):
+    """Yields document records; images are encoded batch_size at a time (the last batch padded)."""
+    pending = []
+
+    def flush():
+        images = np.stack([e.image for e in pending]).astype(np.float32) / 127.5 - 1.0
+        padded = np.concatenate([images, np.zeros((batch_size - len(pending),) + images.shape[1:], np.float32)])
+        codes = encode_images(jnp.asarray(padded))[:len(pending)]
+        for example, grid in zip(pending, codes):
+            document = [text_segment(vocab.text_ids(text.encode(example.caption))),
+                        image_segment(vocab.image_ids(grid.reshape(-1)))]
+            yield encode_document_record(document, example.meta)
+
+    for example in examples:
+        pending.append(example)
+        if len(pending) == batch_size:
+            yield from flush()
+            pending = []
+    if pending:
+        yield from flush()
