@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/vqgan.py
 
 clean:
 	rm -rf $(VENV) workdir

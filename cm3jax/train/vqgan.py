@@ -71,9 +71,13 @@ def psnr(reconstructions: jax.Array, images: jax.Array) -> jax.Array:
 def code_statistics(codes: jax.Array, codebook_size: int, weights: jax.Array) -> dict[str, jax.Array]:
     """Share of the codebook used and code perplexity exp(H) over the (valid) images' codes."""
     counts = jnp.zeros(codebook_size).at[codes.reshape(codes.shape[0], -1)].add(weights[:, None])
+    return {"codebook_usage": jnp.mean(counts > 0), "code_perplexity": _perplexity(counts), "code_counts": counts}
+
+
+def _perplexity(counts: jax.Array) -> jax.Array:
+    """exp(entropy) of the code frequencies."""
     freq = counts / jnp.maximum(counts.sum(), 1.0)
-    entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
-    return {"codebook_usage": jnp.mean(counts > 0), "code_perplexity": jnp.exp(entropy), "code_counts": counts}
+    return jnp.exp(-jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0)))
 
 
 def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -149,10 +153,8 @@ def summarize_vqgan_eval(sums: dict) -> dict:
     """Held-out PSNR, LPIPS, codebook usage and code perplexity from summed eval batches."""
     images = jnp.maximum(sums["images"], 1.0)
     counts = sums["code_counts"]
-    freq = counts / jnp.maximum(counts.sum(), 1.0)
-    entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
     return {"psnr": sums["psnr_sum"] / images, "lpips": sums["lpips_sum"] / images,
-            "codebook_usage": jnp.mean(counts > 0), "code_perplexity": jnp.exp(entropy)}
+            "codebook_usage": jnp.mean(counts > 0), "code_perplexity": _perplexity(counts)}
 
 
 def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
