@@ -14,6 +14,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("token_shards", "synthetic")
 PACKINGS = ("first_fit", "pad")
 MIN_TEXT_VOCAB = 320
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+LPIPS_NETS = ("vgg16", "alexnet")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
@@ -136,7 +138,7 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
     _require(v.image_size % factor == 0, "vqgan.channel_multipliers",
              f"{len(v.channel_multipliers)} resolutions downsample by {factor}, which does not divide "
              f"vqgan.image_size={v.image_size}")
-    _require(v.reconstruction_loss in ("l1", "l2"), "vqgan.reconstruction_loss",
-             f"{v.reconstruction_loss!r} not in ('l1', 'l2')")
-    _require(v.lpips_net in ("vgg16", "alexnet"), "vqgan.lpips_net", f"{v.lpips_net!r} not in ('vgg16', 'alexnet')")
+    _require(v.reconstruction_loss in RECONSTRUCTION_LOSSES, "vqgan.reconstruction_loss",
+             f"{v.reconstruction_loss!r} not in {RECONSTRUCTION_LOSSES}")
+    _require(v.lpips_net in LPIPS_NETS, "vqgan.lpips_net", f"{v.lpips_net!r} not in {LPIPS_NETS}")
     _require(v.code_dim >= 1 and v.channels >= 4, "vqgan.code_dim", "code_dim must be >= 1 and channels >= 4")

@@ -24,6 +24,7 @@ import numpy as np
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
 from cm3jax.data.augment import NoRetrieval, RetrievalAugmenter
+from cm3jax.data.batches import CountingBatches
 from cm3jax.data.documents import decode_document_record, fit_to_budget, rotate_caption_image
 from cm3jax.data.shards import open_token_shards
 from cm3jax.data.synthetic import SyntheticDocumentSource
@@ -190,7 +191,7 @@ def local_streams(rows: tuple[int, int], options: PipelineOptions) -> range:
     return range(start // per, stop // per)
 
 
-class DocumentBatches:
+class DocumentBatches(CountingBatches):
     """This process's rows of every global batch, as numpy arrays under BATCH_KEYS; checkpointable.
 
     `counters` holds this process's running totals of text tokens cut and segments dropped to fit seq_len."""
@@ -203,21 +204,4 @@ class DocumentBatches:
         if options.num_workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.num_workers,
                                                              per_worker_buffer_size=options.worker_buffer_size))
-        self._iterator = iter(ds)
-        self.counters = dict.fromkeys(COUNTER_KEYS, 0)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        for key in COUNTER_KEYS:
-            self.counters[key] += int(np.sum(batch.pop(key)))
-        return batch
-
-    def get_state(self) -> dict:
-        return {"iterator": self._iterator.get_state(), "counters": dict(self.counters)}
-
-    def set_state(self, state: dict) -> None:
-        self._iterator.set_state(state["iterator"])
-        self.counters = {key: int(state["counters"].get(key, 0)) for key in COUNTER_KEYS}
+        super().__init__(ds, COUNTER_KEYS)

@@ -85,6 +85,11 @@ def load_image(value: Any) -> PIL.Image.Image:
     return image
 
 
+def decode_image(value: Any, size: int) -> np.ndarray:
+    """Bytes / path / array -> uint8 [size, size, 3] RGB (raises on unreadable data)."""
+    return resize_center_crop(to_rgb(load_image(value)), size)
+
+
 def normalize_caption(value: Any) -> str:
     """str / bytes / a list of them (the first non-empty one) -> stripped text ('' when there is none)."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -110,7 +115,7 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
             counts["empty_caption"] += 1
             continue
         try:
-            image = resize_center_crop(to_rgb(load_image(image_value)), image_size)
+            image = decode_image(image_value, image_size)
         except FileNotFoundError:
             counts["missing_image_file"] += 1
             continue

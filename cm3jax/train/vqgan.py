@@ -32,7 +32,6 @@ from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 
 @dataclasses.dataclass(frozen=True)
