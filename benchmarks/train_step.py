@@ -3,10 +3,12 @@
 Both run the same architecture (pre-LN, no biases, no LayerNorm parameters, ReLU FFN 4d, learned positions,
 untied LM head), batch, sequence length, dtype (float32 on CPU) and thread count, with AdamW and clipping at 1.0.
 MFU = model FLOPs per step (cm3jax.models.transformer.flops_per_token, PaLM formula) / step time / peak, where the
-peak is the best dense float32 matmul throughput measured in this run (jax and torch, the larger).
+peak is the best dense matmul throughput in the compute dtype measured in this run (jax and torch, the larger). On a
+GPU torch runs the same step under bfloat16 autocast with SDPA attention.
 
     python benchmarks/train_step.py                       # CPU: d=512, 8 layers, seq 512, batch 8
     python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8   # an accelerator, paper shape
+    python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8 --remat=none --attention=cudnn
 
 Prints a table, then one JSON line.
 """
@@ -32,7 +34,9 @@ def parse_args():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: the recipe's with --config, else 8192)")
+    p.add_argument("--remat", default="", help="override model.remat_policy (none | full | dots | dots_no_batch)")
+    p.add_argument("--attention", default="", help="override model.attention (xla | cudnn | splash)")
     p.add_argument("--steps", type=int, default=10, help="timed steps of each implementation, interleaved")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip_torch", action="store_true")
@@ -41,6 +45,7 @@ def parse_args():
 
 def load_model_config(args):
     from cm3jax.config import base_config
+    from cm3jax.vocab import UnifiedVocab
 
     if args.config:
         spec = importlib.util.spec_from_file_location("recipe", args.config)
@@ -49,10 +54,16 @@ def load_model_config(args):
         config = module.get_config()
         args.d_model, args.layers, args.heads = config.model.d_model, config.model.num_layers, config.model.num_heads
         args.seq = config.train.seq_len
+        args.vocab = args.vocab or UnifiedVocab.from_config(config.vocab).size
     else:
         config = base_config()
-    config.model.update(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, max_seq_len=args.seq,
-                        remat_policy="none" if not args.config else config.model.remat_policy)
+        config.model.remat_policy = "none"
+        args.vocab = args.vocab or 8192
+    config.model.update(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, max_seq_len=args.seq)
+    if args.remat:
+        config.model.remat_policy = args.remat
+    if args.attention:
+        config.model.attention = args.attention
     config.train.update(global_batch_size=args.batch, seq_len=args.seq, steps=1000)
     return config
 
@@ -77,21 +88,29 @@ def time_interleaved(fns: dict, steps: int) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def jax_matmul_peak(n: int = 2048) -> float:
+def jax_matmul_peak(n: int, dtype) -> float:
     import jax
-    import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
     return 2 * n ** 3 / time_calls(lambda: matmul(a, b).block_until_ready(), 10)
 
 
-def torch_matmul_peak(n: int = 2048) -> float:
+def torch_matmul_peak(n: int, device: str) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / time_calls(lambda: a @ b, 10)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / time_calls(lambda: torch_sync(a @ b, device), 10)
+
+
+def torch_sync(result, device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return result
 
 
 def cm3jax_step(config, args, vocab_size: int):
@@ -131,8 +150,8 @@ def cm3jax_step(config, args, vocab_size: int):
     return run
 
 
-def torch_step(args, vocab_size: int):
-    """A closure that runs one PyTorch + HF OPTForCausalLM train step (AdamW, clipping)."""
+def torch_step(args, vocab_size: int, device: str):
+    """A closure that runs one PyTorch + HF OPTForCausalLM train step (AdamW, clipping); bfloat16 autocast on cuda."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -143,19 +162,22 @@ def torch_step(args, vocab_size: int):
         enable_bias=False, layer_norm_elementwise_affine=False, do_layer_norm_before=True,
         activation_function="relu", dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False,
     )
-    model = OPTForCausalLM(config)
+    model = OPTForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1)
-    inputs = torch.randint(0, vocab_size, (args.batch, args.seq))
-    labels = torch.randint(0, vocab_size, (args.batch, args.seq))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1,
+                                  fused=device == "cuda")
+    inputs = torch.randint(0, vocab_size, (args.batch, args.seq), device=device)
+    labels = torch.randint(0, vocab_size, (args.batch, args.seq), device=device)
 
     def run():
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab_size), labels.view(-1))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab_size).float(), labels.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        torch_sync(None, device)
 
     return run
 
@@ -174,22 +196,25 @@ def main():
     rows, figures = [], {"device": device.device_kind, "platform": device.platform, "cpu": platform.processor()
                          or platform.machine(), "threads": args.threads, "d_model": args.d_model,
                          "layers": args.layers, "seq": args.seq, "batch": args.batch, "vocab": vocab_size,
-                         "dtype": str(decoder_config.compute_dtype), "flops_per_step": flops_per_step}
+                         "dtype": str(decoder_config.compute_dtype), "attention": decoder_config.attention,
+                         "remat": decoder_config.remat_policy, "flops_per_step": flops_per_step}
 
-    peaks = {"jax_matmul_peak_tflops": jax_matmul_peak() / 1e12}
-    use_torch = not args.skip_torch and device.platform == "cpu" and importlib.util.find_spec("transformers")
+    matmul_size = 2048 if device.platform == "cpu" else 8192
+    peaks = {"jax_matmul_peak_tflops": jax_matmul_peak(matmul_size, decoder_config.compute_dtype) / 1e12}
+    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(device.platform)
+    use_torch = not args.skip_torch and torch_device and importlib.util.find_spec("transformers")
     if use_torch:
         import torch
 
         torch.set_num_threads(args.threads)
-        peaks["torch_matmul_peak_tflops"] = torch_matmul_peak() / 1e12
+        peaks["torch_matmul_peak_tflops"] = torch_matmul_peak(matmul_size, torch_device) / 1e12
     peak = max(peaks.values()) * 1e12
     figures.update(peaks)
 
     steps = {"cm3jax": cm3jax_step(config, args, vocab_size)}
     if use_torch:
-        steps["torch"] = torch_step(args, vocab_size)
-    elif device.platform == "cpu" and not args.skip_torch:
+        steps["torch"] = torch_step(args, vocab_size, torch_device)
+    elif torch_device and not args.skip_torch:
         print("torch/transformers not installed: pip install -e '.[bench]' for the side-by-side comparison")
     seconds = time_interleaved(steps, args.steps)
     tokens = args.batch * args.seq
