@@ -49,6 +49,7 @@ def write_shards(config, directory: str, num_records: int) -> None:
     config.data.synthetic_records = num_records
     source = open_document_source(config.data, vocab, config.data.train_split)
     write_token_shards((source[i] for i in range(num_records)), directory, "train", num_shards=8)
+    vocab.save(directory)
 
 
 def time_pipeline(config, token_dir: str, workers: int, batches: int) -> dict:

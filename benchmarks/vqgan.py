@@ -85,7 +85,7 @@ def held_out_quality(workdir: str) -> dict | None:
     source = open_raw_source(config.raw_data, "validation", os.path.join(workdir, "data"))
     images = np.stack([e.image for e in read_examples(source, config.vqgan.image_size, SkipCounts())])
     images = jnp.asarray(images.astype(np.float32) / 127.5 - 1.0)
-    reconstructions, codes, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+    reconstructions, codes, _, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
     perceptual = jax.jit(lambda p, a, b: lpips_model.apply({"params": p}, a, b))(
         lpips_params, jnp.clip(reconstructions, -1, 1), images)
     stats = code_statistics(codes, model.config.codebook_size, jnp.ones(images.shape[0]))

@@ -138,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
             b2=0.9,  # taming's Adam betas for VQ-GAN training
             weight_decay=0.0,
             clip_norm=0.0,  # 0: no clipping (taming)
+            dead_code_threshold=0.03,  # restart codes used below 3% of a uniform share (0: never restart)
+            code_usage_decay=0.99,  # EMA decay of each code's usage; a restarted code gets ~log(t)/log(decay) steps
             num_workers=0,
             # Loop settings of the `vqgan` stage (they replace the train section while it runs).
             train=ml_collections.ConfigDict(dict(

@@ -142,3 +142,7 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
              f"{v.reconstruction_loss!r} not in {RECONSTRUCTION_LOSSES}")
     _require(v.lpips_net in LPIPS_NETS, "vqgan.lpips_net", f"{v.lpips_net!r} not in {LPIPS_NETS}")
     _require(v.code_dim >= 1 and v.channels >= 4, "vqgan.code_dim", "code_dim must be >= 1 and channels >= 4")
+    _require(0 <= v.dead_code_threshold < 1, "vqgan.dead_code_threshold",
+             f"must be in [0, 1) (a share of uniform code use; 0 disables restarts), got {v.dead_code_threshold}")
+    _require(0 <= v.code_usage_decay < 1, "vqgan.code_usage_decay",
+             f"must be in [0, 1), got {v.code_usage_decay}")

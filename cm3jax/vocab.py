@@ -10,10 +10,15 @@ Layout (contiguous ranges):
     [image_offset, size)            image codes (VQ-GAN codebook indices, shifted)
 The model's embedding table is `padded_size` rows (a multiple of 128, so the vocabulary axis shards and tiles well);
 the rows past `size` are never produced by the data and are masked out when decoding.
+
+The layout is saved as `vocab.json` next to the token shards (by `cm3jax tokenize`) and with each trained model; every
+stage that reads ids checks the saved layout against its config's `vocab` section before it starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 
@@ -21,6 +26,12 @@ PAD, EOS, BREAK, EOSS = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>")
 
 MODALITY_SPECIAL, MODALITY_TEXT, MODALITY_IMAGE = 0, 1, 2
+VOCAB_FILE = "vocab.json"
+_SIZE_FIELDS = ("text_size", "image_codebook_size", "num_masks", "pad_to_multiple")
+
+
+class VocabMismatchError(ValueError):
+    """Saved token ids were laid out with another vocabulary than the config's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +44,7 @@ class UnifiedVocab:
     pad_to_multiple: int = 128
 
     def __post_init__(self):
-        for name in ("text_size", "image_codebook_size", "num_masks", "pad_to_multiple"):
+        for name in _SIZE_FIELDS:
             if getattr(self, name) < 1:
                 raise ValueError(f"vocab.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -45,6 +56,37 @@ class UnifiedVocab:
             num_masks=int(vocab_config.num_masks),
             pad_to_multiple=int(vocab_config.pad_to_multiple),
         )
+
+    def to_dict(self) -> dict:
+        """The sizes, plus the derived ranges for a reader of the file."""
+        return {**{name: getattr(self, name) for name in _SIZE_FIELDS}, "special_tokens": list(SPECIAL_TOKENS),
+                "text_offset": self.text_offset, "image_offset": self.image_offset, "size": self.size,
+                "padded_size": self.padded_size}
+
+    def save(self, folder: str) -> str:
+        """Writes folder/vocab.json (whole or not at all); returns its path."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, VOCAB_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str) -> "UnifiedVocab":
+        path = os.path.join(folder, VOCAB_FILE)
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return cls(**{name: int(saved[name]) for name in _SIZE_FIELDS})
+
+    def require_same(self, saved: "UnifiedVocab", where: str) -> None:
+        """Raises VocabMismatchError naming every vocab.* field where this (configured) layout differs from saved."""
+        diffs = [f"vocab.{name}={getattr(self, name)} but {getattr(saved, name)} there" for name in _SIZE_FIELDS
+                 if getattr(self, name) != getattr(saved, name)]
+        if diffs:
+            raise VocabMismatchError(f"the config's vocabulary differs from the one saved in {where}: "
+                                     f"{'; '.join(diffs)}. Set the config to the saved layout, or re-tokenize.")
 
     @property
     def mask_offset(self) -> int:
@@ -112,6 +154,23 @@ class UnifiedVocab:
         is_text = (ids >= self.text_offset) & (ids < self.image_offset)
         is_image = (ids >= self.image_offset) & (ids < self.size)
         return xp.where(is_image, MODALITY_IMAGE, xp.where(is_text, MODALITY_TEXT, MODALITY_SPECIAL)).astype(xp.int32)
+
+
+def require_saved_vocab(configured: UnifiedVocab, folder: str) -> None:
+    """Checks folder/vocab.json against the configured layout; a folder without one is an error."""
+    if not os.path.exists(os.path.join(folder, VOCAB_FILE)):
+        raise FileNotFoundError(f"{folder} has no {VOCAB_FILE}: token shards are written by `cm3jax tokenize`, "
+                                f"which saves the vocabulary layout with them")
+    configured.require_same(UnifiedVocab.load(folder), os.path.join(folder, VOCAB_FILE))
+
+
+def check_or_save_vocab(vocab: UnifiedVocab, folder: str, write: bool) -> None:
+    """A folder that already holds a layout (a resumed run) must match `vocab`; otherwise it is saved there (by the
+    one process with `write`)."""
+    if os.path.exists(os.path.join(folder, VOCAB_FILE)):
+        require_saved_vocab(vocab, folder)
+    elif write:
+        vocab.save(folder)
 
 
 def _jnp():

@@ -1,7 +1,8 @@
-"""Two processes on localhost (2 CPU devices each, gloo collectives) train, checkpoint, restore, and match one
-process with 4 devices (both read two data streams, so they see the same global batches)."""
+"""Two processes on localhost (gloo collectives) against one process with as many devices: LM training (train,
+checkpoint, restore; both read two data streams, so they see the same global batches) and the tokenize job."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,11 +28,16 @@ def _free_port() -> int:
 
 
 def _launch(workdir, steps, num_processes, devices_per_process):
+    return _launch_command(["train", f"--config.train.steps={steps}", "--config.data.num_streams=2"], workdir,
+                           num_processes, devices_per_process)
+
+
+def _launch_command(command_and_flags, workdir, num_processes, devices_per_process):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    args = [sys.executable, "-m", "cm3jax", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-            f"--config.train.steps={steps}", "--config.data.num_streams=2"]
+    args = [sys.executable, "-m", "cm3jax", command_and_flags[0], "--config=configs/tiny.py", f"--workdir={workdir}",
+            *command_and_flags[1:]]
     if num_processes > 1:
         args += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                  f"--config.distributed.num_processes={num_processes}"]
@@ -74,3 +80,30 @@ def test_two_processes_match_one_process(tmp_path, tiny_config):
         np.testing.assert_allclose(multi_losses[step], single_losses[step], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
                  _final_params(tiny_config, multi, 5, 2), _final_params(tiny_config, single, 5, 1))
+
+
+def test_two_processes_tokenize_like_one(tmp_path, tiny_config):
+    """Each process encodes its own shards; together they write what one process writes, and the manifest sums
+    both processes' counts. The text tokenizer is trained by process 0 while process 1 waits for it."""
+    from cm3jax.data.embedded import build_embedded
+    from cm3jax.data.shards import open_token_shards
+    from cm3jax.train.vqgan import train_vqgan
+
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    build_embedded("digits", str(multi / "data"))
+    tiny_config.vqgan.train.steps = 1
+    train_vqgan(tiny_config, str(multi / "vqgan"), str(multi / "data"), jax.devices()[:1])
+    shutil.copytree(multi, single)
+    flags = ["tokenize", "--config.tokenize.splits=('validation',)", "--config.tokenize.shard_size=50",
+             "--config.tokenize.batch_size=8"]
+    _launch_command(flags, str(multi), num_processes=2, devices_per_process=1)
+    shutil.copytree(multi / "text_tokenizer", single / "text_tokenizer")
+    _launch_command(flags, str(single), num_processes=1, devices_per_process=2)
+
+    manifests = [json.load(open(d / "tokens" / "manifest.json")) for d in (multi, single)]
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["splits"]["validation"] == {"raw_examples": 200, "documents_written_now": 200,
+                                                    "skipped": {}, "shards": 4}
+    multi_records, single_records = (open_token_shards(str(d / "tokens"), "validation") for d in (multi, single))
+    assert len(multi_records) == len(single_records) == 200
+    assert all(multi_records[i] == single_records[i] for i in range(200))

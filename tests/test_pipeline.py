@@ -140,14 +140,24 @@ def test_a_changed_process_count_is_a_clear_error():
 
 
 def test_lm_trains_on_token_shards(tiny_config, tmp_path):
-    synthetic = SyntheticDocumentSource(vocab_lib.UnifiedVocab.from_config(tiny_config.vocab), num_records=40,
-                                        text_len=6, image_tokens=8, text_pieces=40)
-    paths = write_token_shards((synthetic[i] for i in range(40)), str(tmp_path / "tokens"), "train", num_shards=3)
-    write_token_shards((synthetic[i] for i in range(8)), str(tmp_path / "tokens"), "validation", num_shards=1)
-    assert len(paths) == 3 and len(open_token_shards(str(tmp_path / "tokens"), "train")) == 40
-    tiny_config.data.update(source="token_shards", token_dir=str(tmp_path / "tokens"))
+    vocab = vocab_lib.UnifiedVocab.from_config(tiny_config.vocab)
+    synthetic = SyntheticDocumentSource(vocab, num_records=40, text_len=6, image_tokens=8, text_pieces=40)
+    tokens = str(tmp_path / "tokens")
+    paths = write_token_shards((synthetic[i] for i in range(40)), tokens, "train", num_shards=3)
+    write_token_shards((synthetic[i] for i in range(8)), tokens, "validation", num_shards=1)
+    assert len(paths) == 3 and len(open_token_shards(tokens, "train")) == 40
+    tiny_config.data.update(source="token_shards", token_dir=tokens)
+    with pytest.raises(FileNotFoundError, match="no vocab.json"):
+        open_document_source(tiny_config.data, vocab, "train")
+    vocab.save(tokens)
     tiny_config.train.update(steps=2, eval_every=2)
     result = train_language_model(tiny_config, str(tmp_path / "lm"), jax.devices()[:1])
     assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
+    assert vocab_lib.UnifiedVocab.load(str(tmp_path / "lm")) == vocab  # saved with the run
     with pytest.raises(FileNotFoundError, match="cm3jax tokenize"):
-        open_document_source(tiny_config.data, VOCAB, "test")
+        open_document_source(tiny_config.data, vocab, "test")
+    with pytest.raises(vocab_lib.VocabMismatchError, match=r"vocab.text_size=96 but \d+ there"):
+        open_document_source(tiny_config.data, VOCAB, "train")
+    tiny_config.vocab.num_masks += 1  # a resumed run with another layout stops before it loads anything
+    with pytest.raises(vocab_lib.VocabMismatchError, match="vocab.num_masks"):
+        train_language_model(tiny_config, str(tmp_path / "lm"), jax.devices()[:1])

@@ -14,7 +14,8 @@ from array_record.python import array_record_module
 from cm3jax.config import base_config
 from cm3jax.data.embedded import build_embedded, digits, shapes
 from cm3jax.data.sources import (ArrayRecordExampleSource, ImageFolderSource, SkipCounts, TfdsSource,
-                                 load_image, open_raw_source, read_examples, resize_center_crop, to_rgb)
+                                 load_image, open_raw_source, read_captions, read_examples, resize_center_crop,
+                                 to_rgb)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,6 +140,22 @@ def test_image_folder_skips_and_counts_bad_input(tmp_path):
     assert all(e.image.shape == (16, 16, 3) for e in examples)
     assert abs(int(examples[0].image[8, 8, 1]) - 200) < 20  # the green survived decoding and resizing
     assert counts == {"unreadable_image": 2, "missing_image_file": 1, "empty_caption": 1}
+
+
+class _RecordsWithOneBroken:
+    def __len__(self):
+        return 4
+
+    def raw(self, index):
+        if index == 2:
+            raise ValueError("truncated record")
+        return b"not decoded", ["", "  a  red\tbox "] if index == 0 else ("" if index == 1 else "a cat"), {}
+
+
+def test_caption_reading_skips_broken_records_and_empty_captions():
+    counts = SkipCounts()
+    assert list(read_captions(_RecordsWithOneBroken(), counts)) == ["a red box", "a cat"]
+    assert counts == {"unreadable_record": 1, "empty_caption": 1}
 
 
 def test_array_record_of_tf_examples(tmp_path):

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,8 +12,7 @@ import pytest
 from cm3jax.data.embedded import build_embedded
 from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
 from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
-from cm3jax.train.state import TrainState
-from cm3jax.train.vqgan import VQGANLossOptions, load_lpips, make_vqgan_steps, train_vqgan
+from cm3jax.train.vqgan import VQGANTrainOptions, VQGANTrainState, load_lpips, make_vqgan_steps, train_vqgan
 
 SMALL = VQGANConfig(image_size=32, channels=16, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1,
                     attention_at_lowest=True, z_channels=32, codebook_size=32, code_dim=8)
@@ -42,9 +42,11 @@ def test_encode_decode_shapes_and_code_range():
     assert int(codes.min()) >= 0 and int(codes.max()) < SMALL.codebook_size
     decoded = model.apply({"params": params}, codes, method=model.decode)
     assert decoded.shape == (3, 32, 32, 3)
-    reconstructions, same_codes, _ = model.apply({"params": params}, images)
+    reconstructions, same_codes, _, latents = model.apply({"params": params}, images)
     np.testing.assert_array_equal(same_codes, codes)
     np.testing.assert_allclose(reconstructions, decoded, atol=1e-5)  # decode(codes) is the forward's output
+    np.testing.assert_allclose(jnp.linalg.norm(latents, axis=-1), 1.0, rtol=1e-5)  # l2-normalised, code_dim wide
+    assert latents.shape == (3, 4, 4, SMALL.code_dim)
 
 
 def test_straight_through_gradients_reach_the_encoder():
@@ -62,7 +64,7 @@ def test_straight_through_gradients_reach_the_encoder():
 
 def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     images = digit_images(digits_dir, 16)
-    options = VQGANLossOptions(reconstruction="l2", lpips_weight=0.0, gan_weight=0.0, disc_start=10**9)
+    options = VQGANTrainOptions(reconstruction="l2", lpips_weight=0.0, gan_weight=0.0, disc_start=10**9)
     optimizer = optax.adam(3e-3)
     lpips_model, lpips_params = load_lpips("alexnet")
     train_step, eval_step = make_vqgan_steps(SMALL, options, lpips_model, optimizer)
@@ -71,7 +73,8 @@ def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
 
     params = {"vqgan": model.init(jax.random.key(0), images)["params"],
               "discriminator": PatchDiscriminator(SMALL).init(jax.random.key(1), images)["params"]}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    state = VQGANTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                            code_usage=jnp.zeros(SMALL.codebook_size))
     batch = {"images": images, "valid": jnp.ones(16)}
     step = jax.jit(train_step)
     first = None
@@ -126,8 +129,13 @@ def test_tokenize_writes_documents_that_round_trip(tiny_config, trained_workdir)
     assert manifest["code_grid"] == 4 and json.load(open(trained_workdir / "tokens" / "manifest.json")) == manifest
     again = tokenize_dataset(tiny_config, str(trained_workdir), jax.devices()[:2])  # resumes: both shards kept
     assert again["splits"]["validation"]["documents_written_now"] == 0
-
     vocab = vocab_lib.UnifiedVocab.from_config(tiny_config.vocab)
+    assert vocab_lib.UnifiedVocab.load(str(trained_workdir / "tokens")) == vocab
+    changed = ml_collections.ConfigDict(tiny_config.to_dict())
+    changed.vocab.image_codebook_size *= 2
+    with pytest.raises(vocab_lib.VocabMismatchError, match="vocab.image_codebook_size"):
+        tokenize_dataset(changed, str(trained_workdir), jax.devices()[:2])  # would mix two id layouts
+
     text = TextTokenizer.load(str(trained_workdir / "text_tokenizer" / "text.model"))
     assert text.vocab_size <= vocab.text_size
     records = open_token_shards(str(trained_workdir / "tokens"), "validation")

@@ -71,6 +71,7 @@ def open_document_source(data_config, vocab: vocab_lib.UnifiedVocab, split: str)
             text_pieces=d.synthetic_text_pieces)
     if not d.token_dir:
         raise ValueError("data.token_dir is empty: set it to a folder of token shards")
+    vocab_lib.require_saved_vocab(vocab, d.token_dir)
     return open_token_shards(d.token_dir, split)
 
 

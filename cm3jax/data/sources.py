@@ -32,6 +32,10 @@ class ImageCaption:
     meta: dict[str, Any]
 
 
+# Why read_examples / read_captions skip a record (the keys of their SkipCounts).
+SKIP_REASONS = ("unreadable_record", "empty_caption", "missing_image_file", "unreadable_image")
+
+
 class SkipCounts(collections.Counter):
     """Examples skipped, by reason."""
 
@@ -124,6 +128,21 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
             logging.debug("record %d: image unreadable: %s", index, e)
             continue
         yield ImageCaption(image, caption, {"index": int(index), **meta})
+
+
+def read_captions(source: RawSource, counts: SkipCounts) -> Iterator[str]:
+    """The normalised, non-empty captions of `source` (images are not decoded); bad records are skipped and counted."""
+    for index in range(len(source)):
+        try:
+            caption = normalize_caption(source.raw(index)[1])
+        except Exception as e:  # noqa: BLE001 - a bad record is data, not a bug
+            counts["unreadable_record"] += 1
+            logging.debug("record %d unreadable: %s", index, e)
+            continue
+        if caption:
+            yield caption
+        else:
+            counts["empty_caption"] += 1
 
 
 # ---------------------------------------------------------------------------------------------------------- sources

