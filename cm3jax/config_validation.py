@@ -16,6 +16,7 @@ PACKINGS = ("first_fit", "pad")
 MIN_TEXT_VOCAB = 320
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg16", "alexnet")
+INDEX_KINDS = ("auto", "exact", "scann")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
@@ -129,6 +130,8 @@ def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) 
              f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
     _require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")
     validate_vqgan_config(config)
+    _require(config.retrieval.index_kind in INDEX_KINDS, "retrieval.index_kind",
+             f"{config.retrieval.index_kind!r} not in {INDEX_KINDS}")
 
 
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:

@@ -153,3 +153,36 @@ def test_tokenize_writes_documents_that_round_trip(tiny_config, trained_workdir)
         reconstruction = model.apply({"params": params}, image)[0]
         np.testing.assert_allclose(model.apply({"params": params}, codes, method=model.decode), reconstruction,
                                    atol=1e-4)  # decode(shard codes) is the VQ-GAN's reconstruction of the image
+
+
+def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_layer(digits_dir):
+    images = digit_images(digits_dir, 4)
+    options = VQGANTrainOptions(reconstruction="l1", lpips_weight=0.0, gan_weight=0.5, disc_start=0,
+                                adaptive_gan_weight=True, dead_code_threshold=0.0)
+    optimizer = optax.sgd(0.0)
+    lpips_model, lpips_params = load_lpips("alexnet")
+    train_step, _ = make_vqgan_steps(SMALL, options, lpips_model, optimizer)
+    from cm3jax.tokenizers.vqgan import PatchDiscriminator
+
+    model, discriminator = VQGAN(SMALL), PatchDiscriminator(SMALL)
+    params = {"vqgan": model.init(jax.random.key(0), images)["params"],
+              "discriminator": discriminator.init(jax.random.key(1), images)["params"]}
+    state = VQGANTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                            code_usage=jnp.ones(SMALL.codebook_size))
+    _, metrics = jax.jit(train_step)(state, {"images": images, "valid": jnp.ones(4)}, lpips_params)
+
+    def last_layer_grad(objective):
+        return jax.grad(objective)(params["vqgan"])["decoder"]["to_image"]["kernel"]
+
+    def reconstruction(p):
+        out = model.apply({"params": p}, images)
+        return jnp.mean(jnp.abs(out.reconstructions - images)) + out.quantizer_loss
+
+    def adversarial(p):
+        fake = model.apply({"params": p}, images).reconstructions
+        return -jnp.mean(discriminator.apply({"params": params["discriminator"]}, fake))
+
+    expected = 0.5 * jnp.linalg.norm(last_layer_grad(reconstruction)) / (
+        jnp.linalg.norm(last_layer_grad(adversarial)) + 1e-4)
+    np.testing.assert_allclose(float(metrics["gan_weight"]), float(expected), rtol=1e-4)
+    assert float(metrics["gan_weight"]) != 0.5  # not the fixed weight

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -102,15 +103,18 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
         shard_size = int(config.tokenize.shard_size)
         num_shards = max(1, math.ceil(len(source) / shard_size))
         counts, documents = SkipCounts(), 0
-        for shard in range(jax.process_index(), num_shards, jax.process_count()):
-            if os.path.exists(shard_path(out_dir, split, shard, num_shards)):
-                logging.info("tokenize: %s shard %d exists, kept", split, shard)
-                continue
+        todo = [shard for shard in range(jax.process_index(), num_shards, jax.process_count())
+                if not os.path.exists(shard_path(out_dir, split, shard, num_shards))]
+        logging.info("tokenize %s: %d shards here, %d already written", split, len(todo),
+                     len(range(jax.process_index(), num_shards, jax.process_count())) - len(todo))
+        progress = Progress(f"tokenize {split}", total=len(todo))
+        for shard in todo:
             indices = range(shard * shard_size, min((shard + 1) * shard_size, len(source)))
             records = _encode_examples(read_examples(source, model_config.image_size, counts, indices), text, vocab,
                                        lambda x: np.asarray(jax.device_get(encode(params, x))), batch_size)
-            documents += write_token_shard(records, out_dir, split, shard, num_shards)
-            print(f"tokenize: {split} shard {shard + 1}/{num_shards} written", flush=True)
+            written = write_token_shard(records, out_dir, split, shard, num_shards)
+            documents += written
+            progress.advance(f"shard {shard + 1}/{num_shards}: {written} documents")
         counts.log(f"tokenize {split}")
         skipped, documents = _sum_over_processes(counts, documents)
         manifest["splits"][split] = {"raw_examples": len(source), "documents_written_now": documents,
@@ -118,6 +122,20 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     if jax.process_index() == 0:
         atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
+
+
+class Progress:
+    """One console line per finished unit of work: done/total, rate, time left."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.start = what, total, 0, time.monotonic()
+
+    def advance(self, detail: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        print(f"{self.what}: {self.done}/{self.total} ({self.done / self.total:.0%}) {detail}; "
+              f"{elapsed:.0f}s elapsed, ~{left:.0f}s left", flush=True)
 
 
 def _sum_over_processes(counts: SkipCounts, documents: int) -> tuple[dict, int]:

@@ -49,6 +49,7 @@ class VQGANTrainOptions:
     gan_weight: float = 0.1
     disc_start: int = 2000  # steps before the discriminator and the adversarial term switch on
     codebook_weight: float = 1.0
+    adaptive_gan_weight: bool = False  # scale the GAN term by taming's gradient-norm ratio at the decoder's last layer
     dead_code_threshold: float = 0.03  # restart codes used below this share of uniform use; 0 disables restarts
     code_usage_decay: float = 0.99
     seed: int = 0  # draws the latents that restarted codes move to
@@ -56,7 +57,8 @@ class VQGANTrainOptions:
     @classmethod
     def from_config(cls, c, seed: int = 0) -> "VQGANTrainOptions":
         return cls(str(c.reconstruction_loss), float(c.lpips_weight), float(c.gan_weight), int(c.disc_start),
-                   float(c.codebook_weight), float(c.dead_code_threshold), float(c.code_usage_decay), seed)
+                   float(c.codebook_weight), bool(c.adaptive_gan_weight), float(c.dead_code_threshold),
+                   float(c.code_usage_decay), seed)
 
 
 def load_lpips(net: str = "vgg16") -> tuple[Any, Any]:
@@ -94,6 +96,16 @@ def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def adaptive_gan_weight(reconstruction_grads: Any, adversarial_grads: Any) -> jax.Array:
+    """taming's balance: |grad of the reconstruction terms| / |grad of the adversarial term| at the decoder's last
+    layer, clipped to [0, 1e4] and held constant (no gradient flows through it)."""
+    def last_layer(grads):
+        return grads["vqgan"]["decoder"]["to_image"]["kernel"]
+
+    ratio = jnp.linalg.norm(last_layer(reconstruction_grads)) / (jnp.linalg.norm(last_layer(adversarial_grads)) + 1e-4)
+    return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4))
+
+
 def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_model: Any,
                      optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
     model, discriminator = VQGAN(config), PatchDiscriminator(config)
@@ -111,19 +123,29 @@ def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_mode
         images, valid = batch["images"], batch["valid"]
         gan_on = (state.step >= options.disc_start).astype(jnp.float32)
 
-        def generator_loss(params):
+        def generator_objectives(params):
+            """((reconstruction + perceptual + codebook terms, adversarial term), aux)."""
             reconstructions, codes, vq_loss, latents, per_image, perceptual = reconstruction_terms(
                 params["vqgan"], images, lpips_params, options.lpips_weight > 0)
             nll = _masked_mean(per_image + options.lpips_weight * perceptual, valid)
             fake_logits = discriminator.apply({"params": params["discriminator"]}, reconstructions)
             adversarial = -_masked_mean(jnp.mean(fake_logits, axis=(1, 2, 3)), valid)
-            total = nll + options.codebook_weight * vq_loss + gan_on * options.gan_weight * adversarial
             aux = {"reconstructions": reconstructions, "codes": codes, "latents": latents, "vq_loss": vq_loss,
                    "reconstruction_loss": _masked_mean(per_image, valid), "lpips": _masked_mean(perceptual, valid),
                    "adversarial_loss": adversarial}
-            return total, aux
+            return (nll + options.codebook_weight * vq_loss, adversarial), aux
 
-        (loss, aux), generator_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
+        (reconstruction_objective, adversarial), backward, aux = jax.vjp(generator_objectives, state.params,
+                                                                         has_aux=True)
+        one, zero = jnp.ones(()), jnp.zeros(())
+        if options.adaptive_gan_weight:
+            (reconstruction_grads,), (adversarial_grads,) = backward((one, zero)), backward((zero, one))
+            gan_weight = gan_on * options.gan_weight * adaptive_gan_weight(reconstruction_grads, adversarial_grads)
+            generator_grads = jax.tree.map(lambda r, a: r + gan_weight * a, reconstruction_grads, adversarial_grads)
+        else:
+            gan_weight = gan_on * options.gan_weight
+            (generator_grads,) = backward((one, gan_weight))
+        loss = reconstruction_objective + gan_weight * adversarial
 
         def discriminator_loss(disc_params):
             fake = jax.lax.stop_gradient(aux["reconstructions"])
@@ -152,7 +174,7 @@ def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_mode
             "vq_loss": aux["vq_loss"], "adversarial_loss": aux["adversarial_loss"], "discriminator_loss": disc_loss,
             "psnr": _masked_mean(psnr(aux["reconstructions"], images), valid),
             "codebook_usage": stats["codebook_usage"], "code_perplexity": stats["code_perplexity"],
-            "grad_norm": optax.tree.norm(grads["vqgan"]), "codes_restarted": restarted,
+            "grad_norm": optax.tree.norm(grads["vqgan"]), "codes_restarted": restarted, "gan_weight": gan_weight,
         }
         metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(disc_loss)
         return VQGANTrainState(step=state.step + 1, params=params, opt_state=opt_state,
