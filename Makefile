@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/vqgan.py
+	$(PY) benchmarks/retrieval.py
 
 clean:
 	rm -rf $(VENV) workdir

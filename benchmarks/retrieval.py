@@ -2,7 +2,7 @@
 on clustered, l2-normalised vectors (the shape of a retriever's document embeddings).
 
     python benchmarks/retrieval.py                      # 100k and 1M x 512
-    python benchmarks/retrieval.py --sizes=100000 --leaves_to_search=0,20
+    python benchmarks/retrieval.py --sizes=100000 --leaves_to_search=0,20 --reorder=100,1000
 
 The bank: `--clusters` Gaussian clusters (centres N(0, 1), points centre + 0.3 N(0, 1) per dimension), normalised;
 queries drawn the same way. Both searchers use every core (ScaNN's parallel batched search, numpy's BLAS).
@@ -30,7 +30,8 @@ def parse_args():
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--leaves_to_search", default="0", help="comma list; 0: the index's default (num_leaves / 4)")
+    p.add_argument("--leaves_to_search", default="0", help="comma list; 0: the index's default (num_leaves / 32)")
+    p.add_argument("--reorder", default="0", help="comma list of re-scored candidates; 0: the index's default")
     return p.parse_args()
 
 
@@ -65,8 +66,11 @@ def main():
         (_, truth), exact_s = timed(lambda: exact.search(queries, args.k))
         rows.append({"size": n, "index": "exact", "build_s": 0.0, "recall_at_10": 1.0,
                      "queries_per_s": args.queries / exact_s, "speedup": 1.0})
-        for leaves in (int(s) for s in args.leaves_to_search.split(",")):
-            index, build_s = timed(lambda: ScannIndex.build(bank, IndexOptions(kind="scann", leaves_to_search=leaves)))
+        settings = [(int(leaves), int(reorder)) for leaves in args.leaves_to_search.split(",")
+                    for reorder in args.reorder.split(",")]
+        for leaves, reorder in settings:
+            index, build_s = timed(lambda: ScannIndex.build(
+                bank, IndexOptions(kind="scann", leaves_to_search=leaves, reorder=reorder)))
             (_, found), scann_s = timed(lambda: index.search(queries, args.k))
             recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
             rows.append({"size": n, "index": f"scann (leaves {index.params['leaves_to_search']}/"

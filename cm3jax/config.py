@@ -155,10 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
             index_kind="auto",  # auto (exact below exact_below vectors, ScaNN from there) | exact | scann
             exact_below=20_000,
             num_leaves=0,  # ScaNN tree partitions; 0: ~sqrt(bank size)
-            leaves_to_search=0,  # partitions scanned per query; 0: num_leaves / 4
+            leaves_to_search=0,  # partitions scanned per query; 0: num_leaves / 32
             dims_per_block=2,  # asymmetric hashing
             anisotropic_threshold=0.2,
-            reorder=0,  # candidates re-scored exactly; 0: 100
+            reorder=0,  # candidates re-scored exactly; 0: 1000
             training_sample_size=100_000,
         )
     )

@@ -50,7 +50,7 @@ def test_top_k_pads_short_candidate_lists():
 def test_scann_recall_against_exact_on_a_clustered_bank():
     bank = clustered_bank(30_000, 64, 200, seed=2)
     queries = clustered_bank(200, 64, 200, seed=3)
-    index = build_index(bank, IndexOptions(exact_below=10_000))
+    index = build_index(bank, IndexOptions(exact_below=10_000, leaves_to_search=43))  # a quarter of the leaves
     assert isinstance(index, ScannIndex) and index.params["num_leaves"] == 173
     _, found = index.search(queries, 10)
     _, truth = ExactIndex(bank).search(queries, 10)

@@ -30,10 +30,10 @@ class IndexOptions:
     kind: str = "auto"  # auto: exact below exact_below vectors, ScaNN from there
     exact_below: int = 20_000
     num_leaves: int = 0  # ScaNN tree partitions; 0: ~sqrt(N)
-    leaves_to_search: int = 0  # partitions scanned per query; 0: num_leaves / 4
+    leaves_to_search: int = 0  # partitions scanned per query; 0: num_leaves / 32
     dims_per_block: int = 2  # asymmetric hashing: dimensions per 4-bit code
     anisotropic_threshold: float = 0.2
-    reorder: int = 0  # candidates re-scored exactly; 0: 100
+    reorder: int = 0  # candidates re-scored exactly; 0: 1000
     training_sample_size: int = 100_000  # vectors the tree and the hashing are trained on
 
     def __post_init__(self):
@@ -142,8 +142,8 @@ class ScannIndex:
         n, dim = vectors.shape
         num_leaves = options.num_leaves or max(1, int(round(math.sqrt(n))))
         params = {"num_leaves": num_leaves,
-                  "leaves_to_search": options.leaves_to_search or max(1, num_leaves // 4),
-                  "reorder": options.reorder or 100}
+                  "leaves_to_search": options.leaves_to_search or max(1, num_leaves // 32),
+                  "reorder": options.reorder or 1000}
         sample = min(n, options.training_sample_size)
         searcher = (scann.scann_ops_pybind.builder(vectors, 10, "dot_product")
                     .tree(num_leaves=num_leaves, num_leaves_to_search=params["leaves_to_search"],
