@@ -52,32 +52,35 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def main():
-    args = parse_args()
+def measure_bank(args, bank: np.ndarray, queries: np.ndarray) -> list[dict]:
+    """Exact search, then ScaNN at each (leaves, reorder) setting, on one bank."""
     from cm3jax.retrieval.index import ExactIndex, IndexOptions, ScannIndex
 
+    exact = ExactIndex(bank)
+    (_, truth), exact_s = timed(lambda: exact.search(queries, args.k))
+    rows = [{"size": len(bank), "index": "exact", "build_s": 0.0, "recall_at_10": 1.0,
+             "queries_per_s": args.queries / exact_s, "speedup": 1.0}]
+    settings = [(int(leaves), int(reorder)) for leaves in args.leaves_to_search.split(",")
+                for reorder in args.reorder.split(",")]
+    for leaves, reorder in settings:
+        options = IndexOptions(kind="scann", leaves_to_search=leaves, reorder=reorder)
+        index, build_s = timed(lambda: ScannIndex.build(bank, options))
+        (_, found), scann_s = timed(lambda: index.search(queries, args.k))
+        recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+        rows.append({"size": len(bank), "index": f"scann (leaves {index.params['leaves_to_search']}/"
+                                                 f"{index.params['num_leaves']}, reorder {index.params['reorder']})",
+                     "build_s": build_s, "recall_at_10": recall, "queries_per_s": args.queries / scann_s,
+                     "speedup": exact_s / scann_s})
+    return rows
+
+
+def main():
+    args = parse_args()
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.clusters, args.dim), np.float32)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        bank = clustered(n, args.dim, centres, rng)
-        queries = clustered(args.queries, args.dim, centres, rng)
-        exact = ExactIndex(bank)
-        (_, truth), exact_s = timed(lambda: exact.search(queries, args.k))
-        rows.append({"size": n, "index": "exact", "build_s": 0.0, "recall_at_10": 1.0,
-                     "queries_per_s": args.queries / exact_s, "speedup": 1.0})
-        settings = [(int(leaves), int(reorder)) for leaves in args.leaves_to_search.split(",")
-                    for reorder in args.reorder.split(",")]
-        for leaves, reorder in settings:
-            index, build_s = timed(lambda: ScannIndex.build(
-                bank, IndexOptions(kind="scann", leaves_to_search=leaves, reorder=reorder)))
-            (_, found), scann_s = timed(lambda: index.search(queries, args.k))
-            recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
-            rows.append({"size": n, "index": f"scann (leaves {index.params['leaves_to_search']}/"
-                                              f"{index.params['num_leaves']}, reorder {index.params['reorder']})",
-                         "build_s": build_s, "recall_at_10": recall, "queries_per_s": args.queries / scann_s,
-                         "speedup": exact_s / scann_s})
-        del bank, exact
+        rows += measure_bank(args, clustered(n, args.dim, centres, rng), clustered(args.queries, args.dim, centres, rng))
 
     print(f"\nmemory-bank search ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), dim "
           f"{args.dim}, {args.clusters} clusters, {args.queries} queries, k={args.k}")

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from cm3jax.retrieval.index import ExactIndex, IndexOptions, ScannIndex, ShardedIndex, build_index, load_index, top_k
+from cm3jax.retrieval.index import ExactIndex, IndexOptions, ScannIndex, build_index, load_index, top_k
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
