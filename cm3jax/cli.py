@@ -76,6 +76,8 @@ def train_lm(config, workdir: str) -> None:
     initialize_distributed(config.distributed)
     if not config.data.token_dir:
         config.data.token_dir = os.path.join(workdir, "tokens")
+    if not config.data.neighbours_dir:
+        config.data.neighbours_dir = os.path.join(workdir, "retrieval")
     stage_dir = stages.prepare_stage(workdir, "lm", config)
     result = train_language_model(config, stage_dir)
     if not result.preempted:

@@ -93,6 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
             num_streams=-1,  # -1: one per process. Fix it to keep batches identical across process counts
             num_workers=0,  # grain worker processes per host (0: in the training process)
             worker_buffer_size=2,  # batches each worker prepares ahead
+            # Retrieval augmentation: "none", or "neighbours" read from neighbours_dir/neighbours-{split}.npy
+            # ([records of the split, max neighbours] ids into the train split, -1 for none).
+            retrieval="none",
+            neighbours_dir="",  # "": WORKDIR/retrieval
+            num_retrieved_probs=(1 / 3, 1 / 3, 1 / 3),  # P(K = 0, 1, 2) in training (RA-CM3: uniform {0, 1, 2})
+            eval_num_retrieved=2,  # fixed K at evaluation
+            retrieved_loss_weight=1.0,  # loss weight of retrieved documents' tokens (CM3leon: 1)
             restore_iterator=True,  # False: on resume, start a fresh data order (set a new data.seed with it)
         )
     )

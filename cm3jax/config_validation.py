@@ -17,6 +17,7 @@ MIN_TEXT_VOCAB = 320
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg16", "alexnet")
 INDEX_KINDS = ("auto", "exact", "scann")
+RETRIEVAL_MODES = ("none", "neighbours")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
@@ -126,6 +127,12 @@ def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) 
              f"{streams} streams do not divide train.global_batch_size={t.global_batch_size}")
     _require(streams % num_processes == 0, "data.num_streams",
              f"{streams} streams cannot be split evenly over {num_processes} processes")
+    _require(d.retrieval in RETRIEVAL_MODES, "data.retrieval", f"{d.retrieval!r} not in {RETRIEVAL_MODES}")
+    probs = [float(p) for p in d.num_retrieved_probs]
+    _require(all(p >= 0 for p in probs) and abs(sum(probs) - 1) < 1e-6, "data.num_retrieved_probs",
+             f"must be probabilities of K = 0, 1, ... summing to 1, got {probs}")
+    _require(d.eval_num_retrieved >= 0, "data.eval_num_retrieved", f"must be >= 0, got {d.eval_num_retrieved}")
+    _require(d.retrieved_loss_weight >= 0, "data.retrieved_loss_weight", f"must be >= 0, got {d.retrieved_loss_weight}")
     _require(config.raw_data.dataset in RAW_DATASETS, "raw_data.dataset",
              f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
     _require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")

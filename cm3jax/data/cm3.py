@@ -68,27 +68,43 @@ def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Gene
     return sorted(kept, key=lambda s: (s.segment, s.start))
 
 
-def cm3_mask_document(document: Document, spans: list[Span],
-                      vocab: vocab_lib.UnifiedVocab) -> tuple[np.ndarray, np.ndarray]:
+def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.UnifiedVocab,
+                      document_starts: frozenset[int] = frozenset(),
+                      segment_weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns (tokens, target_weights): the CM3-reordered serialised document and, per token, the loss weight of
-    predicting it (0 for every <mask:i>). With no spans this is `serialize_document(document)` with weights 1."""
+    predicting it (0 for every <mask:i>). With no spans this is `serialize_document(document)` with weights 1.
+
+    A retrieval-augmented sample is several documents in one segment list: a segment whose index is in
+    `document_starts` begins a new document, so <eos> (not <break>) precedes it. `segment_weights` gives each
+    segment's tokens their weight (the separator after a segment and its masked spans, moved to the end, take it
+    too); the final <eos> has weight 1.
+    """
     if len(spans) > vocab.num_masks:
         raise ValueError(f"{len(spans)} spans but only vocab.num_masks={vocab.num_masks} mask tokens")
+    weight_of = segment_weights or [1.0] * len(document)
     by_segment: dict[int, list[tuple[int, Span]]] = {}
     for i, span in enumerate(spans):
         by_segment.setdefault(span.segment, []).append((i, span))
-    body = [np.array([vocab_lib.EOS], np.int32)]
+    body, weights = [], []
+
+    def emit(tokens, weight):
+        body.append(np.asarray(tokens, np.int32))
+        weights.append(np.full(len(body[-1]), weight, np.float32))
+
+    emit([vocab_lib.EOS], weight_of[0] if document else 1.0)
     for index, segment in enumerate(document):
         if index:
-            body.append(np.array([vocab_lib.BREAK], np.int32))
+            emit([vocab_lib.EOS if index in document_starts else vocab_lib.BREAK], weight_of[index - 1])
         cursor = 0
         for i, span in by_segment.get(index, []):
-            body += [segment.tokens[cursor:span.start], np.array([vocab.mask_id(i)], np.int32)]
+            emit(segment.tokens[cursor:span.start], weight_of[index])
+            emit([vocab.mask_id(i)], weight_of[index])
             cursor = span.end
-        body.append(segment.tokens[cursor:])
+        emit(segment.tokens[cursor:], weight_of[index])
     for i, span in enumerate(spans):
-        body += [np.array([vocab.mask_id(i)], np.int32), document[span.segment].tokens[span.start:span.end],
-                 np.array([vocab_lib.EOSS], np.int32)]
-    body.append(np.array([vocab_lib.EOS], np.int32))
+        emit([vocab.mask_id(i)], weight_of[span.segment])
+        emit(document[span.segment].tokens[span.start:span.end], weight_of[span.segment])
+        emit([vocab_lib.EOSS], weight_of[span.segment])
+    emit([vocab_lib.EOS], 1.0)
     tokens = np.concatenate(body).astype(np.int32)
-    return tokens, np.where(vocab.is_mask(tokens), 0.0, 1.0).astype(np.float32)
+    return tokens, np.where(vocab.is_mask(tokens), 0.0, np.concatenate(weights)).astype(np.float32)

@@ -16,6 +16,7 @@ The iterator state (grain's, plus the skip/truncation counters) is JSON and goes
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import grain
@@ -23,14 +24,14 @@ import numpy as np
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
-from cm3jax.data.augment import NoRetrieval, RetrievalAugmenter
+from cm3jax.data.augment import NeighbourRetrieval, NoRetrieval, RetrievalAugmenter, assemble_sample
 from cm3jax.data.batches import CountingBatches
-from cm3jax.data.documents import decode_document_record, fit_to_budget, rotate_caption_image
+from cm3jax.data.documents import decode_document_record, rotate_caption_image
 from cm3jax.data.shards import open_token_shards
 from cm3jax.data.synthetic import SyntheticDocumentSource
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions", "modality")
-COUNTER_KEYS = ("text_tokens_cut", "segments_dropped")
+COUNTER_KEYS = ("text_tokens_cut", "segments_dropped", "retrieved_dropped")
 _SEQUENCE_KEYS = ("inputs", "targets", "loss_weights")
 
 
@@ -47,6 +48,7 @@ class PipelineOptions:
     packing_bins: int = 0  # 0: rows per stream
     num_workers: int = 0
     worker_buffer_size: int = 2
+    retrieved_loss_weight: float = 1.0  # on the retrieved documents' tokens (CM3leon: 1, no extra query weight)
 
     @classmethod
     def from_config(cls, config, num_streams: int) -> "PipelineOptions":
@@ -54,7 +56,8 @@ class PipelineOptions:
         return cls(seq_len=int(t.seq_len), global_batch_size=int(t.global_batch_size), num_streams=num_streams,
                    seed=int(d.seed), shuffle=bool(d.shuffle), image_first_probability=float(d.image_first_probability),
                    cm3=cm3.CM3Options.from_config(d), packing=str(d.packing), packing_bins=int(d.packing_bins),
-                   num_workers=int(d.num_workers), worker_buffer_size=int(d.worker_buffer_size))
+                   num_workers=int(d.num_workers), worker_buffer_size=int(d.worker_buffer_size),
+                   retrieved_loss_weight=float(d.retrieved_loss_weight))
 
     @property
     def rows_per_stream(self) -> int:
@@ -75,6 +78,25 @@ def open_document_source(data_config, vocab: vocab_lib.UnifiedVocab, split: str)
     return open_token_shards(d.token_dir, split)
 
 
+def open_retrieval(data_config, vocab: vocab_lib.UnifiedVocab, split: str, evaluation: bool) -> RetrievalAugmenter:
+    """The configured augmentation for `split`: precomputed neighbours from the train split's memory bank, K drawn
+    from data.num_retrieved_probs in training and fixed to data.eval_num_retrieved at evaluation."""
+    d = data_config
+    if d.retrieval == "none":
+        return NoRetrieval()
+    path = os.path.join(d.neighbours_dir, f"neighbours-{split}.npy")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: data.retrieval='neighbours' reads the neighbours that the "
+                                f"retrieval stage writes (set data.neighbours_dir, or data.retrieval='none')")
+    neighbours = np.load(path, mmap_mode="r")
+    records = open_document_source(d, vocab, split)
+    if neighbours.ndim != 2 or len(neighbours) != len(records):
+        raise ValueError(f"{path} has shape {neighbours.shape}: expected one row per record of the {split} split "
+                         f"({len(records)})")
+    probs = ([0.0] * int(d.eval_num_retrieved) + [1.0]) if evaluation else list(d.num_retrieved_probs)
+    return NeighbourRetrieval(np.asarray(neighbours), open_document_source(d, vocab, d.train_split), probs)
+
+
 class DocumentToExample:
     """(global index, source index, record) -> one training example of at most seq_len tokens, plus counters.
 
@@ -90,19 +112,24 @@ class DocumentToExample:
         o = self.options
         rng = np.random.default_rng([o.seed, global_index])
         document, meta = decode_document_record(record)
-        document = self.augment(source_index, document, meta)
+        retrieved = [rotate_caption_image(d, rng, o.image_first_probability)
+                     for d in self.augment(source_index, document, meta, rng)]
         document = rotate_caption_image(document, rng, o.image_first_probability)
         num_spans = cm3.draw_span_count(rng, o.cm3)
         # seq_len inputs need seq_len + 1 tokens; keep room for the tokens the spans add.
-        document, report = fit_to_budget(document, o.seq_len + 1 - cm3.TOKENS_ADDED_PER_SPAN * num_spans)
-        spans = cm3.sample_spans([len(s.tokens) for s in document], num_spans, rng)
-        tokens, weights = cm3.cm3_mask_document(document, spans, self.vocab)
+        sample = assemble_sample(retrieved, document, o.seq_len + 1 - cm3.TOKENS_ADDED_PER_SPAN * num_spans)
+        spans = cm3.sample_spans([len(s.tokens) for s in sample.segments], num_spans, rng)
+        weights = ([o.retrieved_loss_weight] * sample.retrieved_segments
+                   + [1.0] * (len(sample.segments) - sample.retrieved_segments))
+        tokens, weights = cm3.cm3_mask_document(sample.segments, spans, self.vocab, sample.document_starts, weights)
+        report = sample.report
         return {
             "inputs": tokens[:-1],
             "targets": tokens[1:],
             "loss_weights": weights[1:],
             "text_tokens_cut": np.int64(report.text_tokens_cut),
             "segments_dropped": np.int64(report.segments_dropped),
+            "retrieved_dropped": np.int64(sample.retrieved_dropped),
         }
 
 

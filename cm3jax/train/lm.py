@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.config_validation import resolve_num_streams, validate_config
-from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source
+from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source, open_retrieval
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
 from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
@@ -136,9 +136,11 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
     options = PipelineOptions.from_config(config, resolve_num_streams(config, jax.process_count()))
     eval_options = dataclasses.replace(options, shuffle=False, num_workers=0)
     eval_source = open_document_source(config.data, vocab, config.data.eval_split) if t.eval_every else None
+    eval_augment = (open_retrieval(config.data, vocab, config.data.eval_split, evaluation=True) if t.eval_every
+                    else None)
 
     def eval_data():
-        batches = DocumentBatches(eval_source, vocab, eval_options, rows)
+        batches = DocumentBatches(eval_source, vocab, eval_options, rows, eval_augment)
         return (next(batches) for _ in range(t.eval_batches))
 
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -147,7 +149,7 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
         init_state=init_state,
         train_step=make_train_step(model, optimizer, schedule, t.z_loss_weight, t.grad_accum_steps),
         train_data=DocumentBatches(open_document_source(config.data, vocab, config.data.train_split), vocab, options,
-                                   rows),
+                                   rows, open_retrieval(config.data, vocab, config.data.train_split, evaluation=False)),
         global_batch_size=t.global_batch_size,
         flops_per_step=flops_per_token(decoder_config, t.seq_len) * tokens_per_step,
         tokens_per_step=tokens_per_step,
