@@ -1,8 +1,9 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
 The only module that wires stages together. Commands available now: `data` (build the embedded datasets or check the
-configured raw source), `vqgan` (the image tokenizer), `tokenize` (token shards), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those
-already complete).
+configured raw source), `vqgan` (the image tokenizer), `tokenize` (token shards), `retrieve` (retriever, index and
+neighbours), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those already
+complete).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ commands:
   data       build the embedded dataset (DIR/data) or check the configured raw source; print a summary
   vqgan      train the VQ-GAN image tokenizer on the raw images (DIR/vqgan; resumes)
   tokenize   text tokenizer (trained when absent) + VQ-GAN codes -> token shards in DIR/tokens (resumable)
+  retrieve   train the dual-encoder retriever, index the train documents, write every document's neighbours
+             (DIR/retrieval; resumable)
   train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint)
   pipeline   run every stage in order, skipping those already complete
 """
@@ -68,6 +71,21 @@ def tokenize(config, workdir: str) -> None:
     print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)
 
 
+def retrieve(config, workdir: str) -> None:
+    import json
+
+    from cm3jax import stages
+    from cm3jax.parallel.mesh import initialize_distributed
+    from cm3jax.retrieval.stage import run_retrieval_stage
+
+    initialize_distributed(config.distributed)
+    stage_dir = stages.prepare_stage(workdir, "retrieval", config)
+    summary = run_retrieval_stage(config, workdir)
+    if not summary.get("preempted"):
+        stages.mark_complete(stage_dir, summary)
+        print(f"retrieval: {json.dumps(summary)}; neighbours in {stage_dir}", flush=True)
+
+
 def train_lm(config, workdir: str) -> None:
     from cm3jax import stages
     from cm3jax.parallel.mesh import initialize_distributed
@@ -86,21 +104,25 @@ def train_lm(config, workdir: str) -> None:
               f"logs in {stage_dir}/logs", flush=True)
 
 
-STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("tokens", tokenize), ("lm", train_lm))
+STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("tokens", tokenize), ("retrieval", retrieve),
+          ("lm", train_lm))
 
 
 def run_pipeline(config, workdir: str) -> None:
     from cm3jax import stages
 
     for name, stage in STAGES:
+        if name == "retrieval" and config.data.retrieval == "none":
+            print("retrieval: skipped (data.retrieval='none')", flush=True)
+            continue
         if stages.is_complete(os.path.join(workdir, name)):
             print(f"{name}: complete, skipped", flush=True)
             continue
         stage(config, workdir)
 
 
-COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "train": train_lm,
-            "pipeline": run_pipeline}
+COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "retrieve": retrieve,
+            "train": train_lm, "pipeline": run_pipeline}
 
 
 def main(argv: list[str]) -> None:

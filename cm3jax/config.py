@@ -167,6 +167,41 @@ def base_config() -> ml_collections.ConfigDict:
             anisotropic_threshold=0.2,
             reorder=0,  # candidates re-scored exactly; 0: 1000
             training_sample_size=100_000,
+            # Document embeddings: "" embeds with the trained retriever; otherwise .npy files computed elsewhere
+            # (e.g. CLIP), a path with {split} and {part} (text | image), e.g. /data/clip/{split}-{part}.npy, each
+            # [documents of the split, dim] in token-shard order (rows of a part a document lacks are ignored).
+            embeddings="",
+            # The retrieval strategy (cm3jax/retrieval/neighbours.py, REFERENCE §4).
+            num_neighbours=3,  # kept per document (CM3leon: 3 per caption-image pair)
+            candidates=32,  # searched per query before filtering
+            duplicate_threshold=0.9,  # skip candidates scoring above this with the query or a chosen neighbour
+            query_dropout=0.2,  # share of the query's tokens dropped
+            seed=0,
+            chunk_size=10_000,  # documents per embedding / neighbour chunk file (the unit of resumption)
+        )
+    )
+
+    # The dual-encoder retriever (cm3jax/models/retriever.py) that `cm3jax retrieve` trains on the train token shards.
+    # CM3leon used a frozen CLIP ViT-B/32; to use embeddings computed elsewhere, set retrieval.embeddings instead.
+    c.retriever = ml_collections.ConfigDict(
+        dict(
+            embed_dim=512,  # CLIP ViT-B/32's embedding width
+            text_len=77,  # text pieces the text tower reads per document (CLIP's context); longer text is cut
+            num_layers=6,
+            d_model=512,
+            num_heads=8,
+            init_std=0.02,
+            compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU
+            temperature_init=0.07,  # CLIP's initial temperature; learned, with the logit scale capped at 100
+            max_logit_scale=100.0,
+            embed_batch_size=256,  # documents per jitted embedding call when embedding the bank and the queries
+            # Optimizer and loop settings of the retriever's training (they replace optim and train while it runs).
+            optim=ml_collections.ConfigDict(dict(
+                peak_lr=5e-4, warmup_steps=500, decay="cosine", end_lr_ratio=0.0, b1=0.9, b2=0.98, eps=1e-6,
+                weight_decay=0.2, no_weight_decay=["position_embedding", "logit_scale"], clip_norm=1.0)),
+            train=ml_collections.ConfigDict(dict(
+                global_batch_size=256, steps=20_000, log_every=100, eval_every=1000, eval_batches=4,
+                checkpoint_every=1000, keep_checkpoints=2)),
         )
     )
 

@@ -4,7 +4,9 @@
 
 Stages: `data` builds the embedded `digits` dataset (DIR/data); `vqgan` trains the image tokenizer (32x32 -> 8x8 = 64
 codes from a 512-code codebook); `tokens` trains the SentencePiece text tokenizer (at most 1,024 pieces) and writes
-the token shards; `lm` trains the CM3leon LM on them (CM3 masking, packing).
+the token shards; `retrieval` trains the dual-encoder retriever, indexes the train documents and finds every
+document's neighbours; `lm` trains the CM3leon LM on them with 0-2 retrieved documents before each (CM3 masking,
+packing).
 """
 from cm3jax.config import base_config
 
@@ -21,6 +23,14 @@ def get_config(arg=None):
     c.vqgan.train.update(global_batch_size=32, steps=200, log_every=50, eval_every=100, eval_batches=4,
                          checkpoint_every=100, keep_checkpoints=1)
     c.tokenize.update(batch_size=64, shard_size=1000)
+    c.retriever.update(embed_dim=128, text_len=32, num_layers=2, d_model=128, num_heads=4, embed_batch_size=128)
+    c.retriever.optim.update(peak_lr=1e-3, warmup_steps=30)
+    c.retriever.train.update(global_batch_size=64, steps=300, log_every=50, eval_every=150, eval_batches=3,
+                             checkpoint_every=150, keep_checkpoints=1)
+    # Our retriever puts same-digit documents at median cosine 0.95 (50 distinct captions), so CLIP's 0.9 near-copy
+    # threshold would leave most documents without neighbours; 0.98 still drops the near-copies.
+    c.retrieval.update(chunk_size=500, duplicate_threshold=0.98)
+    c.data.update(retrieval="neighbours")
     c.train.update(global_batch_size=16, seq_len=256, steps=200, log_every=25, eval_every=100, eval_batches=4,
                    checkpoint_every=100, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")

@@ -22,5 +22,10 @@ def get_config(arg=None):
                    learning_rate=1e-3, disc_start=2)
     c.vqgan.train.update(global_batch_size=8, steps=4, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=2,
                          keep_checkpoints=2)
+    c.retriever.update(embed_dim=16, text_len=12, num_layers=1, d_model=32, num_heads=4, embed_batch_size=16)
+    c.retriever.optim.update(peak_lr=3e-3, warmup_steps=2)
+    c.retriever.train.update(global_batch_size=8, steps=4, log_every=1, eval_every=4, eval_batches=1,
+                             checkpoint_every=2, keep_checkpoints=2)
+    c.retrieval.update(chunk_size=64)
     c.mesh.ici.update(data=1, fsdp=-1, tensor=1)
     return c

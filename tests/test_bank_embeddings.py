@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cm3jax.retrieval.embeddings import document_embeddings, l2_normalize, load_bank_embeddings
+from cm3jax.retrieval.embeddings import check_rows, document_embeddings, l2_normalize, load_embedding_file
 
 
 def test_document_embedding_is_the_normalised_mean_of_normalised_parts():
@@ -19,17 +19,20 @@ def test_document_embedding_is_the_normalised_mean_of_normalised_parts():
 def test_user_embeddings_are_checked_and_normalised(tmp_path):
     path = str(tmp_path / "clip.npy")
     np.save(path, np.arange(12, dtype=np.float32).reshape(4, 3) + 1)
-    vectors = load_bank_embeddings(path, expected_count=4, expected_dim=3)
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
-    with pytest.raises(ValueError, match="4 rows but the memory bank has 5 documents"):
-        load_bank_embeddings(path, expected_count=5)
+    vectors = load_embedding_file(path, expected_count=4, expected_dim=3)
+    np.testing.assert_array_equal(vectors, np.arange(12).reshape(4, 3) + 1)
+    with pytest.raises(ValueError, match="4 rows but the split has 5 documents"):
+        load_embedding_file(path, expected_count=5)
     with pytest.raises(ValueError, match="dimension 3, expected 512"):
-        load_bank_embeddings(path, expected_count=4, expected_dim=512)
+        load_embedding_file(path, expected_count=4, expected_dim=512)
     np.save(path, np.array([[1.0, 0], [np.nan, 1]], np.float32))
     with pytest.raises(ValueError, match=r"rows \[1\] are zero, NaN or infinite"):
-        load_bank_embeddings(path, expected_count=2)
+        load_embedding_file(path, expected_count=2)
+    part = load_embedding_file(path, expected_count=2, allow_empty_rows=True)  # a part file: checked on lookup
+    with pytest.raises(ValueError, match=r"rows \[1\] are zero"):
+        check_rows(part, np.array([0, 1]), path)
     np.save(path, np.arange(4))
     with pytest.raises(ValueError, match="2-D float array"):
-        load_bank_embeddings(path, expected_count=4)
+        load_embedding_file(path, expected_count=4)
     with pytest.raises(FileNotFoundError, match="one embedding row per document"):
-        load_bank_embeddings(str(tmp_path / "missing.npy"), expected_count=4)
+        load_embedding_file(str(tmp_path / "missing.npy"), expected_count=4)

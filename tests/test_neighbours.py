@@ -5,7 +5,7 @@ import pytest
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import image_segment, text_segment
 from cm3jax.retrieval.index import ExactIndex
-from cm3jax.retrieval.neighbours import (StrategyOptions, find_neighbours, query_modality, query_tokens,
+from cm3jax.retrieval.neighbours import (StrategyOptions, Query, document_query, find_neighbours, query_modality,
                                          select_neighbours)
 
 VOCAB = vocab_lib.UnifiedVocab(text_size=64, image_codebook_size=64, num_masks=4)
@@ -60,17 +60,19 @@ def test_query_is_one_modality_and_drops_a_fifth_of_its_tokens():
     assert 150 < drawn.count(vocab_lib.MODALITY_TEXT) < 250 and set(drawn) == {1, 2}
     assert query_modality([text_segment(text)], rng) == vocab_lib.MODALITY_TEXT
     for modality in (vocab_lib.MODALITY_TEXT, vocab_lib.MODALITY_IMAGE):
-        tokens = query_tokens(document, modality, 0.2, rng)
-        assert np.all(VOCAB.modality(tokens) == modality)
-        assert 0.78 < len(tokens) / 5000 < 0.82  # binomial(5000, 0.8): 0.8 +- 0.017 at 3 sigma
-    assert len(query_tokens(document, vocab_lib.MODALITY_TEXT, 1.0, rng)) == 1
+        query = document_query(7, document, modality, 0.2, rng)
+        assert query.modality == modality and query.record_id == 7
+        assert np.all(VOCAB.modality(query.tokens) == modality) and len(query.tokens) == 5000
+        assert 0.78 < query.keep.mean() < 0.82  # binomial(5000, 0.8): 0.8 +- 0.017 at 3 sigma
+    assert document_query(7, document, vocab_lib.MODALITY_TEXT, 1.0, rng).keep.sum() == 1
     with pytest.raises(ValueError, match="without text or image"):
         query_modality([], rng)
 
 
-def bag_of_tokens(token_lists, modalities):
-    """A stand-in retriever: normalised token histograms (text and image ids fall in different bins)."""
-    vectors = np.stack([np.bincount(t, minlength=VOCAB.size) for t in token_lists]).astype(np.float32) + 1e-3
+def bag_of_tokens(queries):
+    """A stand-in retriever: normalised histograms of the kept tokens (text and image ids fall in different bins)."""
+    vectors = np.stack([np.bincount(q.tokens[q.keep], minlength=VOCAB.size) for q in queries]).astype(
+        np.float32) + 1e-3
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -78,7 +80,8 @@ def test_find_neighbours_is_seeded_per_document():
     rng = np.random.default_rng(2)
     documents = [(i, [text_segment(VOCAB.text_ids(rng.integers(0, 64, 12))),
                       image_segment(VOCAB.image_ids(rng.integers(0, 64, 16)))]) for i in range(60)]
-    bank = bag_of_tokens([np.concatenate([s.tokens for s in d]) for _, d in documents], None)
+    whole = [np.concatenate([s.tokens for s in d]) for _, d in documents]
+    bank = bag_of_tokens([Query(i, 0, t, np.ones(len(t), bool)) for i, t in enumerate(whole)])
     index, multimodal = ExactIndex(bank), np.ones(60, bool)
     together = find_neighbours(documents, bag_of_tokens, index, bank, multimodal, OPTIONS)
     in_parts = np.concatenate([find_neighbours(documents[:25], bag_of_tokens, index, bank, multimodal, OPTIONS),

@@ -54,6 +54,7 @@ class DecoderConfig:
     attention: str = "xla"  # resolved implementation: xla | cudnn | splash
     attention_block_size: int = 128  # query block of the XLA block-causal attention
     remat_policy: str = "full"
+    causal: bool = True  # False: bidirectional attention (the retriever's encoder towers)
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int, platform: str | None = None) -> "DecoderConfig":
@@ -88,12 +89,12 @@ class DecoderConfig:
         )
 
 
-def _truncated_normal(std: float):
+def truncated_normal(std: float):
     # jax's truncated_normal rescales so the truncated distribution has exactly this std; cut at +-3 sigma.
     return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
 
 
-def _param(module: nn.Module, name: str, init, shape: tuple, axes: tuple) -> Array:
+def logical_param(module: nn.Module, name: str, init, shape: tuple, axes: tuple) -> Array:
     cfg = module.cfg
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
     return value.astype(cfg.compute_dtype)
@@ -137,6 +138,12 @@ def block_causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | No
     return jnp.swapaxes(jnp.concatenate(outputs, axis=2), 1, 2)
 
 
+def bidirectional_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
+    """Every token sees every token of its segment (segment 0, padding, only sees padding): q, k, v [b, t, n, h]."""
+    mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
 def causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, implementation: str,
                      block_size: int) -> Array:
     """Training / prefill self-attention over one sequence: q, k, v [b, t, n, h] -> [b, t, n, h]."""
@@ -160,12 +167,12 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, query_index: Array, segment_ids: Array) -> Array:
         cfg = self.cfg
-        init = _truncated_normal(cfg.init_std)
+        init = truncated_normal(cfg.init_std)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
         qkv_axes = ("embed", "heads", "kv")
-        q = jnp.einsum("btd,dnh->btnh", x, _param(self, "query", init, qkv_shape, qkv_axes))
-        k = jnp.einsum("btd,dnh->btnh", x, _param(self, "key", init, qkv_shape, qkv_axes))
-        v = jnp.einsum("btd,dnh->btnh", x, _param(self, "value", init, qkv_shape, qkv_axes))
+        q = jnp.einsum("btd,dnh->btnh", x, logical_param(self, "query", init, qkv_shape, qkv_axes))
+        k = jnp.einsum("btd,dnh->btnh", x, logical_param(self, "key", init, qkv_shape, qkv_axes))
+        v = jnp.einsum("btd,dnh->btnh", x, logical_param(self, "value", init, qkv_shape, qkv_axes))
         head_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         q, k, v = (nn.with_logical_constraint(a, head_axes) for a in (q, k, v))
         if cfg.qk_norm:
@@ -177,11 +184,13 @@ class Attention(nn.Module):
             k, v, key_index, key_segments = self._update_cache(k, v, segment_ids, query_index[0, 0])
             mask = attention_mask(query_index, key_index, segment_ids, key_segments)
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        elif not cfg.causal:
+            out = bidirectional_attention(q, k, v, segment_ids if self.packed else None)
         else:
             out = causal_attention(q, k, v, segment_ids if self.packed else None, cfg.attention,
                                    cfg.attention_block_size)
         out = nn.with_logical_constraint(out, head_axes)
-        wo = _param(self, "out", nn.initializers.zeros, (cfg.num_heads, cfg.head_dim, cfg.d_model),
+        wo = logical_param(self, "out", nn.initializers.zeros, (cfg.num_heads, cfg.head_dim, cfg.d_model),
                     ("heads", "kv", "embed"))
         return jnp.einsum("btnh,nhd->btd", out, wo)
 
@@ -212,19 +221,19 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        init = _truncated_normal(cfg.init_std)
+        init = truncated_normal(cfg.init_std)
         mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
-        h = jnp.einsum("btd,df->btf", x, _param(self, "wi", init, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp")))
+        h = jnp.einsum("btd,df->btf", x, logical_param(self, "wi", init, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp")))
         if cfg.activation == "swiglu":
             gate = jnp.einsum("btd,df->btf", x,
-                              _param(self, "wi_gate", init, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp")))
+                              logical_param(self, "wi_gate", init, (cfg.d_model, cfg.ffn_dim), ("embed", "mlp")))
             h = nn.silu(gate) * h
         elif cfg.activation == "gelu":
             h = nn.gelu(h)
         else:
             h = nn.relu(h)
         h = nn.with_logical_constraint(h, mlp_axes)
-        wo = _param(self, "wo", nn.initializers.zeros, (cfg.ffn_dim, cfg.d_model), ("mlp", "embed"))
+        wo = logical_param(self, "wo", nn.initializers.zeros, (cfg.ffn_dim, cfg.d_model), ("mlp", "embed"))
         return jnp.einsum("btf,fd->btd", h, wo)
 
 
@@ -247,6 +256,28 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x, embed_axes), None
 
 
+def layer_stack(cfg: DecoderConfig, decode: bool = False, packed: bool = False) -> nn.Module:
+    """The scanned, rematerialised blocks (a submodule named `layers` of the calling module) followed by the final
+    LayerNorm, as a function (x [b, t, d], query_index [b, t], segment_ids [b, t]) -> [b, t, d]."""
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+        layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(
+        layer,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, decode, packed, name="layers")
+
+    def apply(x: Array, query_index: Array, segment_ids: Array) -> Array:
+        x, _ = layers(x, query_index, segment_ids)
+        return _layer_norm(x, cfg.layer_norm_epsilon)
+
+    return apply
+
+
 class CM3LeonDecoder(nn.Module):
     """tokens [batch, length] -> logits [batch, length, vocab_size] (float32)."""
 
@@ -265,34 +296,22 @@ class CM3LeonDecoder(nn.Module):
         if positions is None:
             positions = query_index
 
-        init = _truncated_normal(cfg.init_std)
+        init = truncated_normal(cfg.init_std)
         embedding = self.param("token_embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
         position_embedding = self.param(
             "position_embedding",
-            nn.with_logical_partitioning(_truncated_normal(cfg.position_init_std), ("position", "embed")),
+            nn.with_logical_partitioning(truncated_normal(cfg.position_init_std), ("position", "embed")),
             (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
         x = jnp.take(embedding, tokens, axis=0) + jnp.take(position_embedding, positions, axis=0)
         x = x.astype(cfg.compute_dtype)
 
-        layer = DecoderLayer
-        if cfg.remat_policy != "none":
-            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-        layers = nn.scan(
-            layer,
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = layers(cfg, self.decode, packed, name="layers")(x, query_index, segment_ids)
-        x = _layer_norm(x, cfg.layer_norm_epsilon)
+        x = layer_stack(cfg, self.decode, packed)(x, query_index, segment_ids)
 
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
         else:
-            head = _param(self, "lm_head", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            head = logical_param(self, "lm_head", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
             logits = jnp.einsum("btd,dv->btv", x, head)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)

@@ -1,5 +1,6 @@
-"""Memory-bank embeddings: combining a document's text and image embeddings, and reading embeddings computed
-elsewhere (e.g. CLIP) from an .npy file.
+"""Memory-bank embeddings: the encoders that turn queries (one modality of a document) into vectors, either the
+trained dual encoder or embeddings computed elsewhere (e.g. CLIP) read from .npy files, and the combination of a
+document's text and image embeddings.
 
 A document's embedding is the l2-normalised average of its l2-normalised text and image embeddings (REFERENCE §4);
 a document with one modality is that modality's normalised embedding.
@@ -7,8 +8,15 @@ a document with one modality is that modality's normalised embedding.
 from __future__ import annotations
 
 import os
+from typing import Any, Sequence
 
 import numpy as np
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.documents import Document
+from cm3jax.retrieval.neighbours import Query
+
+PARTS = {vocab_lib.MODALITY_TEXT: "text", vocab_lib.MODALITY_IMAGE: "image"}
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -30,10 +38,14 @@ def document_embeddings(text: np.ndarray, image: np.ndarray, has_text: np.ndarra
     return l2_normalize(combined)
 
 
-def load_bank_embeddings(path: str, expected_count: int, expected_dim: int | None = None) -> np.ndarray:
-    """Embeddings computed elsewhere, one row per memory-bank document in token-shard order, l2-normalised.
+def load_embedding_file(path: str, expected_count: int, expected_dim: int | None = None,
+                        allow_empty_rows: bool = False) -> np.ndarray:
+    """Embeddings computed elsewhere (e.g. CLIP), one row per document of a split in token-shard order, as float32
+    (memory-mapped; rows are normalised where they are used).
 
-    The file must hold a float [expected_count, dim] array (dim == expected_dim when given) with finite values.
+    The file must hold a float [expected_count, dim] array (dim == expected_dim when given). Every row must be
+    finite and non-zero unless `allow_empty_rows` (a part file, whose rows for documents without that part are
+    ignored; such rows are checked when looked up).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: provide a float .npy array with one embedding row per document "
@@ -46,12 +58,109 @@ def load_bank_embeddings(path: str, expected_count: int, expected_dim: int | Non
         raise ValueError(f"{path}: expected a 2-D float array [documents, dim], got shape {vectors.shape} "
                          f"dtype {vectors.dtype}")
     if vectors.shape[0] != expected_count:
-        raise ValueError(f"{path} has {vectors.shape[0]} rows but the memory bank has {expected_count} documents "
+        raise ValueError(f"{path} has {vectors.shape[0]} rows but the split has {expected_count} documents "
                          f"(one row per document, in token-shard order)")
     if expected_dim is not None and vectors.shape[1] != expected_dim:
         raise ValueError(f"{path} has dimension {vectors.shape[1]}, expected {expected_dim}")
-    vectors = np.asarray(vectors, np.float32)
-    bad = ~np.all(np.isfinite(vectors), axis=1) | (np.linalg.norm(vectors, axis=1) == 0)
+    if not allow_empty_rows:
+        check_rows(vectors, np.arange(expected_count), path)
+    return vectors
+
+
+def check_rows(vectors: np.ndarray, rows: np.ndarray, path: str) -> np.ndarray:
+    """vectors[rows] as float32, or a ValueError naming the rows of `path` that are zero, NaN or infinite."""
+    picked = np.asarray(vectors[np.asarray(rows)], np.float32)
+    bad = ~np.all(np.isfinite(picked), axis=1) | ~np.any(picked != 0, axis=1)
     if bad.any():
-        raise ValueError(f"{path}: rows {np.flatnonzero(bad)[:5].tolist()} are zero, NaN or infinite")
-    return l2_normalize(vectors)
+        raise ValueError(f"{path}: rows {np.asarray(rows)[bad][:5].tolist()} are zero, NaN or infinite")
+    return picked
+
+
+class RetrieverEncoder:
+    """Embeds queries with the trained dual encoder, in jitted batches of `batch_size` (the last one padded) on this
+    process's first device; the parameters are small enough to live on one device."""
+
+    def __init__(self, params: Any, model_config, vocab: vocab_lib.UnifiedVocab, batch_size: int):
+        import jax
+
+        from cm3jax.models.retriever import DualEncoder
+
+        model = DualEncoder(model_config)
+        self.dim = model_config.embed_dim
+        self.batch_size = batch_size
+        self.params = jax.device_put(params, jax.local_devices()[0])
+        self.towers = {
+            vocab_lib.MODALITY_TEXT: (jax.jit(lambda p, t, m: model.apply({"params": p}, t, m,
+                                                                          method=DualEncoder.embed_text)),
+                                      vocab.text_pieces, model_config.text_tower.max_seq_len),
+            vocab_lib.MODALITY_IMAGE: (jax.jit(lambda p, t, m: model.apply({"params": p}, t, m,
+                                                                           method=DualEncoder.embed_image)),
+                                       vocab.image_codes, model_config.image_tower.max_seq_len),
+        }
+
+    def __call__(self, queries: Sequence[Query]) -> np.ndarray:
+        from cm3jax.models.retriever import tower_input
+
+        out = np.zeros((len(queries), self.dim), np.float32)
+        for modality, (embed, local_ids, length) in self.towers.items():
+            rows = [i for i, q in enumerate(queries) if q.modality == modality]
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                tokens = np.zeros((self.batch_size, length), np.int32)
+                masks = np.zeros((self.batch_size, length), bool)
+                for row, i in enumerate(chunk):
+                    tokens[row], masks[row] = tower_input(local_ids(queries[i].tokens), queries[i].keep, length)
+                out[chunk] = np.asarray(embed(self.params, tokens, masks))[:len(chunk)]
+        return out
+
+
+class PrecomputedEncoder:
+    """Embeddings computed elsewhere for one split: a query (record, modality) reads that record's row of the
+    modality's file, `template.format(split=..., part="text" | "image")`. Query-token dropout cannot apply to
+    precomputed vectors, so these queries use the whole part."""
+
+    def __init__(self, template: str, split: str, count: int):
+        self.paths = {m: template.format(split=split, part=part) for m, part in PARTS.items()}
+        text = load_embedding_file(self.paths[vocab_lib.MODALITY_TEXT], count, allow_empty_rows=True)
+        image = load_embedding_file(self.paths[vocab_lib.MODALITY_IMAGE], count, text.shape[1], allow_empty_rows=True)
+        self.vectors = {vocab_lib.MODALITY_TEXT: text, vocab_lib.MODALITY_IMAGE: image}
+        self.dim = text.shape[1]
+
+    def __call__(self, queries: Sequence[Query]) -> np.ndarray:
+        out = np.zeros((len(queries), self.dim), np.float32)
+        for modality, vectors in self.vectors.items():
+            rows = [i for i, q in enumerate(queries) if q.modality == modality]
+            if rows:
+                records = np.array([queries[i].record_id for i in rows])
+                out[rows] = l2_normalize(check_rows(vectors, records, self.paths[modality]))
+        return out
+
+
+def part_queries(record_id: int, document: Document) -> list[Query]:
+    """The whole text part and the whole image part (those present) of a document, as queries."""
+    queries = []
+    for modality in PARTS:
+        tokens = [s.tokens for s in document if s.modality == modality]
+        if tokens:
+            tokens = np.concatenate(tokens)
+            queries.append(Query(record_id, modality, tokens, np.ones(len(tokens), bool)))
+    return queries
+
+
+def embed_documents(documents: Sequence[tuple[int, Document]], encoder) -> tuple[np.ndarray, np.ndarray]:
+    """(document embeddings [N, dim], multimodal [N] bool) of (record id, document) pairs."""
+    queries = [part_queries(record_id, document) for record_id, document in documents]
+    flat = [q for qs in queries for q in qs]
+    vectors = encoder(flat) if flat else np.zeros((0, encoder.dim), np.float32)
+    text = np.zeros((len(documents), vectors.shape[1]), np.float32)
+    image = np.zeros_like(text)
+    has_text, has_image = np.zeros(len(documents), bool), np.zeros(len(documents), bool)
+    row = 0
+    for i, qs in enumerate(queries):
+        for q in qs:
+            if q.modality == vocab_lib.MODALITY_TEXT:
+                text[i], has_text[i] = vectors[row], True
+            else:
+                image[i], has_image[i] = vectors[row], True
+            row += 1
+    return document_embeddings(text, image, has_text, has_image), has_text & has_image

@@ -29,6 +29,13 @@ class StrategyOptions:
     query_dropout: float = 0.2
     seed: int = 0
 
+    @classmethod
+    def from_config(cls, c) -> "StrategyOptions":
+        """From the config's retrieval section."""
+        return cls(num_neighbours=int(c.num_neighbours), candidates=int(c.candidates),
+                   duplicate_threshold=float(c.duplicate_threshold), query_dropout=float(c.query_dropout),
+                   seed=int(c.seed))
+
 
 def query_modality(document: Document, rng: np.random.Generator) -> int:
     """Text or image, drawn uniformly among the modalities the document has."""
@@ -38,13 +45,25 @@ def query_modality(document: Document, rng: np.random.Generator) -> int:
     return present[rng.integers(len(present))]
 
 
-def query_tokens(document: Document, modality: int, dropout: float, rng: np.random.Generator) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One modality of a document, to be embedded: its tokens (unified ids) and which of them the encoder reads
+    (dropped tokens keep their place, so an image query keeps its code grid)."""
+
+    record_id: int  # the document's record in its split
+    modality: int
+    tokens: np.ndarray
+    keep: np.ndarray  # bool, like tokens
+
+
+def document_query(record_id: int, document: Document, modality: int, dropout: float,
+                   rng: np.random.Generator) -> Query:
     """The document's tokens of one modality, each dropped with probability `dropout` (at least one is kept)."""
     tokens = np.concatenate([s.tokens for s in document if s.modality == modality])
     keep = rng.random(len(tokens)) >= dropout
     if not keep.any():
         keep[rng.integers(len(tokens))] = True
-    return tokens[keep]
+    return Query(record_id, modality, tokens, keep)
 
 
 def select_neighbours(candidate_ids: np.ndarray, candidate_scores: np.ndarray, bank_vectors: np.ndarray,
@@ -68,20 +87,22 @@ def select_neighbours(candidate_ids: np.ndarray, candidate_scores: np.ndarray, b
     return np.array(chosen + [-1] * (options.num_neighbours - len(chosen)), np.int64)
 
 
-EmbedQueries = Callable[[Sequence[np.ndarray], Sequence[int]], np.ndarray]  # (token lists, modalities) -> [B, dim]
+EmbedQueries = Callable[[Sequence[Query]], np.ndarray]  # queries -> [len(queries), dim] unit vectors
 
 
 def find_neighbours(documents: Sequence[tuple[int, Document]], embed_queries: EmbedQueries, index: VectorIndex,
-                    bank_vectors: np.ndarray, multimodal: np.ndarray, options: StrategyOptions) -> np.ndarray:
-    """[len(documents), num_neighbours] bank ids for (bank id, document) pairs; each document's query draw is
-    seeded by (options.seed, its id), so a rerun or another batching gives the same neighbours."""
-    queries, modalities = [], []
-    for doc_id, document in documents:
-        rng = np.random.default_rng((options.seed, doc_id))
+                    bank_vectors: np.ndarray, multimodal: np.ndarray, options: StrategyOptions,
+                    in_bank: bool = True) -> np.ndarray:
+    """[len(documents), num_neighbours] bank ids for (record id, document) pairs of one split. `in_bank`: the
+    split is the memory bank itself, so a document's own record id is skipped. Each document's query draw is seeded
+    by (options.seed, its id), so a rerun or another batching gives the same neighbours."""
+    queries = []
+    for record_id, document in documents:
+        rng = np.random.default_rng((options.seed, record_id))
         modality = query_modality(document, rng)
-        queries.append(query_tokens(document, modality, options.query_dropout, rng))
-        modalities.append(modality)
-    vectors = np.asarray(embed_queries(queries, modalities), np.float32)
+        queries.append(document_query(record_id, document, modality, options.query_dropout, rng))
+    vectors = np.asarray(embed_queries(queries), np.float32)
     scores, ids = index.search(vectors, options.candidates + 1)  # + 1: the document itself is usually first
-    return np.stack([select_neighbours(ids[i], scores[i], bank_vectors, multimodal, doc_id, options)
-                     for i, (doc_id, _) in enumerate(documents)])
+    return np.stack([select_neighbours(ids[i], scores[i], bank_vectors, multimodal,
+                                       record_id if in_bank else -1, options)
+                     for i, (record_id, _) in enumerate(documents)])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import shard_path, write_token_shard
 from cm3jax.data.sources import SKIP_REASONS, SkipCounts, open_raw_source, read_captions, read_examples
+from cm3jax.progress import Progress
 from cm3jax.stages import atomic_write_text
 from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
@@ -55,21 +55,12 @@ def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_di
 
 
 def restore_vqgan_params(config: ml_collections.ConfigDict, vqgan_dir: str, mesh: Mesh):
-    """The VQ-GAN parameters of the latest checkpoint under vqgan_dir."""
-    from cm3jax.parallel.sharding import logical_axis_rules
-    from cm3jax.train import loop
-    from cm3jax.train.checkpoint import Checkpointer
+    """(VQ-GAN parameters of the latest checkpoint under vqgan_dir, its step)."""
+    from cm3jax.train.loop import restore_latest_state
     from cm3jax.train.vqgan import vqgan_state_init, vqgan_stage_config
 
     stage = vqgan_stage_config(config)
-    init_state, _ = vqgan_state_init(stage)
-    abstract, shardings = loop.abstract_state_and_shardings(init_state, mesh, logical_axis_rules(stage))
-    checkpointer = Checkpointer(os.path.join(vqgan_dir, "checkpoints"), keep=1)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no VQ-GAN checkpoint under {vqgan_dir}/checkpoints: run `cm3jax vqgan` first")
-    state, _ = checkpointer.restore(step, abstract, shardings)
-    checkpointer.close()
+    state, step = restore_latest_state(vqgan_state_init(stage)[0], stage, mesh, vqgan_dir, "`cm3jax vqgan`")
     return state.params["vqgan"], step
 
 
@@ -122,20 +113,6 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     if jax.process_index() == 0:
         atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
-
-
-class Progress:
-    """One console line per finished unit of work: done/total, rate, time left."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.done, self.start = what, total, 0, time.monotonic()
-
-    def advance(self, detail: str) -> None:
-        self.done += 1
-        elapsed = time.monotonic() - self.start
-        left = elapsed / self.done * (self.total - self.done)
-        print(f"{self.what}: {self.done}/{self.total} ({self.done / self.total:.0%}) {detail}; "
-              f"{elapsed:.0f}s elapsed, ~{left:.0f}s left", flush=True)
 
 
 def _sum_over_processes(counts: SkipCounts, documents: int) -> tuple[dict, int]:

@@ -134,7 +134,8 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
 
     rows = process_rows(mesh, t.global_batch_size)
     options = PipelineOptions.from_config(config, resolve_num_streams(config, jax.process_count()))
-    eval_options = dataclasses.replace(options, shuffle=False, num_workers=0)
+    # Held-out loss is the loss on the held-out documents themselves: retrieved documents before them are context.
+    eval_options = dataclasses.replace(options, shuffle=False, num_workers=0, retrieved_loss_weight=0.0)
     eval_source = open_document_source(config.data, vocab, config.data.eval_split) if t.eval_every else None
     eval_augment = (open_retrieval(config.data, vocab, config.data.eval_split, evaluation=True) if t.eval_every
                     else None)

@@ -113,6 +113,22 @@ def initialize_state(init_state: Callable, rng: jax.Array, mesh: Mesh, rules: tu
         return jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(rng)
 
 
+def restore_latest_state(init_state: Callable, config: ml_collections.ConfigDict, mesh: Mesh, stage_dir: str,
+                         produced_by: str) -> tuple[Any, int]:
+    """(state of the latest checkpoint under stage_dir/checkpoints laid out on `mesh`, its step), for stages that
+    use a trained model; `produced_by` names the command that writes the checkpoints, for the error."""
+    abstract, shardings = abstract_state_and_shardings(init_state, mesh, sharding.logical_axis_rules(config))
+    checkpointer = Checkpointer(f"{stage_dir}/checkpoints", keep=1)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {stage_dir}/checkpoints: run {produced_by} first")
+        state, _ = checkpointer.restore(step, abstract, shardings)
+    finally:
+        checkpointer.close()
+    return state, step
+
+
 def _with_frozen(task: TrainTask, mesh: Mesh, fn: Callable, in_shardings: tuple, **jit_kwargs) -> Callable:
     """jit(fn) called as (state, batch); `task.frozen`, when set, is placed once and passed as a third argument."""
     if task.frozen is None:
@@ -200,7 +216,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 if eval_step is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                    writer.write(step, _evaluate(task, eval_step, state, mesh), prefix="eval")
+                    writer.write(step, evaluate(task, eval_step, state, mesh), prefix="eval")
                     if task.after_eval is not None:
                         task.after_eval(state, step, workdir)
                     interval_start, interval_steps = time.perf_counter(), 0
@@ -243,7 +259,8 @@ def _data_counters(data: CheckpointableIterator) -> dict:
     return {f"data_{k}": int(v) for k, v in zip(keys, values)}
 
 
-def _evaluate(task: TrainTask, eval_step: Callable, state: Any, mesh: Mesh) -> dict:
+def evaluate(task: TrainTask, eval_step: Callable, state: Any, mesh: Mesh) -> dict:
+    """The held-out metrics: eval_step sums over task.eval_data(), turned into means by task.summarize_eval."""
     totals = None
     for local_batch in task.eval_data():
         sums = eval_step(state, sharding.global_batch(local_batch, mesh, task.global_batch_size))

@@ -1,0 +1,187 @@
+"""`cm3jax retrieve`: the memory bank and every document's neighbours, under DIR/retrieval.
+
+1. The encoder: the dual encoder trained on the train token shards (DIR/retrieval/retriever, resumes), or
+   embeddings computed elsewhere (retrieval.embeddings).
+2. The bank: every train document's embedding (bank/train-CCCCC.npz, one file per chunk of retrieval.chunk_size
+   documents).
+3. The index over the bank (index/, exact or ScaNN by retrieval.index_kind and size).
+4. Neighbours of every document of the LM's train and eval splits by the CM3leon strategy (neighbours/SPLIT-CCCCC.npy
+   chunks, then neighbours-SPLIT.npy, [documents, retrieval.num_neighbours] train-record ids, -1 for none).
+
+Process p works on chunks c = p mod P and a chunk file that exists is kept, so an interrupted job resumes where it
+stopped. Every process loads the whole index. The summary measures the retriever on the eval split: caption -> image
+top-1 (the document's own image), and where documents carry a `label`, how often the top image and the first
+neighbour share the caption's label, against the chance of that.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.documents import Document, decode_document_record
+from cm3jax.data.shards import open_token_shards
+from cm3jax.progress import Progress
+from cm3jax.retrieval.embeddings import PrecomputedEncoder, RetrieverEncoder, embed_documents, part_queries
+from cm3jax.retrieval.index import IndexOptions, INDEX_FILE, build_index, load_index
+from cm3jax.retrieval.neighbours import StrategyOptions, find_neighbours
+
+Encoder = Callable  # queries -> [len(queries), dim] unit vectors, with a `dim` attribute
+
+
+def _sync(what: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"cm3jax retrieve: {what}")
+
+
+def _atomic_save(path: str, **arrays: np.ndarray) -> None:
+    """np.save / np.savez to a temporary name, then rename: a chunk file exists only once it is whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        if len(arrays) == 1 and "array" in arrays:
+            np.save(f, arrays["array"])
+        else:
+            np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _documents(records: Sequence[bytes], start: int, stop: int) -> list[tuple[int, Document]]:
+    return [(i, decode_document_record(records[i])[0]) for i in range(start, stop)]
+
+
+def _chunked(what: str, folder: str, split: str, count: int, chunk_size: int, suffix: str,
+             compute: Callable[[int, int, str], None]) -> list[str]:
+    """Runs compute(start, stop, path) for this process's missing chunks of `count` documents; returns every
+    chunk's path (all processes' chunks exist once the barrier after this returns)."""
+    os.makedirs(folder, exist_ok=True)
+    num_chunks = max(1, math.ceil(count / chunk_size))
+    paths = [os.path.join(folder, f"{split}-{c:05d}.{suffix}") for c in range(num_chunks)]
+    todo = [c for c in range(jax.process_index(), num_chunks, jax.process_count()) if not os.path.exists(paths[c])]
+    progress = Progress(f"{what} {split}", total=max(len(todo), 1))
+    for c in todo:
+        start, stop = c * chunk_size, min((c + 1) * chunk_size, count)
+        compute(start, stop, paths[c])
+        progress.advance(f"chunk {c + 1}/{num_chunks}: documents {start}-{stop}")
+    _sync(f"{what} {split}")
+    return paths
+
+
+def embed_bank(records: Sequence[bytes], encoder: Encoder, folder: str, chunk_size: int) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """(document embeddings [N, dim], multimodal [N]) of the bank, from (and into) chunk files under `folder`."""
+    def compute(start: int, stop: int, path: str) -> None:
+        vectors, multimodal = embed_documents(_documents(records, start, stop), encoder)
+        _atomic_save(path, vectors=vectors, multimodal=multimodal)
+
+    paths = _chunked("embed bank", folder, "train", len(records), chunk_size, "npz", compute)
+    chunks = [np.load(p) for p in paths]
+    return (np.concatenate([c["vectors"] for c in chunks]).astype(np.float32),
+            np.concatenate([c["multimodal"] for c in chunks]))
+
+
+def open_or_build_index(folder: str, bank_vectors: np.ndarray, options: IndexOptions):
+    """The saved index when it covers this bank, else process 0 builds and saves it while the others wait."""
+    def saved_size() -> int | None:
+        path = os.path.join(folder, INDEX_FILE)
+        return json.load(open(path))["size"] if os.path.exists(path) else None
+
+    if jax.process_index() == 0 and saved_size() != len(bank_vectors):
+        build_index(bank_vectors, options).save(folder)
+    _sync("index")
+    return load_index(folder)
+
+
+def compute_neighbours(records: Sequence[bytes], split: str, in_bank: bool, encoder: Encoder, index,
+                       bank_vectors: np.ndarray, multimodal: np.ndarray, options: StrategyOptions, folder: str,
+                       chunk_size: int) -> str:
+    """Writes neighbours-SPLIT.npy next to `folder` (its chunk files inside it); returns its path."""
+    def compute(start: int, stop: int, path: str) -> None:
+        neighbours = find_neighbours(_documents(records, start, stop), encoder, index, bank_vectors, multimodal,
+                                     options, in_bank=in_bank)
+        _atomic_save(path, array=neighbours.astype(np.int64))
+
+    paths = _chunked("neighbours", folder, split, len(records), chunk_size, "npy", compute)
+    out = os.path.join(os.path.dirname(folder), f"neighbours-{split}.npy")
+    if jax.process_index() == 0:
+        _atomic_save(out, array=np.concatenate([np.load(p) for p in paths]))
+    _sync(f"neighbours-{split}.npy")
+    return out
+
+
+def retriever_figures(records: Sequence[bytes], encoder: Encoder, bank_records: Sequence[bytes],
+                      neighbours: np.ndarray, limit: int = 10_000) -> dict:
+    """On the first `limit` documents of a split with a caption and an image: caption -> image top-1 among them;
+    with labels, the share whose top image / first neighbour has the caption's label, and the chance of that."""
+    documents = _documents(records, 0, min(len(records), limit))
+    pairs = [(i, d, part_queries(i, d)) for i, d in documents]
+    pairs = [(i, d, qs) for i, d, qs in pairs if len(qs) == 2]
+    if not pairs:
+        return {}
+    text = encoder([qs[0] for _, _, qs in pairs])
+    image = encoder([qs[1] for _, _, qs in pairs])
+    top = np.argmax(text @ image.T, axis=1)
+    figures = {"eval_documents": len(pairs), "caption_to_image_top1": float(np.mean(top == np.arange(len(pairs))))}
+    labels = np.array([decode_document_record(records[i])[1].get("label", -1) for i, _, _ in pairs])
+    if np.all(labels >= 0):
+        figures["caption_to_image_same_label"] = float(np.mean(labels[top] == labels))
+        figures["same_label_chance"] = float(np.sum((np.bincount(labels) / len(labels)) ** 2))
+        first = neighbours[[i for i, _, _ in pairs], 0]
+        found = first >= 0
+        neighbour_labels = np.array([decode_document_record(bank_records[j])[1].get("label", -1)
+                                     for j in first[found]])
+        figures["first_neighbour_same_label"] = float(np.mean(neighbour_labels == labels[found]))
+    return figures
+
+
+def run_retrieval_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Builds DIR/retrieval for the LM's train and eval splits; returns the summary."""
+    from cm3jax.models.retriever import RetrieverConfig
+    from cm3jax.train.retriever import host_params, train_retriever
+
+    r = config.retrieval
+    token_dir = config.data.token_dir or os.path.join(workdir, "tokens")
+    stage_dir = os.path.join(workdir, "retrieval")
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    vocab_lib.require_saved_vocab(vocab, token_dir)
+    train_split, eval_split = config.data.train_split, config.data.eval_split
+    bank = open_token_shards(token_dir, train_split)
+    chunk_size = int(r.chunk_size)
+    summary: dict = {"bank_documents": len(bank)}
+
+    if r.embeddings:
+        def encoder_for(split: str, count: int) -> Encoder:
+            return PrecomputedEncoder(r.embeddings, split, count)
+        summary["embeddings"] = r.embeddings
+    else:
+        result = train_retriever(config, os.path.join(stage_dir, "retriever"), token_dir)
+        if result.preempted:
+            return {"preempted": True}
+        trained = RetrieverEncoder(host_params(result.state.params), RetrieverConfig.from_config(config), vocab,
+                                   int(config.retriever.embed_batch_size))
+        summary["retriever_step"] = result.step
+
+        def encoder_for(split: str, count: int) -> Encoder:
+            return trained
+
+    bank_vectors, multimodal = embed_bank(bank, encoder_for(train_split, len(bank)), os.path.join(stage_dir, "bank"),
+                                          chunk_size)
+    index = open_or_build_index(os.path.join(stage_dir, "index"), bank_vectors, IndexOptions.from_config(r))
+    options = StrategyOptions.from_config(r)
+    summary.update(index=type(index).__name__, multimodal_share=float(np.mean(multimodal)))
+    for split in dict.fromkeys((train_split, eval_split)):
+        records = bank if split == train_split else open_token_shards(token_dir, split)
+        encoder = encoder_for(split, len(records))
+        path = compute_neighbours(records, split, split == train_split, encoder, index, bank_vectors, multimodal,
+                                  options, os.path.join(stage_dir, "neighbours"), chunk_size)
+        neighbours = np.load(path)
+        summary[f"{split}_with_neighbours"] = float(np.mean(neighbours[:, 0] >= 0))
+        if split == eval_split:
+            summary.update(retriever_figures(records, encoder, bank, neighbours))
+    return summary
