@@ -1,12 +1,20 @@
-"""Memory-bank index figures: build time, recall@10 against exact search, and queries/s for ScaNN vs exact search
-on clustered, l2-normalised vectors (the shape of a retriever's document embeddings).
+"""Retrieval figures, in two parts.
 
-    python benchmarks/retrieval.py                      # 100k and 1M x 512
-    python benchmarks/retrieval.py --sizes=100000 --leaves_to_search=0,20 --reorder=100,1000
+index: build time, recall@10 against exact search, and queries/s for ScaNN vs exact search on clustered,
+l2-normalised vectors (the shape of a retriever's document embeddings). The bank: `--clusters` Gaussian clusters
+(centres N(0, 1), points centre + 0.3 N(0, 1) per dimension), normalised; queries drawn the same way. Both searchers
+use every core (ScaNN's parallel batched search, numpy's BLAS).
 
-The bank: `--clusters` Gaussian clusters (centres N(0, 1), points centre + 0.3 N(0, 1) per dimension), normalised;
-queries drawn the same way. Both searchers use every core (ScaNN's parallel batched search, numpy's BLAS).
-Prints a table, then one JSON line.
+lm: the paper's central claim at demo scale. The demo LM (configs/demo.py) is trained twice on the demo workdir's
+token shards, same steps and seed, without and with retrieved documents; each is then evaluated on every held-out
+document (one per row) with 0 and with 2 retrieved documents before it, the loss taken on the held-out document's
+tokens only. The workdir's data, VQ-GAN, token and retrieval stages are run first where missing.
+
+    python benchmarks/retrieval.py                      # both parts: 100k and 1M x 512, then the LM comparison
+    python benchmarks/retrieval.py --parts=index --sizes=100000 --leaves_to_search=0,20 --reorder=100,1000
+    python benchmarks/retrieval.py --parts=lm --lm_workdir=workdir/demo
+
+Each part prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -25,6 +34,9 @@ sys.path.insert(0, ROOT)
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="index,lm")
+    p.add_argument("--lm_workdir", default=os.path.join(ROOT, "workdir", "demo"))
+    p.add_argument("--lm_steps", type=int, default=0, help="LM training steps (0: the demo config's)")
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=1000)
@@ -74,8 +86,7 @@ def measure_bank(args, bank: np.ndarray, queries: np.ndarray) -> list[dict]:
     return rows
 
 
-def main():
-    args = parse_args()
+def index_part(args):
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.clusters, args.dim), np.float32)
     rows = []
@@ -90,6 +101,78 @@ def main():
               f"{r['queries_per_s']:11.0f}{r['speedup']:9.1f}")
     print(json.dumps({"benchmark": "retrieval_index", "dim": args.dim, "clusters": args.clusters,
                       "queries": args.queries, "cpu_count": os.cpu_count(), "rows": rows}))
+
+
+def held_out_losses(config, state, num_retrieved: int) -> dict:
+    """Losses of `state` on every held-out document, one per row, after `num_retrieved` retrieved documents."""
+    import math
+
+    import flax.linen as nn
+    import jax
+
+    from cm3jax.data.shards import open_token_shards
+    from cm3jax.parallel.mesh import create_mesh
+    from cm3jax.parallel.sharding import logical_axis_rules
+    from cm3jax.train import loop
+    from cm3jax.train.lm import build_lm_task
+
+    c = config.copy_and_resolve_references()
+    documents = len(open_token_shards(c.data.token_dir, c.data.eval_split))
+    c.data.update(retrieval="neighbours", eval_num_retrieved=num_retrieved, packing="pad")
+    c.train.update(eval_every=1, eval_batches=math.ceil(documents / c.train.global_batch_size))
+    mesh = create_mesh(c, jax.devices())
+    task, _ = build_lm_task(c, mesh)
+    rules = logical_axis_rules(c)
+    _, shardings = loop.abstract_state_and_shardings(task.init_state, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return loop.evaluate(task, loop.jit_eval_step(task, mesh, shardings), state, mesh)
+
+
+def lm_part(args):
+    from cm3jax import cli, stages
+    from cm3jax.train.lm import train_language_model
+    from configs import demo
+
+    config = demo.get_config()
+    workdir = args.lm_workdir
+    for name, stage in cli.STAGES[:-1]:  # every stage before the LM's
+        if not stages.is_complete(os.path.join(workdir, name)):
+            stage(config, workdir)
+    config.data.update(token_dir=os.path.join(workdir, "tokens"), neighbours_dir=os.path.join(workdir, "retrieval"))
+    config.train.update(eval_every=0)
+    if args.lm_steps:
+        config.train.steps = args.lm_steps
+    rows = []
+    for mode in ("none", "neighbours"):
+        trained = config.copy_and_resolve_references()
+        trained.data.retrieval = mode
+        stage_dir = os.path.join(workdir, "benchmark", f"lm-retrieval-{mode}")
+        shutil.rmtree(stage_dir, ignore_errors=True)  # a fresh run each time, never a resumed one
+        start = time.perf_counter()
+        result = train_language_model(trained, stage_dir)
+        train_s = time.perf_counter() - start
+        for k in (0, 2):
+            losses = held_out_losses(trained, result.state, k)
+            rows.append({"trained_with": mode, "eval_retrieved": k, "train_s": train_s, "steps": result.step,
+                         **{key: float(losses[key]) for key in ("loss", "text_loss", "image_loss")}})
+
+    print(f"\nLM with vs without retrieval (configs/demo.py, {config.train.steps} steps, seed {config.train.seed}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores); held-out loss on the held-out "
+          f"documents' tokens")
+    print(f"{'trained with':>14s}{'eval K':>8s}{'loss':>9s}{'text':>9s}{'image':>9s}{'train s':>9s}")
+    for r in rows:
+        print(f"{r['trained_with']:>14s}{r['eval_retrieved']:8d}{r['loss']:9.3f}{r['text_loss']:9.3f}"
+              f"{r['image_loss']:9.3f}{r['train_s']:9.0f}")
+    print(json.dumps({"benchmark": "retrieval_lm", "config": "demo", "steps": config.train.steps, "rows": rows}))
+
+
+def main():
+    args = parse_args()
+    parts = args.parts.split(",")
+    if "index" in parts:
+        index_part(args)
+    if "lm" in parts:
+        lm_part(args)
 
 
 if __name__ == "__main__":

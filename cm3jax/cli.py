@@ -15,6 +15,17 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py or configs/tiny.py:arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: every stage writes under it.")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate image: the caption to draw.")
+_IMAGE = flags.DEFINE_string("image", None, "generate caption / vqa / infill: path of the input image.")
+_QUESTION = flags.DEFINE_string("question", None, "generate vqa: the question.")
+_BOX = flags.DEFINE_string("box", None, "generate infill: x0,y0,x1,y1 pixels of the region to regenerate.")
+_NUM = flags.DEFINE_integer("num", None, "generate image / infill: samples (default generate.num).")
+_CFG = flags.DEFINE_float("cfg", None, "generate image: classifier-free guidance scale (sets generate.guidance=cfg).")
+_CDK = flags.DEFINE_bool("cdk", False, "generate image: contrastive decoding TopK instead of CFG.")
+_RETRIEVE = flags.DEFINE_integer("retrieve", None, "generate image: retrieved documents put before the prompt.")
+_CANDIDATES = flags.DEFINE_integer("candidates", None, "generate image: draw this many, keep --num by the "
+                                                       "retriever's score.")
+_SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed (default generate.seed).")
 
 USAGE = """usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]
 
@@ -104,8 +115,106 @@ def train_lm(config, workdir: str) -> None:
               f"logs in {stage_dir}/logs", flush=True)
 
 
+class GenerateInputError(ValueError):
+    """A generate request that cannot run: reported in one line."""
+
+
+def _generate_settings(config, task: str) -> dict:
+    """The request from the flags (falling back to config.generate), checked before any model is loaded."""
+    g = config.generate
+    if _NUM.value is not None:
+        g.num = _NUM.value
+    if _SEED.value is not None:
+        g.seed = _SEED.value
+    if _RETRIEVE.value is not None:
+        g.retrieve = _RETRIEVE.value
+    if _CANDIDATES.value is not None:
+        g.rerank_candidates = _CANDIDATES.value
+    if _CDK.value:
+        g.guidance = "cdk"
+    elif _CFG.value is not None:
+        g.guidance, g.cfg_scale = "cfg", _CFG.value
+    settings = {"task": task}
+    if task == "image":
+        if not (_PROMPT.value or "").strip():
+            raise GenerateInputError("generate image needs a non-empty --prompt")
+        settings["prompt"] = _PROMPT.value
+    else:
+        if not _IMAGE.value or not os.path.isfile(_IMAGE.value):
+            raise GenerateInputError(f"generate {task} needs --image PATH of an existing image file, got "
+                                     f"{_IMAGE.value!r}")
+        settings["image"] = os.path.abspath(_IMAGE.value)
+    if task == "vqa":
+        if not (_QUESTION.value or "").strip():
+            raise GenerateInputError("generate vqa needs a non-empty --question")
+        settings["question"] = _QUESTION.value
+    if task == "infill":
+        try:
+            box = tuple(int(v) for v in (_BOX.value or "").split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4:
+            raise GenerateInputError(f"generate infill needs --box x0,y0,x1,y1 (pixels), got {_BOX.value!r}")
+        settings["box"] = box
+    return settings
+
+
+def generate(config, workdir: str, task: str) -> None:
+    import json
+    import time
+
+    import PIL.Image
+
+    from cm3jax import stages
+    from cm3jax.config_validation import validate_generate_config
+    from cm3jax.inference.decode import SamplingOptions
+    from cm3jax.inference.generate import Generator, contact_sheet
+
+    settings = _generate_settings(config, task)
+    validate_generate_config(config)
+    g = config.generate
+    options = SamplingOptions.from_config(g)
+    generator = Generator.load(config, workdir)
+    out_dir = os.path.join(workdir, "samples", f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out_dir, exist_ok=True)
+    if task == "caption":
+        settings["caption"] = generator.caption(settings["image"], seed=g.seed)
+    elif task == "vqa":
+        settings["answer"] = generator.answer(settings["image"], settings["question"], seed=g.seed)
+    else:
+        if task == "image":
+            images, _ = generator.images(settings["prompt"], int(g.num), options, int(g.seed), int(g.retrieve),
+                                         int(g.rerank_candidates))
+        else:
+            images = generator.infill(settings["image"], settings["box"], options, num=int(g.num), seed=int(g.seed))
+        for i, image in enumerate(images):
+            PIL.Image.fromarray(image).save(os.path.join(out_dir, f"{i:03d}.png"))
+        PIL.Image.fromarray(contact_sheet(images, columns=min(len(images), 8))).save(
+            os.path.join(out_dir, "sheet.png"))
+        settings["images"] = len(images)
+    settings.update(lm_step=generator.step, generate=g.to_dict())
+    stages.atomic_write_text(os.path.join(out_dir, "settings.json"), json.dumps(settings, indent=2, default=str))
+    for key in ("caption", "answer"):
+        if key in settings:
+            print(f"{key}: {settings[key]}", flush=True)
+    print(f"generate {task}: written to {out_dir}", flush=True)
+
+
+def generate_samples(config, workdir: str) -> None:
+    """The pipeline's last stage: images for generate.sample_prompts and captions of held-out images."""
+    import json
+
+    from cm3jax import stages
+    from cm3jax.inference.samples import write_samples
+
+    stage_dir = stages.prepare_stage(workdir, "samples", config)
+    summary = write_samples(config, workdir, stage_dir)
+    stages.mark_complete(stage_dir, summary)
+    print(f"samples: {json.dumps(summary)}", flush=True)
+
+
 STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("tokens", tokenize), ("retrieval", retrieve),
-          ("lm", train_lm))
+          ("lm", train_lm), ("samples", generate_samples))
 
 
 def run_pipeline(config, workdir: str) -> None:
@@ -115,12 +224,15 @@ def run_pipeline(config, workdir: str) -> None:
         if name == "retrieval" and config.data.retrieval == "none":
             print("retrieval: skipped (data.retrieval='none')", flush=True)
             continue
+        if name == "samples" and not config.generate.sample_prompts and not config.generate.sample_captions:
+            continue
         if stages.is_complete(os.path.join(workdir, name)):
             print(f"{name}: complete, skipped", flush=True)
             continue
         stage(config, workdir)
 
 
+GENERATE_TASKS = ("image", "caption", "vqa", "infill")
 COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "retrieve": retrieve,
             "train": train_lm, "pipeline": run_pipeline}
 
@@ -132,14 +244,22 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpoint I/O) only with -v 0 or higher
 
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    is_generate = len(argv) == 3 and argv[1] == "generate" and argv[2] in GENERATE_TASKS
+    if not is_generate and (len(argv) != 2 or argv[1] not in COMMANDS):
         sys.stderr.write(USAGE)
         sys.exit(EXIT_CONFIG_ERROR)
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.stderr.write("cm3jax: --config and --workdir are required\n" + USAGE)
         sys.exit(EXIT_CONFIG_ERROR)
     try:
-        COMMANDS[argv[1]](_CONFIG.value, _WORKDIR.value)
+        if is_generate:
+            try:
+                generate(_CONFIG.value, _WORKDIR.value, argv[2])
+            except (FileNotFoundError, ValueError) as e:  # bad input or a missing stage: one line
+                sys.stderr.write(f"cm3jax: {e}\n")
+                sys.exit(EXIT_CONFIG_ERROR)
+        else:
+            COMMANDS[argv[1]](_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         sys.stderr.write(f"cm3jax: invalid config: {e}\n")
         sys.exit(EXIT_CONFIG_ERROR)

@@ -215,6 +215,30 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # Decoding (`cm3jax generate`, cm3jax/inference/, REFERENCE §5).
+    c.generate = ml_collections.ConfigDict(
+        dict(
+            temperature=1.0,  # 0: greedy
+            top_k=0,  # 0: off
+            top_p=1.0,  # 1: off
+            guidance="cfg",  # none | cfg | cdk (contrastive decoding TopK) for text -> image
+            cfg_scale=3.0,  # CM3leon sweeps 1..7
+            cdk_alpha=0.1,  # unstated in the paper
+            cdk_k=10,  # unstated in the paper
+            image_scale=1.5,  # editing: image guidance (three streams)
+            text_scale=7.5,  # editing: text guidance
+            max_text_tokens=32,  # captions and answers
+            caption_style="infill",  # infill (CM3: <mask:0> where the caption goes) | continue (after the image)
+            num=8,  # images per prompt
+            retrieve=0,  # documents retrieved for the prompt and prepended (needs `cm3jax retrieve`)
+            rerank_candidates=0,  # > num: draw this many, keep the num best by the retriever's score
+            seed=0,
+            # What the pipeline's `samples` stage generates at the end of a run (nothing when empty).
+            sample_prompts=(),
+            sample_captions=8,  # held-out images captioned by the samples stage
+        )
+    )
+
     c.train = ml_collections.ConfigDict(
         dict(
             seed=0,

@@ -18,6 +18,8 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg16", "alexnet")
 INDEX_KINDS = ("auto", "exact", "scann")
 RETRIEVAL_MODES = ("none", "neighbours")
+GUIDANCES = ("none", "cfg", "cdk")
+CAPTION_STYLES = ("infill", "continue")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
@@ -137,8 +139,49 @@ def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) 
              f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
     _require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")
     validate_vqgan_config(config)
-    _require(config.retrieval.index_kind in INDEX_KINDS, "retrieval.index_kind",
-             f"{config.retrieval.index_kind!r} not in {INDEX_KINDS}")
+    validate_retrieval_config(config)
+    validate_generate_config(config)
+
+
+def validate_generate_config(config: ml_collections.ConfigDict) -> None:
+    g = config.generate
+    _require(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0: greedy), got {g.temperature}")
+    _require(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0: off), got {g.top_k}")
+    _require(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
+    _require(g.guidance in GUIDANCES, "generate.guidance", f"{g.guidance!r} not in {GUIDANCES}")
+    _require(0 < g.cdk_alpha <= 1 and g.cdk_k >= 1, "generate.cdk_alpha",
+             f"need 0 < cdk_alpha <= 1 and cdk_k >= 1, got {g.cdk_alpha} and {g.cdk_k}")
+    _require(g.caption_style in CAPTION_STYLES, "generate.caption_style",
+             f"{g.caption_style!r} not in {CAPTION_STYLES}")
+    for field in ("num", "max_text_tokens"):
+        _require(int(g[field]) >= 1, f"generate.{field}", f"must be >= 1, got {g[field]}")
+    for field in ("retrieve", "rerank_candidates", "sample_captions"):
+        _require(int(g[field]) >= 0, f"generate.{field}", f"must be >= 0, got {g[field]}")
+
+
+def validate_retrieval_config(config: ml_collections.ConfigDict) -> None:
+    r, q = config.retrieval, config.retriever
+    _require(r.index_kind in INDEX_KINDS, "retrieval.index_kind", f"{r.index_kind!r} not in {INDEX_KINDS}")
+    _require(r.num_neighbours >= 1, "retrieval.num_neighbours", f"must be >= 1, got {r.num_neighbours}")
+    _require(r.candidates >= r.num_neighbours, "retrieval.candidates",
+             f"{r.candidates} candidates cannot give retrieval.num_neighbours={r.num_neighbours} neighbours")
+    _require(len(config.data.num_retrieved_probs) - 1 <= r.num_neighbours, "data.num_retrieved_probs",
+             f"allows K up to {len(config.data.num_retrieved_probs) - 1} but retrieval.num_neighbours="
+             f"{r.num_neighbours}")
+    _require(-1.0 < r.duplicate_threshold <= 1.0, "retrieval.duplicate_threshold",
+             f"must be a cosine similarity in (-1, 1], got {r.duplicate_threshold}")
+    _require(0.0 <= r.query_dropout < 1.0, "retrieval.query_dropout", f"must be in [0, 1), got {r.query_dropout}")
+    _require(r.chunk_size >= 1, "retrieval.chunk_size", f"must be >= 1, got {r.chunk_size}")
+    _require(not r.embeddings or ("{split}" in r.embeddings and "{part}" in r.embeddings), "retrieval.embeddings",
+             f"must be a path with {{split}} and {{part}} (e.g. /data/clip/{{split}}-{{part}}.npy), got "
+             f"{r.embeddings!r}")
+    for field in ("embed_dim", "text_len", "num_layers", "d_model", "num_heads", "embed_batch_size"):
+        _require(int(q[field]) >= 1, f"retriever.{field}", f"must be >= 1, got {q[field]}")
+    _require(q.d_model % q.num_heads == 0, "retriever.num_heads",
+             f"{q.num_heads} heads do not divide retriever.d_model={q.d_model}")
+    _require(q.temperature_init > 0 and q.max_logit_scale > 0, "retriever.temperature_init",
+             "temperature_init and max_logit_scale must be > 0")
+    _require(q.compute_dtype in DTYPES + ("auto",), "retriever.compute_dtype", f"{q.compute_dtype!r} not valid")
 
 
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:

@@ -6,7 +6,7 @@ Stages: `data` builds the embedded `digits` dataset (DIR/data); `vqgan` trains t
 codes from a 512-code codebook); `tokens` trains the SentencePiece text tokenizer (at most 1,024 pieces) and writes
 the token shards; `retrieval` trains the dual-encoder retriever, indexes the train documents and finds every
 document's neighbours; `lm` trains the CM3leon LM on them with 0-2 retrieved documents before each (CM3 masking,
-packing).
+packing); `samples` draws four digits of every class with classifier-free guidance and captions held-out digits.
 """
 from cm3jax.config import base_config
 
@@ -31,6 +31,8 @@ def get_config(arg=None):
     # threshold would leave most documents without neighbours; 0.98 still drops the near-copies.
     c.retrieval.update(chunk_size=500, duplicate_threshold=0.98)
     c.data.update(retrieval="neighbours")
+    digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    c.generate.update(num=4, sample_prompts=tuple(f"a handwritten {name}" for name in digits), sample_captions=8)
     c.train.update(global_batch_size=16, seq_len=256, steps=200, log_every=25, eval_every=100, eval_batches=4,
                    checkpoint_every=100, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")

@@ -153,6 +153,10 @@ def test_cli_overrides_reach_the_run_and_bad_values_name_the_field(tmp_path):
     ({"data.packing": "greedy"}, "data.packing"),
     ({"data.image_first_probability": 1.5}, "data.image_first_probability"),
     ({"raw_data.dataset": "laion"}, "raw_data.dataset"),
+    ({"retrieval.num_neighbours": 1}, "data.num_retrieved_probs"),  # K up to 2 needs 2 neighbours
+    ({"retrieval.query_dropout": 1.0}, "retrieval.query_dropout"),
+    ({"retrieval.embeddings": "/data/clip.npy"}, "retrieval.embeddings"),
+    ({"retriever.num_heads": 5}, "retriever.num_heads"),
 ])
 def test_config_that_cannot_run_fails_naming_the_field(tiny_config, overrides, field):
     for key, value in overrides.items():

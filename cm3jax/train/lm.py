@@ -120,17 +120,27 @@ def make_eval_step(model: nn.Module, z_loss_weight: float) -> Callable[[TrainSta
     return eval_step
 
 
+def lm_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, DecoderConfig, optax.GradientTransformation,
+                                                                optax.Schedule]:
+    """(init_state(rng) -> TrainState, the decoder's config, its optimizer and learning-rate schedule)."""
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    decoder_config = DecoderConfig.from_config(config.model, vocab.padded_size)
+    model = CM3LeonDecoder(decoder_config)
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+
+    def init_state(rng: jax.Array) -> TrainState:
+        params = model.init(rng, jnp.zeros((1, config.train.seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    return init_state, decoder_config, optimizer, schedule
+
+
 def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainTask, DecoderConfig]:
     """The CM3leon LM as a TrainTask for the generic loop, fed by the configured data source."""
     t = config.train
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    decoder_config = DecoderConfig.from_config(config.model, vocab.padded_size)
+    init_state, decoder_config, optimizer, schedule = lm_state_init(config)
     model = CM3LeonDecoder(decoder_config)
-    optimizer, schedule = make_optimizer(config.optim, t.steps)
-
-    def init_state(rng: jax.Array) -> TrainState:
-        params = model.init(rng, jnp.zeros((1, t.seq_len), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     rows = process_rows(mesh, t.global_batch_size)
     options = PipelineOptions.from_config(config, resolve_num_streams(config, jax.process_count()))

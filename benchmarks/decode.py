@@ -1,0 +1,197 @@
+"""Decoding figures, in two parts.
+
+speed: per-token time at a 1,024-token context with the KV cache (one new token against the cache) vs recomputing
+the whole sequence (what decoding without a cache does for every token), and the latency of one image (grid^2
+tokens) with classifier-free guidance (two streams in one batch) after a short prompt; for the demo model's shape
+and the cm3leon_350m shape, random weights (position tables sized for the test).
+
+quality: on a finished demo run (`make demo`), the share of generated digits that an independent classifier reads as
+the prompted digit, with and without CFG, and caption accuracy on the held-out digits. The classifier is
+scikit-learn's logistic regression trained on scikit-learn's own 8x8 digits (the train split), not by cm3jax;
+generated 32x32 images are averaged down to 8x8 ink levels for it.
+
+    python benchmarks/decode.py                                   # both parts
+    python benchmarks/decode.py --parts=speed --models=demo       # on a GPU: --models=demo,cm3leon_350m
+
+Each part prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="speed,quality")
+    p.add_argument("--models", default="demo,cm3leon_350m")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=os.path.join(ROOT, "workdir", "demo"))
+    p.add_argument("--per_class", type=int, default=20, help="quality: images generated per digit and setting")
+    p.add_argument("--cfg", type=float, default=3.0)
+    return p.parse_args()
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def speed_row(name: str, args) -> dict:
+    import importlib
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from cm3jax import vocab as vocab_lib
+    from cm3jax.inference.decode import SamplingOptions, Schedule, left_pad, make_decoder
+    from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.max_seq_len = args.context + 64
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    cfg = DecoderConfig.from_config(config.model, vocab.padded_size)
+    params = jax.jit(lambda r: nn.unbox(CM3LeonDecoder(cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"]))(
+        jax.random.key(0))
+    rng = np.random.default_rng(0)
+    greedy = SamplingOptions(temperature=0.0)
+
+    def prompt(length):
+        return np.concatenate([[vocab_lib.EOS], vocab.text_ids(rng.integers(0, vocab.text_size, length - 1))])
+
+    # KV cache: generating 2n instead of n tokens after the same prompt costs n tokens at ~context positions.
+    n = 32
+    tokens, mask = left_pad([prompt(args.context - 2 * n)])
+    timed = {}
+    for steps in (n, 2 * n):
+        run = make_decoder(cfg, vocab, Schedule.image(steps), greedy)
+        timed[steps] = best_time(lambda: jax.block_until_ready(run(params, tokens, mask, jax.random.key(0))),
+                                 args.repeats)
+    cached = (timed[2 * n] - timed[n]) / n
+    forward = jax.jit(lambda p, t: CM3LeonDecoder(cfg).apply({"params": p}, t)[:, -1])
+    full = jnp.asarray(prompt(args.context))[None]
+    recompute = best_time(lambda: jax.block_until_ready(forward(params, full)), args.repeats)
+
+    grid = int(config.vqgan.image_size) // 2 ** (len(config.vqgan.channel_multipliers) - 1)
+    caption = prompt(12)
+    unconditional = np.array([vocab_lib.EOS, vocab.mask_id(0), vocab_lib.BREAK])
+    image = make_decoder(cfg, vocab, Schedule.image(grid * grid), SamplingOptions(guidance="cfg", cfg_scale=3.0))
+    tokens, mask = left_pad([caption, unconditional])
+    latency = best_time(lambda: jax.block_until_ready(image(params, tokens, mask, jax.random.key(0))),
+                        max(1, args.repeats - 1))
+    params_count = sum(x.size for x in jax.tree.leaves(params))
+    return {"model": name, "params_m": params_count / 1e6, "context": args.context,
+            "kv_cache_ms_per_token": cached * 1e3, "recompute_ms_per_token": recompute * 1e3,
+            "speedup": recompute / cached, "image_tokens": grid * grid, "image_latency_s": latency,
+            "compute_dtype": str(cfg.compute_dtype.name if hasattr(cfg.compute_dtype, "name") else cfg.compute_dtype)}
+
+
+def speed_part(args) -> None:
+    import jax
+
+    rows = [speed_row(name, args) for name in args.models.split(",")]
+    device = jax.devices()[0].device_kind
+    print(f"\ndecoding speed ({device}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+          f"random weights, greedy, batch 1")
+    print(f"{'model':>14s}{'params M':>10s}{'KV ms/tok':>11s}{'recompute ms/tok':>18s}{'x':>7s}"
+          f"{'image tokens':>14s}{'image s (CFG)':>15s}")
+    for r in rows:
+        print(f"{r['model']:>14s}{r['params_m']:10.1f}{r['kv_cache_ms_per_token']:11.2f}"
+              f"{r['recompute_ms_per_token']:18.2f}{r['speedup']:7.1f}{r['image_tokens']:14d}"
+              f"{r['image_latency_s']:15.2f}")
+    print(json.dumps({"benchmark": "decode_speed", "device": device, "rows": rows}))
+
+
+def digit_classifier():
+    """Logistic regression on scikit-learn's 8x8 digits of our train split (ink levels 0..16)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from cm3jax.data.embedded.digits import split_indices
+
+    digits = load_digits()
+    train = split_indices()["train"]
+    return LogisticRegression(max_iter=5000).fit(digits.data[train], digits.target[train])
+
+
+def ink_8x8(images: np.ndarray) -> np.ndarray:
+    """[n, 32, 32, 3] uint8 ink-on-paper images -> [n, 64] ink levels 0..16 (4x4 block means)."""
+    grey = images.astype(np.float32).mean(axis=-1)
+    n, size = grey.shape[0], grey.shape[1]
+    blocks = grey.reshape(n, 8, size // 8, 8, size // 8).mean(axis=(2, 4))
+    return ((255.0 - blocks) / 255.0 * 16.0).reshape(n, 64)
+
+
+def caption_digit(caption: str) -> int:
+    """The digit a caption names (word or numeral), -1 when it names none or several."""
+    from cm3jax.data.embedded.digits import NAMES
+
+    found = {NAMES.index(w) for w in re.findall(r"[a-z]+", caption.lower()) if w in NAMES}
+    found |= {int(d) for d in re.findall(r"\b\d\b", caption)}
+    return found.pop() if len(found) == 1 else -1
+
+
+def quality_part(args) -> None:
+    from cm3jax.data.embedded.digits import NAMES
+    from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
+    from cm3jax.inference.decode import SamplingOptions
+    from cm3jax.inference.generate import Generator
+    from configs import demo
+
+    config = demo.get_config()
+    generator = Generator.load(config, args.workdir)
+    classifier = digit_classifier()
+    source = open_raw_source(config.raw_data, "validation", os.path.join(args.workdir, "data"))
+    examples = list(read_examples(source, 32, SkipCounts()))
+    labels = np.array([source.raw(i)[2]["label"] for i in range(len(source))])
+    real = np.stack([e.image for e in examples])
+    rows = [{"setting": "classifier on real held-out digits", "accuracy": float(np.mean(
+        classifier.predict(ink_8x8(real)) == labels))}]
+    for name, options in (("no guidance", SamplingOptions(temperature=1.0)),
+                          (f"CFG {args.cfg:g}", SamplingOptions(temperature=1.0, guidance="cfg",
+                                                                cfg_scale=args.cfg))):
+        hits = 0
+        for digit, word in enumerate(NAMES):
+            images, _ = generator.images(f"a handwritten {word}", args.per_class, options, seed=digit)
+            hits += int(np.sum(classifier.predict(ink_8x8(images)) == digit))
+        rows.append({"setting": f"generated digits, {name}", "accuracy": hits / (10 * args.per_class)})
+    captions = [generator.caption(e.image) for e in examples]
+    rows.append({"setting": "captions naming the held-out digit (greedy, infill)",
+                 "accuracy": float(np.mean([caption_digit(c) == y for c, y in zip(captions, labels)]))})
+
+    print(f"\ndemo generation quality (LM step {generator.step}; {args.per_class} images per digit per setting, "
+          f"temperature 1; {len(examples)} held-out digits)")
+    for r in rows:
+        print(f"{r['setting']:56s}{r['accuracy']:8.1%}")
+    print(json.dumps({"benchmark": "decode_quality", "lm_step": generator.step, "per_class": args.per_class,
+                      "rows": rows, "caption_examples": captions[:5]}))
+
+
+def main():
+    args = parse_args()
+    parts = args.parts.split(",")
+    if "speed" in parts:
+        speed_part(args)
+    if "quality" in parts:
+        quality_part(args)
+
+
+if __name__ == "__main__":
+    main()

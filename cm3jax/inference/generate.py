@@ -1,0 +1,189 @@
+"""Generation from a trained run: the LM (latest checkpoint under DIR/lm, on the configured mesh), the VQ-GAN that
+turns codes into pixels and images into codes, the text tokenizer, and optionally the memory bank for
+retrieval-augmented prompts and the retriever for re-ranking.
+
+    generator = Generator.load(config, workdir)
+    images = generator.images("a handwritten seven", num=8, options=SamplingOptions(guidance="cfg", cfg_scale=3))
+    caption = generator.caption(image)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.inference.decode import SamplingOptions, left_pad, make_decoder
+from cm3jax.inference.tasks import TaskPrompt, TaskPrompter
+
+
+class Generator:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh, params: Any, decoder_config,
+                 vocab: vocab_lib.UnifiedVocab, text, vqgan_params: Any, step: int):
+        from cm3jax.parallel.sharding import logical_axis_rules
+        from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
+
+        self.config, self.workdir, self.mesh, self.params = config, workdir, mesh, params
+        self.decoder_config, self.vocab, self.text, self.step = decoder_config, vocab, text, step
+        self.rules = logical_axis_rules(config)
+        vqgan_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
+        vqgan = VQGAN(vqgan_config)
+        self.image_size, self.grid = vqgan_config.image_size, vqgan_config.grid_size
+        self._vqgan_params = vqgan_params
+        self._encode = jax.jit(lambda p, x: vqgan.apply({"params": p}, x, method=vqgan.encode))
+        self._decode_codes = jax.jit(lambda p, c: vqgan.apply({"params": p}, c, method=vqgan.decode))
+        self.prompter = TaskPrompter(vocab, text.encode, self.grid)
+        self._decoders: dict = {}
+        self._memory = None
+
+    @classmethod
+    def load(cls, config: ml_collections.ConfigDict, workdir: str, devices=None) -> "Generator":
+        from cm3jax.parallel.mesh import create_mesh
+        from cm3jax.tokenizers.text import TextTokenizer
+        from cm3jax.tokenizers.tokenize import TEXT_TOKENIZER_FILE, restore_vqgan_params
+        from cm3jax.train.lm import lm_state_init
+        from cm3jax.train.loop import restore_latest_state
+
+        vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+        lm_dir = os.path.join(workdir, "lm")
+        if not os.path.isdir(os.path.join(lm_dir, "checkpoints")):
+            raise FileNotFoundError(f"no trained LM under {lm_dir}: run `cm3jax train` on this workdir first")
+        vocab_lib.require_saved_vocab(vocab, lm_dir)
+        tokenizer_path = os.path.join(workdir, "text_tokenizer", TEXT_TOKENIZER_FILE)
+        if not os.path.exists(tokenizer_path):
+            raise FileNotFoundError(f"{tokenizer_path} not found: run `cm3jax tokenize` on this workdir first")
+        mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
+        init_state, decoder_config, _, _ = lm_state_init(config)
+        state, step = restore_latest_state(init_state, config, mesh, lm_dir, "`cm3jax train`")
+        vqgan_params, _ = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
+        return cls(config, workdir, mesh, state.params, decoder_config, vocab,
+                   TextTokenizer.load(tokenizer_path), vqgan_params, step)
+
+    # -- codes and pixels ------------------------------------------------------------------------------------------
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """Any image (bytes / path / array) -> its [grid, grid] code grid."""
+        from cm3jax.data.sources import decode_image
+
+        try:
+            pixels = decode_image(image, self.image_size).astype(np.float32) / 127.5 - 1.0
+        except Exception as e:  # noqa: BLE001 - any unreadable input becomes one clear error
+            raise ValueError(f"cannot read the image {image if isinstance(image, str) else ''}: {e}") from e
+        return np.asarray(self._encode(self._vqgan_params, pixels[None]))[0]
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        """[n, grid, grid] codes -> [n, size, size, 3] uint8 images."""
+        pixels = np.asarray(self._decode_codes(self._vqgan_params, np.asarray(codes).reshape(-1, self.grid,
+                                                                                              self.grid)))
+        return np.clip((pixels + 1.0) * 127.5, 0, 255).astype(np.uint8)
+
+    # -- decoding --------------------------------------------------------------------------------------------------
+
+    def run(self, prompt: TaskPrompt, num: int, options: SamplingOptions, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """`num` samples of one task prompt: (generated [num, T], lengths [num])."""
+        if len(prompt.streams) != options.num_streams:
+            raise ValueError(f"guidance {options.guidance!r} needs {options.num_streams} prompt streams, this task "
+                             f"has {len(prompt.streams)}")
+        key = (prompt.schedule.forced.tobytes(), prompt.schedule.modality.tobytes(), prompt.schedule.stop_tokens,
+               options)
+        if key not in self._decoders:
+            self._decoders[key] = make_decoder(self.decoder_config, self.vocab, prompt.schedule, options)
+        rows = [stream for stream in prompt.streams for _ in range(num)]
+        tokens, mask = left_pad(rows)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            out, lengths = self._decoders[key](self.params, tokens, mask, jax.random.key(seed))
+        return np.asarray(out), np.asarray(lengths)
+
+    def decode_text(self, tokens: np.ndarray) -> str:
+        text = tokens[self.vocab.modality(tokens) == vocab_lib.MODALITY_TEXT]
+        return self.text.decode(self.vocab.text_pieces(text))
+
+    # -- tasks -----------------------------------------------------------------------------------------------------
+
+    def images(self, caption: str, num: int, options: SamplingOptions, seed: int = 0, retrieve: int = 0,
+               candidates: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """num images for a caption: (uint8 [num, size, size, 3], codes [num, grid, grid]). `retrieve` K documents
+        are prepended to the conditional prompt; with `candidates` > num, that many are drawn and the num best by
+        the retriever's caption-image score are kept."""
+        context = None
+        if retrieve:
+            from cm3jax.retrieval.memory import prepend_retrieved
+
+            documents = self.memory().retrieve(caption, k=retrieve)
+            context = prepend_retrieved(documents, np.array([vocab_lib.EOS], np.int32))
+        draws = max(num, candidates)
+        out, _ = self.run(self.prompter.text_to_image(caption, context), draws, options, seed)
+        codes = self.vocab.image_codes(out).reshape(draws, self.grid, self.grid)
+        if draws > num:
+            codes = codes[np.argsort(-self.caption_image_scores(caption, codes), kind="stable")[:num]]
+        return self.decode_codes(codes), codes
+
+    def caption(self, image: Any, style: str | None = None, options: SamplingOptions | None = None,
+                seed: int = 0) -> str:
+        g = self.config.generate
+        prompt = self.prompter.caption(self.encode_image(image), style or g.caption_style, int(g.max_text_tokens))
+        out, lengths = self.run(prompt, 1, options or SamplingOptions(temperature=0.0), seed)
+        return self.decode_text(out[0, :lengths[0]])
+
+    def answer(self, image: Any, question: str, options: SamplingOptions | None = None, seed: int = 0) -> str:
+        prompt = self.prompter.vqa(self.encode_image(image), question, int(self.config.generate.max_text_tokens))
+        out, lengths = self.run(prompt, 1, options or SamplingOptions(temperature=0.0), seed)
+        return self.decode_text(out[0, :lengths[0]])
+
+    def infill(self, image: Any, box_pixels: tuple[int, int, int, int], options: SamplingOptions,
+               caption: str | None = None, num: int = 1, seed: int = 0) -> np.ndarray:
+        """Regenerates the region x0, y0, x1, y1 (pixels of the image_size x image_size image, rounded out to whole
+        code cells); returns uint8 [num, size, size, 3]."""
+        codes = self.encode_image(image)
+        box = pixel_box_to_cells(box_pixels, self.image_size, self.grid)
+        out, _ = self.run(self.prompter.infill(codes, box, caption), num, options, seed)
+        filled = [self.prompter.fill_box(codes, box, row, self.vocab) for row in out]
+        return self.decode_codes(np.stack(filled))
+
+    # -- retrieval -------------------------------------------------------------------------------------------------
+
+    def memory(self):
+        from cm3jax.retrieval.memory import MemoryBank
+
+        if self._memory is None:
+            self._memory = MemoryBank.load(self.config, self.workdir)
+        return self._memory
+
+    def caption_image_scores(self, caption: str, codes: np.ndarray) -> np.ndarray:
+        """The retriever's caption-image inner products for candidate code grids [n, grid, grid]."""
+        from cm3jax.retrieval.neighbours import Query
+
+        encoder = self.memory().encoder
+        if encoder is None:
+            raise ValueError("re-ranking needs the trained retriever (retrieval.embeddings is set)")
+        text = self.prompter.text(caption)
+        queries = [Query(0, vocab_lib.MODALITY_TEXT, text, np.ones(len(text), bool))]
+        for grid in codes:
+            ids = self.vocab.image_ids(grid.reshape(-1))
+            queries.append(Query(0, vocab_lib.MODALITY_IMAGE, ids, np.ones(len(ids), bool)))
+        vectors = encoder(queries)
+        return vectors[1:] @ vectors[0]
+
+
+def pixel_box_to_cells(box: tuple[int, int, int, int], image_size: int, grid: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) in pixels -> (row0, col0, row1, col1) code cells covering it."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size):
+        raise ValueError(f"box {box} must satisfy 0 <= x0 < x1 <= {image_size} and 0 <= y0 < y1 <= {image_size}")
+    cell = image_size / grid
+    return int(y0 // cell), int(x0 // cell), int(-(-y1 // cell)), int(-(-x1 // cell))
+
+
+def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
+    """[n, h, w, 3] uint8 -> one grid image with `columns` per row (white where a row is short)."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    sheet = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    return sheet

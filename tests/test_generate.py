@@ -1,0 +1,132 @@
+"""Generation from a trained (tiny) run: the CLI's outputs and one-line errors, every task's prompt and constraints,
+retrieval-augmented prompting and re-ranking, and the pipeline's samples stage."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.inference.decode import SamplingOptions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(config, workdir) of a tiny run on digits: data, VQ-GAN, tokens, retriever and LM, a few steps each."""
+    from cm3jax import cli
+    from configs import tiny
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny.get_config()
+    config.data.source = "token_shards"
+    config.train.update(seq_len=48, steps=4, checkpoint_every=4)
+    config.model.max_seq_len = 96
+    for stage in (cli.prepare_data, cli.train_vqgan, cli.tokenize, cli.retrieve, cli.train_lm):
+        stage(config, workdir)
+    return config, workdir
+
+
+@pytest.fixture(scope="module")
+def generator(run):
+    from cm3jax.inference.generate import Generator
+
+    return Generator.load(*run)
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "cm3jax", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_image_cli_writes_images_a_contact_sheet_and_settings(run):
+    config, workdir = run
+    overrides = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.model.max_seq_len=96"]
+    done = _cli("generate", "image", *overrides, "--prompt=a handwritten seven", "--num=3", "--cfg=2.5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out_dir = done.stdout.strip().splitlines()[-1].split("written to ")[-1]
+    assert sorted(os.listdir(out_dir)) == ["000.png", "001.png", "002.png", "settings.json", "sheet.png"]
+    assert np.asarray(PIL.Image.open(os.path.join(out_dir, "sheet.png"))).shape == (32, 96, 3)
+    settings = json.load(open(os.path.join(out_dir, "settings.json")))
+    assert settings["prompt"] == "a handwritten seven" and settings["generate"]["guidance"] == "cfg"
+    assert settings["generate"]["cfg_scale"] == 2.5 and settings["lm_step"] == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["image", "--prompt=  "], "non-empty --prompt"),
+    (["caption", "--image=/no/such.png"], "existing image file"),
+    (["infill", "--image=README.md", "--box=1,2,3"], "--box x0,y0,x1,y1"),
+])
+def test_bad_generate_requests_get_one_line_errors(run, args, message):
+    _, workdir = run
+    done = _cli("generate", *args, "--config=configs/tiny.py", f"--workdir={workdir}")
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_workdir_without_a_model_gets_a_one_line_error(tmp_path):
+    done = _cli("generate", "image", "--prompt=a seven", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no trained LM" in done.stderr and "run `cm3jax train`" in done.stderr
+
+
+def test_text_tasks_return_text_and_never_image_codes(generator, run):
+    config, workdir = run
+    image = os.path.join(workdir, "probe.png")
+    PIL.Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(image)
+    for style in ("infill", "continue"):
+        prompt = generator.prompter.caption(generator.encode_image(image), style, 12)
+        out, lengths = generator.run(prompt, 2, SamplingOptions(temperature=1.0), seed=0)
+        for row, n in zip(out, lengths):
+            assert not np.any(generator.vocab.modality(row[:n]) == vocab_lib.MODALITY_IMAGE)
+    assert isinstance(generator.caption(image), str)
+    assert isinstance(generator.answer(image, "what digit is this?"), str)
+    with pytest.raises(ValueError, match="cannot read the image"):
+        generator.caption(os.path.join(workdir, "vqgan"))
+
+
+def test_infill_regenerates_only_the_box(generator):
+    image = np.full((32, 32, 3), 200, np.uint8)
+    codes = generator.encode_image(image)
+    box = (1, 0, 3, 2)  # code rows 1-2, columns 0-1 of the 4x4 grid
+    prompt = generator.prompter.infill(codes, box)
+    out, _ = generator.run(prompt, 3, SamplingOptions(temperature=1.0), seed=1)
+    v = generator.vocab
+    for row in out:
+        # <mask:0> is in the prompt; then 2 codes <eoss> <mask:1> 2 codes <eoss>.
+        assert list(row[[2, 3, 6]]) == [vocab_lib.EOSS, v.mask_id(1), vocab_lib.EOSS]
+        filled = generator.prompter.fill_box(codes, box, row, v)
+        outside = np.ones_like(codes, bool)
+        outside[1:3, 0:2] = False
+        np.testing.assert_array_equal(filled[outside], codes[outside])
+    assert generator.infill(image, (0, 8, 16, 24), SamplingOptions(), num=2).shape == (2, 32, 32, 3)
+
+
+def test_retrieval_augmented_prompt_and_reranking_keep_the_best_candidates(generator):
+    options = SamplingOptions(temperature=1.0)
+    caption = "a handwritten three"
+    _, candidates = generator.images(caption, 4, options, seed=3)
+    _, kept = generator.images(caption, 2, options, seed=3, candidates=4)
+    scores = generator.caption_image_scores(caption, candidates)
+    np.testing.assert_array_equal(kept, candidates[np.argsort(-scores, kind="stable")[:2]])
+    context_prompt = generator.prompter.text_to_image(caption, np.array([vocab_lib.EOS, 50, vocab_lib.EOS]))
+    assert list(context_prompt.streams[0][:3]) == [vocab_lib.EOS, 50, vocab_lib.EOS]
+    assert list(context_prompt.streams[1]) == [vocab_lib.EOS, generator.vocab.mask_id(0), vocab_lib.BREAK]
+    images, codes = generator.images(caption, 2, options, seed=0, retrieve=2)
+    assert images.shape == (2, 32, 32, 3) and codes.shape == (2, 4, 4)
+
+
+def test_samples_stage_writes_images_and_captions(run, tmp_path):
+    from cm3jax.inference.samples import write_samples
+
+    config, workdir = run
+    config = config.copy_and_resolve_references()
+    config.generate.update(sample_prompts=("a handwritten one", "a handwritten two"), num=2, sample_captions=3)
+    summary = write_samples(config, workdir, str(tmp_path))
+    assert np.asarray(PIL.Image.open(summary["images"])).shape == (64, 64, 3)
+    captions = json.load(open(summary["captions"]))
+    assert len(captions) == 3 and all(set(c) == {"reference", "generated"} for c in captions)
