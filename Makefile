@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/vqgan.py
 	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/decode.py
 
 clean:
 	rm -rf $(VENV) workdir

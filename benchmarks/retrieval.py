@@ -135,7 +135,9 @@ def lm_part(args):
 
     config = demo.get_config()
     workdir = args.lm_workdir
-    for name, stage in cli.STAGES[:-1]:  # every stage before the LM's
+    for name, stage in cli.STAGES:
+        if name == "lm":
+            break
         if not stages.is_complete(os.path.join(workdir, name)):
             stage(config, workdir)
     config.data.update(token_dir=os.path.join(workdir, "tokens"), neighbours_dir=os.path.join(workdir, "retrieval"))

@@ -84,15 +84,17 @@ class Generator:
     # -- decoding --------------------------------------------------------------------------------------------------
 
     def run(self, prompt: TaskPrompt, num: int, options: SamplingOptions, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """`num` samples of one task prompt: (generated [num, T], lengths [num])."""
-        if len(prompt.streams) != options.num_streams:
+        """`num` samples of one task prompt: (generated [num, T], lengths [num]). The prompt's first
+        options.num_streams streams are decoded (one without guidance)."""
+        if len(prompt.streams) < options.num_streams:
             raise ValueError(f"guidance {options.guidance!r} needs {options.num_streams} prompt streams, this task "
                              f"has {len(prompt.streams)}")
+        streams = prompt.streams[:options.num_streams]  # stream 0 is the full condition; guidance adds the rest
         key = (prompt.schedule.forced.tobytes(), prompt.schedule.modality.tobytes(), prompt.schedule.stop_tokens,
                options)
         if key not in self._decoders:
             self._decoders[key] = make_decoder(self.decoder_config, self.vocab, prompt.schedule, options)
-        rows = [stream for stream in prompt.streams for _ in range(num)]
+        rows = [stream for stream in streams for _ in range(num)]
         tokens, mask = left_pad(rows)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             out, lengths = self._decoders[key](self.params, tokens, mask, jax.random.key(seed))
