@@ -14,10 +14,11 @@ import json
 import os
 import platform
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from timing import best_time  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 
 def parse_args():
@@ -50,18 +51,10 @@ def throughput(config, batch: int, repeats: int) -> dict:
     codes = jax.block_until_ready(encode(params, images))
     jax.block_until_ready(decode(params, codes))
 
-    def best_time(fn, *args):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     return {"image_size": model_config.image_size, "tokens_per_image": model_config.tokens_per_image,
             "codebook": model_config.codebook_size, "batch": batch,
-            "encode_images_per_s": batch / best_time(encode, params, images),
-            "decode_images_per_s": batch / best_time(decode, params, codes),
+            "encode_images_per_s": batch / best_time(encode, (params, images), repeats),
+            "decode_images_per_s": batch / best_time(decode, (params, codes), repeats),
             "device": jax.devices()[0].device_kind, "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6}
 
 

@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
             cm3_poisson_lambda=1.0,  # spans per document ~ Poisson(lambda), clamped to [min, max] (REFERENCE §2)
             cm3_min_spans=1,
             cm3_max_spans=16,  # <= vocab.num_masks
+            # Share of documents whose whole (first) caption is one of the spans; not in the paper (cm3jax/data/cm3.py).
+            cm3_whole_text_probability=0.0,
             packing="first_fit",  # first_fit (several documents per row, segment_ids) | pad (one per row)
             packing_bins=0,  # first-fit bins filled at once; 0: rows per stream
             num_streams=-1,  # -1: one per process. Fix it to keep batches identical across process counts

@@ -114,6 +114,7 @@ def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) 
     _require(d.source in DATA_SOURCES, "data.source", f"{d.source!r} not in {DATA_SOURCES}")
     _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
     _require(0.0 <= d.image_first_probability <= 1.0, "data.image_first_probability", "must be in [0, 1]")
+    _require(0.0 <= d.cm3_whole_text_probability <= 1.0, "data.cm3_whole_text_probability", "must be in [0, 1]")
     _require(d.cm3_poisson_lambda >= 0, "data.cm3_poisson_lambda", f"must be >= 0, got {d.cm3_poisson_lambda}")
     _require(0 <= d.cm3_min_spans <= d.cm3_max_spans, "data.cm3_min_spans",
              f"need 0 <= cm3_min_spans <= cm3_max_spans, got {d.cm3_min_spans} and {d.cm3_max_spans}")

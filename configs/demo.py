@@ -30,10 +30,11 @@ def get_config(arg=None):
     # Our retriever puts same-digit documents at median cosine 0.95 (50 distinct captions), so CLIP's 0.9 near-copy
     # threshold would leave most documents without neighbours; 0.98 still drops the near-copies.
     c.retrieval.update(chunk_size=500, duplicate_threshold=0.98)
-    c.data.update(retrieval="neighbours")
+    # Every fifth caption masked whole teaches the unconditional stream CFG needs (cm3jax/data/cm3.py).
+    c.data.update(retrieval="neighbours", cm3_whole_text_probability=0.2)
     digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
     c.generate.update(num=4, sample_prompts=tuple(f"a handwritten {name}" for name in digits), sample_captions=8)
-    c.train.update(global_batch_size=16, seq_len=256, steps=200, log_every=25, eval_every=100, eval_batches=4,
-                   checkpoint_every=100, keep_checkpoints=2)
+    c.train.update(global_batch_size=16, seq_len=256, steps=1500, log_every=50, eval_every=250, eval_batches=4,
+                   checkpoint_every=250, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")
     return c

@@ -82,6 +82,33 @@ def test_span_count_follows_clamped_poisson():
     np.testing.assert_allclose(counts / n, expected, atol=0.03)
 
 
+def test_whole_caption_of_the_query_document_is_a_span_at_the_configured_rate():
+    rng = np.random.default_rng(2)
+    retrieved = [text_segment(VOCAB.text_ids([1, 2, 3])), image_segment(VOCAB.image_ids(np.arange(8)))]
+    query = [image_segment(VOCAB.image_ids(np.arange(8))), text_segment(VOCAB.text_ids([4, 5, 6, 7]))]
+    document = retrieved + query
+    options = cm3.CM3Options(whole_text_probability=0.3)
+    n, hits = 3000, 0
+    for _ in range(n):
+        required = cm3.whole_text_span(document, len(retrieved), options, rng)
+        spans = cm3.sample_spans([len(s.tokens) for s in document], 3, rng, required)
+        if required is not None:
+            hits += 1
+            assert required == cm3.Span(3, 0, 4) and required in spans
+            tokens = cm3.cm3_mask_document(document, spans, VOCAB)[0].tolist()
+            mask = VOCAB.mask_id(spans.index(required))
+            # In place: the query's <break> then <mask:i>; appended: <mask:i> caption <eoss>.
+            assert tokens[tokens.index(mask) - 1] == vocab_lib.BREAK
+            appended = tokens.index(mask, tokens.index(mask) + 1)
+            assert tokens[appended:appended + 6] == [mask, *VOCAB.text_ids([4, 5, 6, 7]), vocab_lib.EOSS]
+        for a, b in zip(spans, spans[1:]):
+            assert (a.segment, a.end) <= (b.segment, b.start)
+    # Standard error at n=3000 is 0.008; allow 4 of them.
+    assert abs(hits / n - 0.3) < 0.035
+    assert cm3.whole_text_span(query[:1], 0, cm3.CM3Options(whole_text_probability=1.0), rng) is None  # no text
+    assert cm3.whole_text_span(document, 0, cm3.CM3Options(), rng) is None  # off by default
+
+
 def test_cm3_without_spans_is_the_plain_document():
     document = [text_segment(VOCAB.text_ids([1, 2])), image_segment(VOCAB.image_ids([3, 4, 5]))]
     tokens, weights = cm3.cm3_mask_document(document, [], VOCAB)

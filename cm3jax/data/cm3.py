@@ -10,6 +10,11 @@ lies inside one text or one image segment. Kept spans are numbered in document o
 
 The loss is next-token cross-entropy over the whole reordered sequence, with weight 0 wherever the target is a
 `<mask:i>` (where a mask goes is not something to learn; what follows it is).
+
+Option (not in the paper, default off): with probability `whole_text_probability` one of the spans is the whole first
+text segment of the query document (the document after any retrieved ones). Uniform boundaries rarely cut a whole
+caption, so the model otherwise seldom sees `<eos> <mask:0> <break> image`, which is the unconditional stream of
+classifier-free guidance and the prompt of captioning by infilling; small models trained on little data need it.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ class CM3Options:
     poisson_lambda: float = 1.0
     min_spans: int = 1  # CM3leon clamps the span count to [1, 16]; metaseq to [0, 511]
     max_spans: int = 16
+    whole_text_probability: float = 0.0
 
     @classmethod
     def from_config(cls, data_config) -> "CM3Options":
         return cls(float(data_config.cm3_poisson_lambda), int(data_config.cm3_min_spans),
-                   int(data_config.cm3_max_spans))
+                   int(data_config.cm3_max_spans), float(data_config.cm3_whole_text_probability))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +53,28 @@ def draw_span_count(rng: np.random.Generator, options: CM3Options) -> int:
     return int(np.clip(rng.poisson(options.poisson_lambda), options.min_spans, options.max_spans))
 
 
-def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Generator) -> list[Span]:
-    """Up to `num_spans` non-overlapping non-empty spans, each inside one segment, sorted in document order."""
+def whole_text_span(document: Document, query_start: int, options: CM3Options,
+                    rng: np.random.Generator) -> Span | None:
+    """With probability options.whole_text_probability, the whole first text segment at or after `query_start`."""
+    if options.whole_text_probability <= 0 or rng.random() >= options.whole_text_probability:
+        return None
+    for index in range(query_start, len(document)):
+        if document[index].modality == vocab_lib.MODALITY_TEXT and len(document[index].tokens):
+            return Span(index, 0, len(document[index].tokens))
+    return None
+
+
+def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Generator,
+                 required: Span | None = None) -> list[Span]:
+    """Up to `num_spans` non-overlapping non-empty spans, each inside one segment, sorted in document order;
+    `required` (if any) is one of them."""
     lengths = np.asarray(segment_lengths, np.int64)
     total = int(lengths.sum())
     if num_spans <= 0 or total == 0:
         return []
-    kept: list[Span] = []
+    kept: list[Span] = [required] if required is not None else []
+    if len(kept) == num_spans:
+        return kept
     segment_of = np.repeat(np.arange(len(lengths)), lengths)
     for _ in range(num_spans * num_spans):
         segment = int(segment_of[rng.integers(total)])
