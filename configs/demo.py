@@ -30,10 +30,13 @@ def get_config(arg=None):
     # Our retriever puts same-digit documents at median cosine 0.95 (50 distinct captions), so CLIP's 0.9 near-copy
     # threshold would leave most documents without neighbours; 0.98 still drops the near-copies.
     c.retrieval.update(chunk_size=500, duplicate_threshold=0.98)
-    # Every fifth caption masked whole teaches the unconditional stream CFG needs (cm3jax/data/cm3.py).
+    # Every fifth caption masked whole: captioning by infilling and the unconditional stream of CFG see their exact
+    # prompt form in training (cm3jax/data/cm3.py; README, Performance).
     c.data.update(retrieval="neighbours", cm3_whole_text_probability=0.2)
     digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    c.generate.update(num=4, sample_prompts=tuple(f"a handwritten {name}" for name in digits), sample_captions=8)
+    # The 4M-parameter demo LM draws its best digits at a low temperature and mild guidance (README, Performance).
+    c.generate.update(temperature=0.3, cfg_scale=1.5, num=4, sample_captions=8,
+                      sample_prompts=tuple(f"a handwritten {name}" for name in digits))
     c.train.update(global_batch_size=16, seq_len=256, steps=1500, log_every=50, eval_every=250, eval_batches=4,
                    checkpoint_every=250, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")

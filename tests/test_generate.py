@@ -120,13 +120,19 @@ def test_retrieval_augmented_prompt_and_reranking_keep_the_best_candidates(gener
     assert images.shape == (2, 32, 32, 3) and codes.shape == (2, 4, 4)
 
 
-def test_samples_stage_writes_images_and_captions(run, tmp_path):
+def test_samples_stage_writes_images_and_captions(run, generator, tmp_path):
     from cm3jax.inference.samples import write_samples
 
     config, workdir = run
     config = config.copy_and_resolve_references()
-    config.generate.update(sample_prompts=("a handwritten one", "a handwritten two"), num=2, sample_captions=3)
+    config.generate.update(sample_prompts=("a handwritten one", "a handwritten two"), num=2, sample_captions=3,
+                           rerank_candidates=4)
     summary = write_samples(config, workdir, str(tmp_path))
-    assert np.asarray(PIL.Image.open(summary["images"])).shape == (64, 64, 3)
+    sheet = np.asarray(PIL.Image.open(summary["images"]))
+    assert sheet.shape == (64, 64, 3)
+    # The first row is the config's sampling with its re-ranking: the best 2 of 4 draws for the first prompt.
+    best, _ = generator.images("a handwritten one", 2, SamplingOptions.from_config(config.generate),
+                               seed=config.generate.seed, candidates=4)
+    np.testing.assert_array_equal(sheet[:32], np.concatenate(list(best), axis=1))
     captions = json.load(open(summary["captions"]))
     assert len(captions) == 3 and all(set(c) == {"reference", "generated"} for c in captions)

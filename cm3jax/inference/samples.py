@@ -1,7 +1,7 @@
 """The pipeline's `samples` stage: what a finished run can do, written to DIR/samples.
 
 - `images.png`: one row per prompt of `generate.sample_prompts`, `generate.num` images each (config.generate's
-  guidance and sampling), with `images.json` listing the prompts row by row;
+  guidance, sampling, retrieval and re-ranking), with `images.json` listing the prompts row by row;
 - `captions.json` and `captions.png`: captions of the first `generate.sample_captions` held-out images.
 """
 from __future__ import annotations
@@ -34,12 +34,14 @@ def write_samples(config: ml_collections.ConfigDict, workdir: str, out_dir: str)
     summary: dict = {"lm_step": generator.step}
     prompts = list(g.sample_prompts)
     if prompts:
-        rows = [generator.images(prompt, int(g.num), options, seed=int(g.seed) + i)[0]
+        rows = [generator.images(prompt, int(g.num), options, seed=int(g.seed) + i, retrieve=int(g.retrieve),
+                                 candidates=int(g.rerank_candidates))[0]
                 for i, prompt in enumerate(prompts)]
         PIL.Image.fromarray(contact_sheet(np.concatenate(rows), columns=int(g.num))).save(
             os.path.join(out_dir, "images.png"))
         atomic_write_text(os.path.join(out_dir, "images.json"), json.dumps(
-            {"rows": prompts, "guidance": g.guidance, "cfg_scale": g.cfg_scale}, indent=2))
+            {"rows": prompts, "guidance": g.guidance, "cfg_scale": g.cfg_scale, "temperature": g.temperature,
+             "retrieve": g.retrieve, "rerank_candidates": g.rerank_candidates}, indent=2))
         summary["images"] = os.path.join(out_dir, "images.png")
     if g.sample_captions:
         pairs = held_out_images(config, workdir, int(g.sample_captions))
