@@ -6,6 +6,10 @@ MFU = model FLOPs per step (cm3jax.models.transformer.flops_per_token, PaLM form
 peak is the best dense matmul throughput in the compute dtype measured in this run (jax and torch, the larger). On a
 GPU torch runs the same step under bfloat16 autocast with SDPA attention.
 
+Each implementation runs in its own worker process, so that neither framework's allocator and thread pools slow the
+other, and the parent has them step in turns of a few back-to-back steps, so that a drift in machine speed affects
+both alike; the first step of each turn is not timed (see StepWorkers.median_step_seconds).
+
     python benchmarks/train_step.py                       # CPU: d=512, 8 layers, seq 512, batch 8
     python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8   # an accelerator, paper shape
     python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8 --remat=none --attention=cudnn
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -37,7 +42,8 @@ def parse_args():
     p.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: the recipe's with --config, else 8192)")
     p.add_argument("--remat", default="", help="override model.remat_policy (none | full | dots | dots_no_batch)")
     p.add_argument("--attention", default="", help="override model.attention (xla | cudnn | splash)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps of each implementation, interleaved")
+    p.add_argument("--steps", type=int, default=8, help="timed steps of each implementation")
+    p.add_argument("--block", type=int, default=4, help="back-to-back timed steps per turn of each implementation")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip_torch", action="store_true")
     return p.parse_args()
@@ -70,22 +76,14 @@ def load_model_config(args):
 
 def time_calls(fn, steps: int) -> float:
     """Median seconds per call after two warm-up calls; fn must block until its result is ready."""
-    return time_interleaved({"fn": fn}, steps)["fn"]
-
-
-def time_interleaved(fns: dict, steps: int) -> dict:
-    """Median seconds per call of each fn, calling them in turn (a, b, a, b, ...) after two warm-up calls each, so
-    that a change in machine speed during the run affects every implementation alike."""
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    times = {name: [] for name in fns}
+    for _ in range(2):
+        fn()
+    times = []
     for _ in range(steps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def jax_matmul_peak(n: int, dtype) -> float:
@@ -182,56 +180,116 @@ def torch_step(args, vocab_size: int, device: str):
     return run
 
 
-def main():
-    args = parse_args()
+def step_worker(name: str, args, conn) -> None:
+    """One implementation in its own process: builds its step, reports its figures, then runs and times one step per
+    'step' message until 'stop'."""
+    if name == "cm3jax" and not args.skip_torch:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # a GPU shared with the torch worker
     import jax
 
-    from cm3jax.models.transformer import DecoderConfig, flops_per_token
-
     config = load_model_config(args)
-    vocab_size = args.vocab
-    decoder_config = DecoderConfig.from_config(config.model, vocab_size)
-    flops_per_step = flops_per_token(decoder_config, args.seq) * args.batch * args.seq
-    device = jax.devices()[0]
-    rows, figures = [], {"device": device.device_kind, "platform": device.platform, "cpu": platform.processor()
-                         or platform.machine(), "threads": args.threads, "d_model": args.d_model,
-                         "layers": args.layers, "seq": args.seq, "batch": args.batch, "vocab": vocab_size,
-                         "dtype": str(decoder_config.compute_dtype), "attention": decoder_config.attention,
-                         "remat": decoder_config.remat_policy, "flops_per_step": flops_per_step}
+    if name == "cm3jax":
+        from cm3jax.models.transformer import DecoderConfig, flops_per_token
 
-    matmul_size = 2048 if device.platform == "cpu" else 8192
-    peaks = {"jax_matmul_peak_tflops": jax_matmul_peak(matmul_size, decoder_config.compute_dtype) / 1e12}
-    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(device.platform)
-    use_torch = not args.skip_torch and torch_device and importlib.util.find_spec("transformers")
-    if use_torch:
+        device = jax.devices()[0]
+        decoder_config = DecoderConfig.from_config(config.model, args.vocab, device.platform)
+        matmul_size = 2048 if device.platform == "cpu" else 8192
+        report = {"device": device.device_kind, "platform": device.platform,
+                  "dtype": str(decoder_config.compute_dtype), "attention": decoder_config.attention,
+                  "remat": decoder_config.remat_policy,
+                  "flops_per_step": flops_per_token(decoder_config, args.seq) * args.batch * args.seq,
+                  "jax_matmul_peak_tflops": jax_matmul_peak(matmul_size, decoder_config.compute_dtype) / 1e12}
+        run = cm3jax_step(config, args, args.vocab)
+    else:
         import torch
 
         torch.set_num_threads(args.threads)
-        peaks["torch_matmul_peak_tflops"] = torch_matmul_peak(matmul_size, torch_device) / 1e12
-    peak = max(peaks.values()) * 1e12
-    figures.update(peaks)
+        matmul_size = 2048 if args.torch_device == "cpu" else 8192
+        report = {"torch_matmul_peak_tflops": torch_matmul_peak(matmul_size, args.torch_device) / 1e12}
+        run = torch_step(args, args.vocab, args.torch_device)
+    conn.send(report)
+    while conn.recv() == "step":
+        start = time.perf_counter()
+        run()
+        conn.send(time.perf_counter() - start)
 
-    steps = {"cm3jax": cm3jax_step(config, args, vocab_size)}
+
+class StepWorkers:
+    """Worker processes, one per implementation, started in order (each reports before the next starts)."""
+
+    def __init__(self):
+        self.context = multiprocessing.get_context("spawn")
+        self.workers = {}
+        self.reports = {}
+
+    def start(self, name: str, args) -> dict:
+        parent, child = self.context.Pipe()
+        process = self.context.Process(target=step_worker, args=(name, args, child), daemon=True)
+        process.start()
+        self.workers[name] = (process, parent)
+        self.reports[name] = parent.recv()
+        return self.reports[name]
+
+    def step(self, name: str) -> float:
+        _, conn = self.workers[name]
+        conn.send("step")
+        return conn.recv()
+
+    def median_step_seconds(self, steps: int, block: int) -> dict:
+        """Median of `steps` timed steps of each implementation, taken in turns of `block` back-to-back steps.
+
+        Each turn starts with one untimed step: on a VM that reclaims memory left idle while the other implementation
+        ran, that step pays for faulting it back in, which a training run stepping back to back never does."""
+        for name in self.workers:
+            self.step(name)  # compiles
+        times = {name: [] for name in self.workers}
+        while any(len(t) < steps for t in times.values()):
+            for name in self.workers:
+                self.step(name)
+                times[name] += [self.step(name) for _ in range(min(block, steps - len(times[name])))]
+        return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+    def stop(self) -> None:
+        for process, conn in self.workers.values():
+            conn.send("stop")
+            process.join()
+
+
+def main():
+    args = parse_args()
+    load_model_config(args)  # resolves the recipe's shape into args for the workers
+    workers = StepWorkers()
+    figures = workers.start("cm3jax", args)
+    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(figures["platform"])
+    use_torch = not args.skip_torch and torch_device and importlib.util.find_spec("transformers")
     if use_torch:
-        steps["torch"] = torch_step(args, vocab_size, torch_device)
+        args.torch_device = torch_device
+        figures.update(workers.start("torch", args))
     elif torch_device and not args.skip_torch:
         print("torch/transformers not installed: pip install -e '.[bench]' for the side-by-side comparison")
-    seconds = time_interleaved(steps, args.steps)
+    figures.update({"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "d_model": args.d_model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
+                    "vocab": args.vocab, "malloc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+    peak = max(v for k, v in figures.items() if k.endswith("_matmul_peak_tflops")) * 1e12
+    seconds = workers.median_step_seconds(args.steps, args.block)
+    workers.stop()
+
     tokens = args.batch * args.seq
     labels = {"cm3jax": "cm3jax (jax.jit, scan)", "torch": "torch + HF OPTForCausalLM"}
+    rows = []
     for name, step_s in seconds.items():
-        mfu = flops_per_step / step_s / peak
+        mfu = figures["flops_per_step"] / step_s / peak
         figures.update({f"{name}_step_s": step_s, f"{name}_tokens_per_s": tokens / step_s, f"{name}_mfu": mfu})
         rows.append((labels[name], step_s, tokens / step_s, mfu))
     if "torch" in seconds:
         figures["ratio_cm3jax_over_torch"] = seconds["torch"] / seconds["cm3jax"]
 
     print(f"device {figures['device']} ({figures['cpu']}), {args.threads} threads, {figures['dtype']}; "
-          f"d={args.d_model} layers={args.layers} seq={args.seq} batch={args.batch} vocab={vocab_size}; "
+          f"d={args.d_model} layers={args.layers} seq={args.seq} batch={args.batch} vocab={args.vocab}; "
           f"matmul peak {peak / 1e12:.3f} TFLOP/s")
     print(f"{'implementation':28s} {'step s':>9s} {'tokens/s':>10s} {'MFU':>7s}")
-    for name, seconds, tps, mfu in rows:
-        print(f"{name:28s} {seconds:9.4f} {tps:10.0f} {mfu:7.1%}")
+    for name, step_s, tps, mfu in rows:
+        print(f"{name:28s} {step_s:9.4f} {tps:10.0f} {mfu:7.1%}")
     if "ratio_cm3jax_over_torch" in figures:
         print(f"cm3jax / torch throughput: {figures['ratio_cm3jax_over_torch']:.2f}x")
     print(json.dumps({"benchmark": "train_step", **figures}))
