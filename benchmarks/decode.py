@@ -44,6 +44,7 @@ def parse_args():
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdir", "demo"))
     p.add_argument("--per_class", type=int, default=20, help="quality: images generated per digit and setting")
     p.add_argument("--cfg", default="1.5,3", help="quality: comma-separated CFG scales")
+    p.add_argument("--cdk_alpha", default="", help="quality: comma-separated CD-K alphas (default: the demo's)")
     p.add_argument("--temperature", type=float, default=1.0, help="quality: temperature of the guidance sweep")
     p.add_argument("--best_of", type=int, default=8, help="quality: draws per kept image when re-ranking (paper: 8)")
     return p.parse_args()
@@ -187,8 +188,9 @@ def quality_part(args) -> None:
     settings = [("no guidance", SamplingOptions(temperature=t))]
     settings += [(f"CFG {float(scale):g}", SamplingOptions(temperature=t, guidance="cfg", cfg_scale=float(scale)))
                  for scale in args.cfg.split(",")]
-    settings.append((f"CD-K (alpha {g.cdk_alpha:g}, k {g.cdk_k})",
-                     SamplingOptions(temperature=t, guidance="cdk", cdk_alpha=float(g.cdk_alpha), cdk_k=int(g.cdk_k))))
+    settings += [(f"CD-K (alpha {float(alpha):g}, k {g.cdk_k})",
+                  SamplingOptions(temperature=t, guidance="cdk", cdk_alpha=float(alpha), cdk_k=int(g.cdk_k)))
+                 for alpha in (args.cdk_alpha or str(g.cdk_alpha)).split(",")]
     demo_settings = SamplingOptions.from_config(g)
     settings.append((f"demo settings (T {demo_settings.temperature:g}, {g.guidance} {g.cfg_scale:g})", demo_settings))
     for name, options in settings:
