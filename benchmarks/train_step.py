@@ -86,6 +86,11 @@ def time_calls(fn, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def peak_matmul_size(on_cpu: bool) -> int:
+    """Side of the square matmul that measures the peak: large enough to saturate the device, small enough for CPU."""
+    return 2048 if on_cpu else 8192
+
+
 def jax_matmul_peak(n: int, dtype) -> float:
     import jax
 
@@ -193,19 +198,19 @@ def step_worker(name: str, args, conn) -> None:
 
         device = jax.devices()[0]
         decoder_config = DecoderConfig.from_config(config.model, args.vocab, device.platform)
-        matmul_size = 2048 if device.platform == "cpu" else 8192
+        peak = jax_matmul_peak(peak_matmul_size(device.platform == "cpu"), decoder_config.compute_dtype)
         report = {"device": device.device_kind, "platform": device.platform,
                   "dtype": str(decoder_config.compute_dtype), "attention": decoder_config.attention,
                   "remat": decoder_config.remat_policy,
                   "flops_per_step": flops_per_token(decoder_config, args.seq) * args.batch * args.seq,
-                  "jax_matmul_peak_tflops": jax_matmul_peak(matmul_size, decoder_config.compute_dtype) / 1e12}
+                  "jax_matmul_peak_tflops": peak / 1e12}
         run = cm3jax_step(config, args, args.vocab)
     else:
         import torch
 
         torch.set_num_threads(args.threads)
-        matmul_size = 2048 if args.torch_device == "cpu" else 8192
-        report = {"torch_matmul_peak_tflops": torch_matmul_peak(matmul_size, args.torch_device) / 1e12}
+        size = peak_matmul_size(args.torch_device == "cpu")
+        report = {"torch_matmul_peak_tflops": torch_matmul_peak(size, args.torch_device) / 1e12}
         run = torch_step(args, args.vocab, args.torch_device)
     conn.send(report)
     while conn.recv() == "step":
@@ -220,15 +225,13 @@ class StepWorkers:
     def __init__(self):
         self.context = multiprocessing.get_context("spawn")
         self.workers = {}
-        self.reports = {}
 
     def start(self, name: str, args) -> dict:
         parent, child = self.context.Pipe()
         process = self.context.Process(target=step_worker, args=(name, args, child), daemon=True)
         process.start()
         self.workers[name] = (process, parent)
-        self.reports[name] = parent.recv()
-        return self.reports[name]
+        return parent.recv()
 
     def step(self, name: str) -> float:
         _, conn = self.workers[name]
