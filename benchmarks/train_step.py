@@ -10,7 +10,12 @@ Each implementation runs in its own worker process, so that neither framework's 
 other, and the parent has them step in turns of a few back-to-back steps, so that a drift in machine speed affects
 both alike; the first step of each turn is not timed (see StepWorkers.median_step_seconds).
 
+The CPU shape runs cm3jax with its CPU training settings (no remat, model.scan_unroll = layers,
+runtime.retain_freed_host_memory) and torch as installed; --torch_retain_host_memory gives torch the same malloc
+settings, for a like-for-like comparison.
+
     python benchmarks/train_step.py                       # CPU: d=512, 8 layers, seq 512, batch 8
+    python benchmarks/train_step.py --torch_retain_host_memory   # both with the same malloc settings
     python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8   # an accelerator, paper shape
     python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8 --remat=none --attention=cudnn
 
@@ -46,6 +51,8 @@ def parse_args():
     p.add_argument("--block", type=int, default=4, help="back-to-back timed steps per turn of each implementation")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--torch_retain_host_memory", action="store_true",
+                   help="give the torch worker the malloc settings of runtime.retain_freed_host_memory too")
     return p.parse_args()
 
 
@@ -63,7 +70,9 @@ def load_model_config(args):
         args.vocab = args.vocab or UnifiedVocab.from_config(config.vocab).size
     else:
         config = base_config()
-        config.model.remat_policy = "none"
+        # The CPU training settings: no remat, no layer loop, freed host memory kept (cm3jax/host_memory.py).
+        config.model.update(remat_policy="none", scan_unroll=args.layers)
+        config.runtime.retain_freed_host_memory = True
         args.vocab = args.vocab or 8192
     config.model.update(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, max_seq_len=args.seq)
     if args.remat:
@@ -190,9 +199,14 @@ def step_worker(name: str, args, conn) -> None:
     'step' message until 'stop'."""
     if name == "cm3jax" and not args.skip_torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # a GPU shared with the torch worker
+    config = load_model_config(args)
+    retain = config.runtime.retain_freed_host_memory if name == "cm3jax" else args.torch_retain_host_memory
+    if retain:  # before either framework starts its threads
+        from cm3jax.host_memory import retain_freed_host_memory
+
+        retain = retain_freed_host_memory()
     import jax
 
-    config = load_model_config(args)
     if name == "cm3jax":
         from cm3jax.models.transformer import DecoderConfig, flops_per_token
 
@@ -201,7 +215,8 @@ def step_worker(name: str, args, conn) -> None:
         peak = jax_matmul_peak(peak_matmul_size(device.platform == "cpu"), decoder_config.compute_dtype)
         report = {"device": device.device_kind, "platform": device.platform,
                   "dtype": str(decoder_config.compute_dtype), "attention": decoder_config.attention,
-                  "remat": decoder_config.remat_policy,
+                  "remat": decoder_config.remat_policy, "scan_unroll": decoder_config.scan_unroll,
+                  "retain_freed_host_memory": retain,
                   "flops_per_step": flops_per_token(decoder_config, args.seq) * args.batch * args.seq,
                   "jax_matmul_peak_tflops": peak / 1e12}
         run = cm3jax_step(config, args, args.vocab)
@@ -210,7 +225,8 @@ def step_worker(name: str, args, conn) -> None:
 
         torch.set_num_threads(args.threads)
         size = peak_matmul_size(args.torch_device == "cpu")
-        report = {"torch_matmul_peak_tflops": torch_matmul_peak(size, args.torch_device) / 1e12}
+        report = {"torch_matmul_peak_tflops": torch_matmul_peak(size, args.torch_device) / 1e12,
+                  "torch_retain_host_memory": retain}
         run = torch_step(args, args.vocab, args.torch_device)
     conn.send(report)
     while conn.recv() == "step":
@@ -278,7 +294,7 @@ def main():
     workers.stop()
 
     tokens = args.batch * args.seq
-    labels = {"cm3jax": "cm3jax (jax.jit, scan)", "torch": "torch + HF OPTForCausalLM"}
+    labels = {"cm3jax": "cm3jax (jax.jit)", "torch": "torch + HF OPTForCausalLM"}
     rows = []
     for name, step_s in seconds.items():
         mfu = figures["flops_per_step"] / step_s / peak

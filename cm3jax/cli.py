@@ -251,6 +251,11 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.stderr.write("cm3jax: --config and --workdir are required\n" + USAGE)
         sys.exit(EXIT_CONFIG_ERROR)
+    if _CONFIG.value.runtime.retain_freed_host_memory:
+        from cm3jax.host_memory import retain_freed_host_memory
+
+        if not retain_freed_host_memory():
+            logging.warning("runtime.retain_freed_host_memory: not a glibc system, left unchanged")
     try:
         if is_generate:
             try:

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
             attention="auto",  # auto: cudnn on GPU, splash on TPU, xla elsewhere | xla | cudnn | splash
             attention_block_size=128,  # xla: query block of the block-causal attention (upper blocks skipped)
             remat_policy="full",  # none | full | dots | dots_no_batch
+            scan_unroll=1,  # layers per scan iteration; num_layers removes the loop (faster on CPU, compiles longer)
         )
     )
 
@@ -271,6 +272,14 @@ def base_config() -> ml_collections.ConfigDict:
             weight_decay=0.1,
             no_weight_decay=["position_embedding"],  # parameter-name substrings left out of weight decay
             clip_norm=1.0,
+        )
+    )
+
+    c.runtime = ml_collections.ConfigDict(
+        dict(
+            # CPU training: keep freed host memory in the process so XLA's per-step buffers are not faulted in again
+            # every step (cm3jax/host_memory.py). Off for accelerator hosts.
+            retain_freed_host_memory=False,
         )
     )
 

@@ -67,6 +67,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
              f"{m.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
     _require(m.attention_block_size >= 1, "model.attention_block_size", f"must be >= 1, got {m.attention_block_size}")
+    _require(1 <= m.scan_unroll <= m.num_layers, "model.scan_unroll",
+             f"must be between 1 and num_layers={m.num_layers}, got {m.scan_unroll}")
     _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"{m.remat_policy!r} not in {REMAT_POLICIES}")
     _require(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
     _require(m.compute_dtype in DTYPES + ("auto",), "model.compute_dtype", f"{m.compute_dtype!r} not valid")

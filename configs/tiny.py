@@ -16,6 +16,7 @@ def get_config(arg=None):
     c.train.update(global_batch_size=8, seq_len=32, steps=6, log_every=1, eval_every=0, eval_batches=2,
                    checkpoint_every=3, keep_checkpoints=3, async_checkpointing=False)
     c.optim.update(peak_lr=3e-3, warmup_steps=2)
+    c.runtime.retain_freed_host_memory = True  # the CPU setting, so the CLI tests run with it
     c.raw_data.update(dataset="digits", image_size=32)
     c.vqgan.update(image_size=32, channels=8, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1, z_channels=16,
                    attention_at_lowest=False, disc_channels=8, disc_layers=2, lpips_net="alexnet",

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import AxisType
 
 from cm3jax.models import splash
-from cm3jax.models.transformer import block_causal_attention
+from cm3jax.models.block_attention import block_causal_attention
 
 
 def reference_attention(q, k, v, segment_ids):
@@ -28,13 +28,40 @@ def _inputs(b=2, t=96, n=4, h=16):
 @pytest.mark.parametrize("block_size", [32, 40, 96, 128])  # dividing, not dividing, one block, larger than t
 @pytest.mark.parametrize("packed", [False, True])
 def test_block_causal_attention_matches_reference(block_size, packed):
+    """Values and the custom backward pass (recomputed probabilities) against autodiff of the reference."""
     q, k, v, segments = _inputs()
     segments = segments if packed else None
     np.testing.assert_allclose(block_causal_attention(q, k, v, segments, block_size),
                                reference_attention(q, k, v, segments), atol=1e-5)
-    grad = jax.grad(lambda q_: (block_causal_attention(q_, k, v, segments, block_size) ** 2).sum())(q)
-    grad_ref = jax.grad(lambda q_: (reference_attention(q_, k, v, segments) ** 2).sum())(q)
-    np.testing.assert_allclose(grad, grad_ref, atol=1e-4)
+    weights = jax.random.normal(jax.random.key(7), q.shape)  # a loss whose cotangent differs per position
+
+    def grads(attention):
+        return jax.grad(lambda *qkv: (attention(*qkv) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    ours = grads(lambda *qkv: block_causal_attention(*qkv, segments, block_size))
+    reference = grads(lambda *qkv: reference_attention(*qkv, segments))
+    for name, got, want in zip("qkv", ours, reference):
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"d{name}")
+
+
+def test_block_causal_attention_keeps_no_probabilities_for_the_backward_pass():
+    """The residuals saved for the backward pass are q, k, v, the output and one float per query row: nothing of the
+    size of the score blocks (b * n * t * block floats or more)."""
+    q, k, v, _ = _inputs(b=2, t=128, n=4, h=8)
+    _, vjp = jax.vjp(lambda *qkv: block_causal_attention(*qkv, None, 32), q, k, v)
+    saved = sum(leaf.size for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "size") and leaf.ndim > 0)
+    b, t, n, h = q.shape
+    assert saved == 4 * b * t * n * h + b * n * t
+
+
+def test_block_causal_attention_in_bfloat16_stays_close_to_float32():
+    q, k, v, segments = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs())
+    out = block_causal_attention(q, k, v, segments, 32)
+    assert out.dtype == jnp.bfloat16
+    reference = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), segments)
+    np.testing.assert_allclose(out.astype(jnp.float32), reference, atol=3e-2)
+    grad = jax.grad(lambda q_: block_causal_attention(q_, k, v, segments, 32).astype(jnp.float32).sum())(q)
+    assert grad.dtype == jnp.bfloat16 and bool(jnp.isfinite(grad.astype(jnp.float32)).all())
 
 
 def test_splash_kernel_matches_reference_sharded_over_the_mesh():

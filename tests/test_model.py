@@ -96,6 +96,22 @@ def test_layers_are_stacked_and_compilation_does_not_grow_with_depth():
     assert hlo_size(2) == hlo_size(12)
 
 
+def test_unrolled_layer_scan_keeps_the_parameters_and_the_results():
+    """model.scan_unroll changes how the layers run, not what they are: same parameter tree, same logits, same grads."""
+    unrolled = DecoderConfig(**{**CFG.__dict__, "scan_unroll": CFG.num_layers})
+    params = _params()
+    assert jax.tree.structure(params) == jax.tree.structure(_params(unrolled))
+    tokens = _tokens((2, 16))
+
+    def loss_and_grads(cfg):
+        return jax.value_and_grad(lambda p: CM3LeonDecoder(cfg).apply({"params": p}, tokens).std())(params)
+
+    (loss, grads), (loss_unrolled, grads_unrolled) = loss_and_grads(CFG), loss_and_grads(unrolled)
+    np.testing.assert_allclose(loss_unrolled, loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads_unrolled), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_flops_formula_counts_matmuls_and_attention():
     cfg = DecoderConfig(vocab_size=1000, num_layers=3, d_model=64, num_heads=4, head_dim=16, ffn_dim=256,
                         max_seq_len=128)

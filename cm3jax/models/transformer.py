@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cm3jax.models.block_attention import block_causal_attention
+
 Array = jax.Array
 
 _REMAT_POLICIES = {
@@ -53,6 +55,7 @@ class DecoderConfig:
     compute_dtype: Any = jnp.float32
     attention: str = "xla"  # resolved implementation: xla | cudnn | splash
     attention_block_size: int = 128  # query block of the XLA block-causal attention
+    scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop)
     remat_policy: str = "full"
     causal: bool = True  # False: bidirectional attention (the retriever's encoder towers)
 
@@ -85,6 +88,7 @@ class DecoderConfig:
             compute_dtype=jnp.dtype(compute),
             attention=attention,
             attention_block_size=m.attention_block_size,
+            scan_unroll=m.get("scan_unroll", 1),  # configs saved before the field existed
             remat_policy=m.remat_policy,
         )
 
@@ -113,29 +117,6 @@ def attention_mask(query_index: Array, key_index: Array, query_segments: Array, 
     causal = key_index[:, None, :] <= query_index[:, :, None]
     same_document = query_segments[:, :, None] == key_segments[:, None, :]
     return (causal & same_document)[:, None]
-
-
-def block_causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, block_size: int) -> Array:
-    """Causal self-attention in XLA that never computes the score blocks above the diagonal.
-
-    Queries are cut into blocks of `block_size`; block i attends to keys [0, end of block i) only, so about half of
-    the score matrix and its softmax is never computed (XLA has no fused flash kernel on CPU; see README Performance).
-    Heads are moved in front once so every score matmul is a plain batched matmul.
-    q, k, v [b, t, n, h] -> [b, t, n, h]; `segment_ids` [b, t] (None: one document per row).
-    """
-    length, head_dim = q.shape[1], q.shape[3]
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * head_dim ** -0.5, k, v))  # [b, n, t, h]
-    outputs = []
-    for start in range(0, length, block_size):
-        end = min(start + block_size, length)
-        scores = jnp.einsum("bnqh,bnkh->bnqk", q[:, :, start:end], k[:, :, :end]).astype(jnp.float32)
-        allowed = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        if segment_ids is not None:
-            allowed = allowed & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])[:, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outputs.append(jnp.einsum("bnqk,bnkh->bnqh", probs, v[:, :, :end]))
-    return jnp.swapaxes(jnp.concatenate(outputs, axis=2), 1, 2)
 
 
 def bidirectional_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
@@ -268,6 +249,7 @@ def layer_stack(cfg: DecoderConfig, decode: bool = False, packed: bool = False) 
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, decode, packed, name="layers")
 
