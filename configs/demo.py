@@ -14,7 +14,10 @@ from cm3jax.config import base_config
 def get_config(arg=None):
     c = base_config()
     c.vocab.update(text_size=1024, image_codebook_size=512, num_masks=16)
-    c.model.update(num_layers=4, d_model=256, num_heads=4, max_seq_len=256, remat_policy="none")
+    # CPU training settings: no remat, no layer loop, freed host memory kept (README, Performance: about 15% shorter
+    # LM steps than scan_unroll=1 without retained memory, the same losses).
+    c.model.update(num_layers=4, d_model=256, num_heads=4, max_seq_len=256, remat_policy="none", scan_unroll=4)
+    c.runtime.retain_freed_host_memory = True
     # Digits at 32x32, f=4: 8x8 = 64 codes per image from the 512-code codebook.
     c.raw_data.update(dataset="digits", image_size=32)
     c.vqgan.update(image_size=32, channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, z_channels=64,
