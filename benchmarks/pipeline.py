@@ -1,9 +1,11 @@
 """Input-pipeline throughput against what the trainer consumes, measured in one run on this machine.
 
 The pipeline runs in full: ArrayRecord token shards (written here from the synthetic caption-image source with the
-demo config's shapes) -> record decode -> caption/image rotation -> CM3 masking -> first-fit packing -> batching, with
+demo config's shapes) -> record decode -> retrieved documents (the demo's K distribution, from a neighbours file of
+random other records written here) -> caption/image rotation -> CM3 masking -> first-fit packing -> batching, with
 0 worker processes (everything in the training process) and with N grain worker processes. The trainer is the demo
-config's jitted train step on this machine's devices. Tokens are batch rows x seq_len (the unit the trainer
+config's jitted train step on this machine's devices, under the demo's runtime settings (as `cm3jax` applies them:
+the pipeline runs under them too). Tokens are batch rows x seq_len (the unit the trainer
 consumes); the share of them that are real (non-padding) tokens is reported too.
 
     python benchmarks/pipeline.py                 # demo config, 0 and 2 workers
@@ -41,28 +43,35 @@ def demo_config():
 
 
 def write_shards(config, directory: str, num_records: int) -> None:
+    """Token shards of the synthetic source and, for each record, retrieval.num_neighbours random other records."""
+    import numpy as np
+
     from cm3jax import vocab as vocab_lib
     from cm3jax.data.pipeline import open_document_source
     from cm3jax.data.shards import write_token_shards
 
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    config.data.synthetic_records = num_records
+    config.data.update(source="synthetic", synthetic_records=num_records)
     source = open_document_source(config.data, vocab, config.data.train_split)
     write_token_shards((source[i] for i in range(num_records)), directory, "train", num_shards=8)
     vocab.save(directory)
+    rng = np.random.default_rng(0)
+    offsets = rng.integers(1, num_records, size=(num_records, config.retrieval.num_neighbours))
+    np.save(os.path.join(directory, "neighbours-train.npy"), (np.arange(num_records)[:, None] + offsets) % num_records)
 
 
 def time_pipeline(config, token_dir: str, workers: int, batches: int) -> dict:
     import numpy as np
 
     from cm3jax import vocab as vocab_lib
-    from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source
+    from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source, open_retrieval
 
-    config.data.update(source="token_shards", token_dir=token_dir, num_workers=workers)
+    config.data.update(source="token_shards", token_dir=token_dir, neighbours_dir=token_dir, num_workers=workers)
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     options = PipelineOptions.from_config(config, num_streams=1)
     iterator = DocumentBatches(open_document_source(config.data, vocab, "train"), vocab, options,
-                               rows=(0, config.train.global_batch_size))
+                               rows=(0, config.train.global_batch_size),
+                               augment=open_retrieval(config.data, vocab, "train", evaluation=False))
     for _ in range(5):  # start-up: worker processes, first reads
         next(iterator)
     real_tokens = documents = 0
@@ -88,7 +97,7 @@ def time_trainer(config, steps: int) -> dict:
     from cm3jax.train import loop
     from cm3jax.train.lm import build_lm_task
 
-    config.data.update(source="synthetic", num_workers=0)
+    config.data.update(source="synthetic", retrieval="none", num_workers=0)  # the step's cost depends on shapes only
     mesh = create_mesh(config, jax.devices())
     task, _ = build_lm_task(config, mesh)
     rules = logical_axis_rules(config)
@@ -114,6 +123,10 @@ def time_trainer(config, steps: int) -> dict:
 
 def main():
     args = parse_args()
+    if demo_config().runtime.retain_freed_host_memory:
+        from cm3jax.host_memory import retain_freed_host_memory
+
+        retain_freed_host_memory()
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
