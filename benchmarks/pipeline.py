@@ -123,11 +123,11 @@ def time_trainer(config, steps: int) -> dict:
 
 def main():
     args = parse_args()
-    if demo_config().runtime.retain_freed_host_memory:
-        from cm3jax.host_memory import retain_freed_host_memory
-
-        retain_freed_host_memory()
     from absl import flags
+
+    from cm3jax.host_memory import apply_runtime_config
+
+    apply_runtime_config(demo_config().runtime)
 
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
     with tempfile.TemporaryDirectory() as token_dir:

@@ -251,11 +251,9 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.stderr.write("cm3jax: --config and --workdir are required\n" + USAGE)
         sys.exit(EXIT_CONFIG_ERROR)
-    if _CONFIG.value.runtime.retain_freed_host_memory:
-        from cm3jax.host_memory import retain_freed_host_memory
+    from cm3jax.host_memory import apply_runtime_config
 
-        if not retain_freed_host_memory():
-            logging.warning("runtime.retain_freed_host_memory: not a glibc system, left unchanged")
+    apply_runtime_config(_CONFIG.value.runtime)
     try:
         if is_generate:
             try:

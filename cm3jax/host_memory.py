@@ -14,6 +14,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import ml_collections
+from absl import logging
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
@@ -30,3 +33,9 @@ def retain_freed_host_memory() -> bool:
     # -1 for the trim threshold means never give the top of the heap back.
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def apply_runtime_config(runtime: ml_collections.ConfigDict) -> None:
+    """Applies config.runtime at process start (`cm3jax` commands and the benchmarks that stand in for them)."""
+    if runtime.retain_freed_host_memory and not retain_freed_host_memory():
+        logging.warning("runtime.retain_freed_host_memory: not a glibc system, left unchanged")
