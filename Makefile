@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/vqgan.py

@@ -170,6 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
             anisotropic_threshold=0.2,
             reorder=0,  # candidates re-scored exactly; 0: 1000
             training_sample_size=100_000,
+            # ScaNN trains its tree on one thread, seeded by retrieval.seed, so every build of a bank is the same
+            # index (with more threads the k-means result changes from build to build).
+            index_training_threads=1,
             # Document embeddings: "" embeds with the trained retriever; otherwise .npy files computed elsewhere
             # (e.g. CLIP), a path with {split} and {part} (text | image), e.g. /data/clip/{split}-{part}.npy, each
             # [documents of the split, dim] in token-shard order (rows of a part a document lacks are ignored).

@@ -175,6 +175,9 @@ def validate_retrieval_config(config: ml_collections.ConfigDict) -> None:
              f"must be a cosine similarity in (-1, 1], got {r.duplicate_threshold}")
     _require(0.0 <= r.query_dropout < 1.0, "retrieval.query_dropout", f"must be in [0, 1), got {r.query_dropout}")
     _require(r.chunk_size >= 1, "retrieval.chunk_size", f"must be >= 1, got {r.chunk_size}")
+    _require(r.index_training_threads >= 0, "retrieval.index_training_threads",
+             f"must be >= 0 (0: every core), got {r.index_training_threads}")
+    _require(r.seed >= 0, "retrieval.seed", f"must be >= 0, got {r.seed}")
     _require(not r.embeddings or ("{split}" in r.embeddings and "{part}" in r.embeddings), "retrieval.embeddings",
              f"must be a path with {{split}} and {{part}} (e.g. /data/clip/{{split}}-{{part}}.npy), got "
              f"{r.embeddings!r}")

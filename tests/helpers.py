@@ -1,4 +1,10 @@
-"""Shared test helpers: run the LM train step directly on a mesh, outside the loop."""
+"""Shared test helpers: run the LM train step directly on a mesh, outside the loop; run `cm3jax` commands on 1 or 2
+processes on localhost."""
+import os
+import socket
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 
@@ -25,3 +31,32 @@ def train_steps(config, devices, num_steps):
             state, metrics = step(state, batch)
             history.append(jax.device_get(metrics))
     return jax.device_get(state.params), history, shardings
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(command_and_flags, workdir, num_processes, devices_per_process, config="configs/tiny.py"):
+    """Runs `python -m cm3jax COMMAND --config=CONFIG --workdir=WORKDIR FLAGS...` on `num_processes` processes of
+    `devices_per_process` CPU devices (gloo collectives between them); asserts each exits 0; returns their outputs."""
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    args = [sys.executable, "-m", "cm3jax", command_and_flags[0], f"--config={config}", f"--workdir={workdir}",
+            *command_and_flags[1:]]
+    if num_processes > 1:
+        args += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                 f"--config.distributed.num_processes={num_processes}"]
+    procs = [subprocess.Popen(args + ([f"--config.distributed.process_id={i}"] if num_processes > 1 else []),
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs

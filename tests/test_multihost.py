@@ -3,12 +3,11 @@ checkpoint, restore; both read two data streams, so they see the same global bat
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
+
+from helpers import launch_command
 
 from cm3jax.parallel.mesh import create_mesh
 from cm3jax.parallel.sharding import logical_axis_rules
@@ -16,38 +15,13 @@ from cm3jax.train import loop
 from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Float32 sums are reduced in another order across 2 processes than on 4 local devices; 5 AdamW steps agree to 1e-4.
 PARAM_ATOL = 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(workdir, steps, num_processes, devices_per_process):
-    return _launch_command(["train", f"--config.train.steps={steps}", "--config.data.num_streams=2"], workdir,
-                           num_processes, devices_per_process)
-
-
-def _launch_command(command_and_flags, workdir, num_processes, devices_per_process):
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    args = [sys.executable, "-m", "cm3jax", command_and_flags[0], "--config=configs/tiny.py", f"--workdir={workdir}",
-            *command_and_flags[1:]]
-    if num_processes > 1:
-        args += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                 f"--config.distributed.num_processes={num_processes}"]
-    procs = [subprocess.Popen(args + ([f"--config.distributed.process_id={i}"] if num_processes > 1 else []),
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(num_processes)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
-    return outputs
+    return launch_command(["train", f"--config.train.steps={steps}", "--config.data.num_streams=2"], workdir,
+                          num_processes, devices_per_process)
 
 
 def _final_params(config, workdir, step, num_processes):
@@ -96,9 +70,9 @@ def test_two_processes_tokenize_like_one(tmp_path, tiny_config):
     shutil.copytree(multi, single)
     flags = ["tokenize", "--config.tokenize.splits=('validation',)", "--config.tokenize.shard_size=50",
              "--config.tokenize.batch_size=8"]
-    _launch_command(flags, str(multi), num_processes=2, devices_per_process=1)
+    launch_command(flags, str(multi), num_processes=2, devices_per_process=1)
     shutil.copytree(multi / "text_tokenizer", single / "text_tokenizer")
-    _launch_command(flags, str(single), num_processes=1, devices_per_process=2)
+    launch_command(flags, str(single), num_processes=1, devices_per_process=2)
 
     manifests = [json.load(open(d / "tokens" / "manifest.json")) for d in (multi, single)]
     assert manifests[0] == manifests[1]

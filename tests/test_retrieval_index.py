@@ -28,18 +28,38 @@ def reference_search(bank, queries, k):
     return order
 
 
-def test_exact_search_orders_by_score_then_id_and_keeps_every_tie():
+def test_exact_search_orders_by_score_then_id_and_keeps_every_tie(monkeypatch):
     bank = clustered_bank(3000, 16, 20, seed=0)
     bank[100:110] = bank[5]  # exact duplicates: ten ties with row 5
     queries = np.concatenate([bank[5:6], clustered_bank(20, 16, 20, seed=1)])
-    ExactIndex.BLOCK = 512  # ties and the k-th place fall across blocks
-    try:
-        scores, ids = ExactIndex(bank).search(queries, 8)
-    finally:
-        ExactIndex.BLOCK = 65_536
+    monkeypatch.setattr(ExactIndex, "BLOCK", 512)  # ties and the k-th place fall across blocks
+    scores, ids = ExactIndex(bank).search(queries, 8)
     np.testing.assert_array_equal(ids, reference_search(bank, queries, 8))
     assert list(ids[0]) == [5, 100, 101, 102, 103, 104, 105, 106]
     assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_a_querys_results_do_not_depend_on_the_queries_searched_with_it(kind):
+    """Near-ties everywhere: float32 products of one query and of a batch round differently, so results taken from
+    them would reorder; every batching must give the same scores and ids."""
+    rng = np.random.default_rng(4)
+    centres = clustered_bank(40, 64, 40, seed=5)
+    bank = centres[rng.integers(0, 40, 4000)] + 3e-7 * rng.normal(size=(4000, 64)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = centres[rng.integers(0, 40, 64)] + 0.05 * rng.normal(size=(64, 64)).astype(np.float32)
+    index = build_index(bank, IndexOptions(kind=kind, num_leaves=20, leaves_to_search=20, reorder=400))
+    together = index.search(queries, 30)
+    for batch in (1, 7, 25):
+        parts = [index.search(queries[i:i + batch], 30) for i in range(0, len(queries), batch)]
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), together[1])
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), together[0])
+
+
+def test_scann_builds_of_one_bank_are_the_same_index():
+    bank = clustered_bank(320, 16, 10, seed=6)  # partitions smaller than ScaNN's default minimum size
+    first, second = (build_index(bank, IndexOptions(kind="scann")) for _ in range(2))
+    np.testing.assert_array_equal(first.search(bank[:50], 20)[1], second.search(bank[:50], 20)[1])
 
 
 def test_top_k_pads_short_candidate_lists():

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import launch_command
+
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import decode_document_record, encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import write_token_shards
@@ -97,6 +99,54 @@ def test_an_interrupted_stage_recomputes_only_missing_chunks(workdir, config):
     run_retrieval_stage(config, root)
     np.testing.assert_array_equal(np.load(os.path.join(root, "retrieval", "neighbours-train.npy")), before)
     assert {p: os.path.getmtime(os.path.join(folder, p)) for p in kept} == kept
+
+
+def _retrieval_outputs(root):
+    folder = os.path.join(root, "retrieval")
+    bank = [np.load(os.path.join(folder, "bank", p))["vectors"] for p in sorted(os.listdir(os.path.join(folder, "bank")))]
+    return {"bank": np.concatenate(bank),
+            **{split: np.load(os.path.join(folder, f"neighbours-{split}.npy")) for split in ("train", "validation")}}
+
+
+def _copy_trained_retriever(root, to):
+    shutil.copytree(os.path.join(root, "tokens"), os.path.join(to, "tokens"))
+    shutil.copytree(os.path.join(root, "retrieval", "retriever"), os.path.join(to, "retrieval", "retriever"))
+    return str(to)
+
+
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_neighbours_do_not_depend_on_chunks_processes_or_resumption(workdir, config, tmp_path, kind):
+    """The trained retriever, four ways: one chunk; chunks of 24 documents (which split the encoder's batches of 16);
+    the same after losing a bank chunk, some neighbour chunks and the index; 2 processes."""
+    root, _ = workdir
+    one_chunk = config.copy_and_resolve_references()
+    one_chunk.retrieval.update(chunk_size=10_000, index_kind=kind)
+    run_retrieval_stage(one_chunk, _copy_trained_retriever(root, tmp_path / "one"))
+    reference = _retrieval_outputs(str(tmp_path / "one"))
+
+    chunked = config.copy_and_resolve_references()
+    chunked.retrieval.update(chunk_size=24, index_kind=kind)
+    many = _copy_trained_retriever(root, tmp_path / "many")
+    run_retrieval_stage(chunked, many)
+    folder = os.path.join(many, "retrieval")
+    for lost in ("bank/train-00003.npz", "neighbours/train-00000.npy", "neighbours/train-00005.npy",
+                 "neighbours/validation-00002.npy", "neighbours-train.npy", "neighbours-validation.npy"):
+        os.remove(os.path.join(folder, lost))
+    shutil.rmtree(os.path.join(folder, "index"))
+    run_retrieval_stage(chunked, many)
+
+    two = _copy_trained_retriever(root, tmp_path / "two")
+    t = config.retriever.train
+    launch_command(["retrieve", "--config.data.source=token_shards", "--config.data.restore_iterator=False",
+                    f"--config.retriever.train.global_batch_size={t.global_batch_size}",
+                    f"--config.retriever.train.steps={t.steps}", "--config.retrieval.chunk_size=24",
+                    f"--config.retrieval.duplicate_threshold={config.retrieval.duplicate_threshold}",
+                    f"--config.retrieval.index_kind={kind}"], two, num_processes=2, devices_per_process=1)
+
+    assert reference["train"].shape == (TRAIN, 3) and np.mean(reference["train"][:, 0] >= 0) > 0.9
+    for other in (_retrieval_outputs(many), _retrieval_outputs(two)):
+        for key in reference:
+            np.testing.assert_array_equal(other[key], reference[key], err_msg=key)
 
 
 def test_memory_bank_retrieves_documents_for_a_prompt_ready_to_prepend(workdir, config):

@@ -77,8 +77,13 @@ def check_rows(vectors: np.ndarray, rows: np.ndarray, path: str) -> np.ndarray:
 
 
 class RetrieverEncoder:
-    """Embeds queries with the trained dual encoder, in jitted batches of `batch_size` (the last one padded) on this
-    process's first device; the parameters are small enough to live on one device."""
+    """Embeds queries with the trained dual encoder on this process's first device (the parameters are small enough
+    to live on one), in jitted batches of `batch_size` rows.
+
+    A query's row in its batch is fixed by its record id (record_id mod batch_size, batches holding records of one
+    block of batch_size ids and one modality), so its vector is computed at the same position of the same program
+    however the documents are chunked, split across processes or resumed: its float value does not depend on
+    which other documents are embedded with it."""
 
     def __init__(self, params: Any, model_config, vocab: vocab_lib.UnifiedVocab, batch_size: int):
         import jax
@@ -98,19 +103,31 @@ class RetrieverEncoder:
                                        vocab.image_codes, model_config.image_tower.max_seq_len),
         }
 
+    def _batches(self, queries: Sequence[Query]) -> list[tuple[int, dict[int, int]]]:
+        """(modality, {row in the batch: index of the query}) for every batch to run; a second query of the same
+        record and modality (generation prompts) goes to a batch of its own."""
+        batches: dict[tuple[int, int, int], dict[int, int]] = {}
+        for i, query in enumerate(queries):
+            block, row = divmod(query.record_id, self.batch_size)
+            repeat = 0
+            while row in batches.setdefault((query.modality, block, repeat), {}):
+                repeat += 1
+            batches[(query.modality, block, repeat)][row] = i
+        return [(modality, rows) for (modality, _, _), rows in batches.items()]
+
     def __call__(self, queries: Sequence[Query]) -> np.ndarray:
         from cm3jax.models.retriever import tower_input
 
         out = np.zeros((len(queries), self.dim), np.float32)
-        for modality, (embed, local_ids, length) in self.towers.items():
-            rows = [i for i, q in enumerate(queries) if q.modality == modality]
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                tokens = np.zeros((self.batch_size, length), np.int32)
-                masks = np.zeros((self.batch_size, length), bool)
-                for row, i in enumerate(chunk):
-                    tokens[row], masks[row] = tower_input(local_ids(queries[i].tokens), queries[i].keep, length)
-                out[chunk] = np.asarray(embed(self.params, tokens, masks))[:len(chunk)]
+        for modality, rows in self._batches(queries):
+            embed, local_ids, length = self.towers[modality]
+            tokens = np.zeros((self.batch_size, length), np.int32)
+            masks = np.zeros((self.batch_size, length), bool)
+            for row, i in rows.items():
+                tokens[row], masks[row] = tower_input(local_ids(queries[i].tokens), queries[i].keep, length)
+            vectors = np.asarray(embed(self.params, tokens, masks))
+            for row, i in rows.items():
+                out[i] = vectors[row]
         return out
 
 

@@ -1,14 +1,20 @@
 """Maximum-inner-product search over the memory bank: one interface, an exact and a ScaNN implementation, and a
 sharded index whose processes each hold a slice of the bank.
 
-Scores are inner products (the retriever's embeddings are l2-normalised, so they are cosine similarities). Results
-are ordered by score, ties by id, so the exact index and the sharded exact index agree element for element. ScaNN
+Scores are inner products (the retriever's embeddings are l2-normalised, so they are cosine similarities), summed in
+float64 and rounded to float32 (`inner_products`). A float32 matrix product picks its kernel, and so its rounding, by
+the shapes involved (one query at a time rounds otherwise than a batch of sixty), so float32 scores of one query would
+depend on which other queries share its search; float64 sums differ only far below float32's last bit, and the
+rounded scores do not depend on the batch, the chunking, the process count or a resumption. Results are ordered by
+score, ties by id, so the exact index and the sharded exact index agree element for element. ScaNN
 (tree partitioning + asymmetric hashing + exact re-scoring of the best candidates, REFERENCE §8) is chosen for banks
 of `exact_below` vectors or more; its parameters come from IndexOptions, and those left at 0 are chosen by size
 (num_leaves ~ sqrt(N)).
 
+ScaNN's candidates are re-scored with `inner_products` before they are ordered, so its scores obey the same rule.
+
 An index is saved as a folder: `index.json` (kind, size, dimension, options), `ids.npy` (the global id of each
-row) and either `vectors.npy` (exact) or ScaNN's own artifacts under `scann/`.
+row), `vectors.npy` and, for ScaNN, its own artifacts under `scann/`.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ class IndexOptions:
     anisotropic_threshold: float = 0.2
     reorder: int = 0  # candidates re-scored exactly; 0: 1000
     training_sample_size: int = 100_000  # vectors the tree and the hashing are trained on
+    training_threads: int = 1  # ScaNN build threads; 1 (with `seed`) makes every build of a bank the same index
+    seed: int = 0
 
     def __post_init__(self):
         if self.kind not in INDEX_KINDS:
@@ -46,7 +54,8 @@ class IndexOptions:
         return cls(kind=str(c.index_kind), exact_below=int(c.exact_below), num_leaves=int(c.num_leaves),
                    leaves_to_search=int(c.leaves_to_search), dims_per_block=int(c.dims_per_block),
                    anisotropic_threshold=float(c.anisotropic_threshold), reorder=int(c.reorder),
-                   training_sample_size=int(c.training_sample_size))
+                   training_sample_size=int(c.training_sample_size),
+                   training_threads=int(c.index_training_threads), seed=int(c.seed))
 
 
 class VectorIndex(Protocol):
@@ -69,6 +78,12 @@ def _check_vectors(vectors: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(vectors, np.float32)
 
 
+def inner_products(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """[Q, dim] x [N, dim] -> [Q, N] float32 scores, summed in float64 (see the module docstring: a query's scores do
+    not depend on the other queries searched with it)."""
+    return (np.asarray(queries, np.float64) @ np.asarray(vectors, np.float64).T).astype(np.float32)
+
+
 def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best (score descending, then id ascending) of candidate (scores, ids) [Q, C]; pads with
     (-inf, -1) when C < k."""
@@ -82,9 +97,10 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 class ExactIndex:
-    """Brute-force inner products, in blocks of the bank so memory stays at block x queries."""
+    """Brute-force inner products, in blocks of the bank and of the queries so memory stays at two blocks' product."""
 
-    BLOCK = 65_536
+    BLOCK = 16_384
+    QUERY_BLOCK = 1_024
 
     def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None):
         self.vectors = _check_vectors(vectors, "index vectors")
@@ -93,10 +109,13 @@ class ExactIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = _check_vectors(queries, "queries")
+        if len(queries) > self.QUERY_BLOCK:
+            parts = [self.search(queries[i:i + self.QUERY_BLOCK], k) for i in range(0, len(queries), self.QUERY_BLOCK)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         best_scores = np.full((len(queries), 0), -np.inf, np.float32)
         best_ids = np.full((len(queries), 0), -1, np.int64)
         for start in range(0, self.size, self.BLOCK):
-            scores = queries @ self.vectors[start:start + self.BLOCK].T
+            scores = inner_products(queries, self.vectors[start:start + self.BLOCK])
             block_scores, block_ids = _at_least_kth(scores, self.ids[start:start + self.BLOCK], k)
             best_scores, best_ids = top_k(np.concatenate([best_scores, block_scores], axis=1),
                                           np.concatenate([best_ids, block_ids], axis=1), k)
@@ -104,8 +123,7 @@ class ExactIndex:
 
     def save(self, folder: str) -> None:
         _write_index(folder, "exact", self.size, self.dim, {})
-        np.save(os.path.join(folder, "vectors.npy"), self.vectors)
-        np.save(os.path.join(folder, "ids.npy"), self.ids)
+        _save_vectors(folder, self.vectors, self.ids)
 
 
 def _at_least_kth(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,13 +143,23 @@ def _at_least_kth(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarr
     return kept_scores, kept_ids
 
 
-class ScannIndex:
-    """ScaNN: tree partitions + asymmetric hashing + exact re-scoring of the best candidates."""
+def _save_vectors(folder: str, vectors: np.ndarray, ids: np.ndarray) -> None:
+    np.save(os.path.join(folder, "vectors.npy"), vectors)
+    np.save(os.path.join(folder, "ids.npy"), ids)
 
-    def __init__(self, searcher, ids: np.ndarray, dim: int, params: dict):
+
+class ScannIndex:
+    """ScaNN: tree partitions + asymmetric hashing + exact re-scoring of the best candidates, which are then scored
+    once more by `inner_products` (RESCORE_MARGIN more than asked, so ScaNN's own float32 order cannot decide which
+    candidate is k-th)."""
+
+    RESCORE_MARGIN = 16
+
+    def __init__(self, searcher, vectors: np.ndarray, ids: np.ndarray, params: dict):
         self.searcher = searcher
+        self.vectors = _check_vectors(vectors, "index vectors")
         self.ids = np.asarray(ids, np.int64)
-        self.size, self.dim = len(self.ids), dim
+        self.size, self.dim = self.vectors.shape
         self.params = params
 
     @classmethod
@@ -145,29 +173,36 @@ class ScannIndex:
                   "leaves_to_search": options.leaves_to_search or max(1, num_leaves // 32),
                   "reorder": options.reorder or 1000}
         sample = min(n, options.training_sample_size)
-        searcher = (scann.scann_ops_pybind.builder(vectors, 10, "dot_product")
-                    .tree(num_leaves=num_leaves, num_leaves_to_search=params["leaves_to_search"],
-                          training_sample_size=sample, spherical=True)
-                    .score_ah(options.dims_per_block, anisotropic_quantization_threshold=options.anisotropic_threshold,
-                              training_sample_size=sample)
-                    .reorder(params["reorder"])
-                    .build())
-        return cls(searcher, np.arange(n) if ids is None else ids, dim, params)
+        builder = (scann.scann_ops_pybind.builder(vectors, 10, "dot_product")
+                   .tree(num_leaves=num_leaves, num_leaves_to_search=params["leaves_to_search"],
+                         training_sample_size=sample, spherical=True, min_partition_size=1)
+                   .score_ah(options.dims_per_block, anisotropic_quantization_threshold=options.anisotropic_threshold,
+                             training_sample_size=sample)
+                   .reorder(params["reorder"]))
+        # Reproducible builds: the builder has no seed argument, the partitioning config has (0 draws one per
+        # build), and min_partition_size=1 turns off the re-drawing of small partitions, which is not seeded.
+        scann_config = builder.create_config().replace(
+            "partitioning {", f"partitioning {{\n        clustering_seed: {options.seed + 1}", 1)
+        searcher = scann.scann_ops_pybind.create_searcher(vectors, scann_config, options.training_threads)
+        return cls(searcher, vectors, np.arange(n) if ids is None else ids, params)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = _check_vectors(queries, "queries")
-        rows, scores = self.searcher.search_batched_parallel(
-            queries, final_num_neighbors=min(k, self.size),
-            pre_reorder_num_neighbors=max(self.params["reorder"], k))
+        candidates = min(k + self.RESCORE_MARGIN, self.size)
+        rows, _ = self.searcher.search_batched_parallel(
+            queries, final_num_neighbors=candidates, pre_reorder_num_neighbors=max(self.params["reorder"], candidates))
         rows = np.asarray(rows, np.int64)
-        ids = np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
-        return top_k(np.asarray(scores, np.float32), ids, k)
+        found = rows >= 0
+        safe_rows = np.clip(rows, 0, None)
+        scores = np.einsum("qd,qcd->qc", queries.astype(np.float64), self.vectors[safe_rows].astype(np.float64))
+        scores = np.where(found, scores.astype(np.float32), -np.inf).astype(np.float32)
+        return top_k(scores, np.where(found, self.ids[safe_rows], -1), k)
 
     def save(self, folder: str) -> None:
         _write_index(folder, "scann", self.size, self.dim, self.params)
         os.makedirs(os.path.join(folder, "scann"), exist_ok=True)
         self.searcher.serialize(os.path.join(folder, "scann"))
-        np.save(os.path.join(folder, "ids.npy"), self.ids)
+        _save_vectors(folder, self.vectors, self.ids)
 
 
 def build_index(vectors: np.ndarray, options: IndexOptions = IndexOptions(),
@@ -194,12 +229,13 @@ def load_index(folder: str) -> VectorIndex:
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
     ids = np.load(os.path.join(folder, "ids.npy"))
+    vectors = np.load(os.path.join(folder, "vectors.npy"))
     if meta["kind"] == "exact":
-        return ExactIndex(np.load(os.path.join(folder, "vectors.npy")), ids)
+        return ExactIndex(vectors, ids)
     import scann
 
     searcher = scann.scann_ops_pybind.load_searcher(os.path.join(folder, "scann"))
-    return ScannIndex(searcher, ids, int(meta["dim"]), meta["params"])
+    return ScannIndex(searcher, vectors, ids, meta["params"])
 
 
 Gather = Callable[[np.ndarray], np.ndarray]  # [n, ...] on every process -> [num_processes, n, ...]

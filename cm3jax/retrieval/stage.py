@@ -90,7 +90,8 @@ def open_or_build_index(folder: str, bank_vectors: np.ndarray, options: IndexOpt
     """The saved index when it covers this bank, else process 0 builds and saves it while the others wait."""
     def saved_size() -> int | None:
         path = os.path.join(folder, INDEX_FILE)
-        return json.load(open(path))["size"] if os.path.exists(path) else None
+        whole = os.path.exists(path) and os.path.exists(os.path.join(folder, "vectors.npy"))
+        return json.load(open(path))["size"] if whole else None
 
     if jax.process_index() == 0 and saved_size() != len(bank_vectors):
         build_index(bank_vectors, options).save(folder)
