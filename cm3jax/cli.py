@@ -1,9 +1,6 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
-The only module that wires stages together. Commands available now: `data` (build the embedded datasets or check the
-configured raw source), `vqgan` (the image tokenizer), `tokenize` (token shards), `retrieve` (retriever, index and
-neighbours), `train` (the CM3leon LM) and `pipeline` (every available stage in order, skipping those already
-complete).
+The only module that wires stages together; USAGE lists the commands.
 """
 from __future__ import annotations
 
@@ -12,6 +9,9 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cm3jax.config_validation import ConfigError
+from cm3jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py or configs/tiny.py:arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: every stage writes under it.")
@@ -35,8 +35,18 @@ commands:
   tokenize   text tokenizer (trained when absent) + VQ-GAN codes -> token shards in DIR/tokens (resumable)
   retrieve   train the dual-encoder retriever, index the train documents, write every document's neighbours
              (DIR/retrieval; resumable)
-  train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint)
+  train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint, or from
+             --config.train.restore_step=N)
   pipeline   run every stage in order, skipping those already complete
+  generate   generate from the trained model (DIR/samples/<task>-<time>):
+               generate image   --prompt=TEXT [--num=N --cfg=S | --cdk --retrieve=K --candidates=N --seed=S]
+               generate caption --image=PATH
+               generate vqa     --image=PATH --question=TEXT
+               generate infill  --image=PATH --box=x0,y0,x1,y1 [--num=N]
+
+A user error (a config value, a path, a damaged checkpoint) is one line on stderr and exit code 2; add
+--verbosity=1 for its traceback. Examples: `cm3jax pipeline --config=configs/demo.py --workdir=workdir/demo`,
+`cm3jax generate image --config=configs/demo.py --workdir=workdir/demo --prompt="a handwritten seven"`.
 """
 
 EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
@@ -60,8 +70,9 @@ def train_vqgan(config, workdir: str) -> None:
     from cm3jax.train.vqgan import train_vqgan as train
 
     initialize_distributed(config.distributed)
-    stage_dir = stages.prepare_stage(workdir, "vqgan", config)
-    result = train(config, stage_dir, raw_data_dir=os.path.join(workdir, "data"))
+    stage_dir = os.path.join(workdir, "vqgan")
+    result = train(config, stage_dir, raw_data_dir=os.path.join(workdir, "data"),
+                   on_start=lambda: stages.prepare_stage(workdir, "vqgan", config))
     if not result.preempted:
         stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
         print(f"vqgan: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, reconstructions in "
@@ -107,15 +118,15 @@ def train_lm(config, workdir: str) -> None:
         config.data.token_dir = os.path.join(workdir, "tokens")
     if not config.data.neighbours_dir:
         config.data.neighbours_dir = os.path.join(workdir, "retrieval")
-    stage_dir = stages.prepare_stage(workdir, "lm", config)
-    result = train_language_model(config, stage_dir)
+    stage_dir = os.path.join(workdir, "lm")
+    result = train_language_model(config, stage_dir, on_start=lambda: stages.prepare_stage(workdir, "lm", config))
     if not result.preempted:
         stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
         print(f"lm: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, "
               f"logs in {stage_dir}/logs", flush=True)
 
 
-class GenerateInputError(ValueError):
+class GenerateInputError(UserError, ValueError):
     """A generate request that cannot run: reported in one line."""
 
 
@@ -237,8 +248,58 @@ COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "r
             "train": train_lm, "pipeline": run_pipeline}
 
 
+def _verbose(argv: list[str]) -> bool:
+    """--verbosity=N / -v=N with N >= 1 asks for tracebacks of user errors too (read from argv, since a flag that
+    fails to parse leaves the flag values unset)."""
+    for arg in argv:
+        for prefix in ("--verbosity=", "-v="):
+            if arg.startswith(prefix):
+                try:
+                    return int(arg[len(prefix):]) >= 1
+                except ValueError:
+                    return False
+    return False
+
+
+def _fail(message: str, argv: list[str], error: BaseException | None = None) -> None:
+    """One line on stderr and exit code 2; with --verbosity=1 the error is raised again, traceback and all."""
+    if error is not None and _verbose(argv):
+        raise error
+    sys.stderr.write(f"cm3jax: {message}\n")
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+def _config_file_problem(argv: list[str]) -> str | None:
+    for arg in argv:
+        if arg.startswith("--config="):
+            path = arg[len("--config="):].split(":", 1)[0]
+            if not os.path.isfile(path):
+                return f"config file {path} not found (e.g. --config=configs/demo.py)"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with cm3jax's usage for --help and one-line errors for bad flags and config overrides."""
+    if any(arg in ("-h", "--help", "--helpshort", "-?") for arg in argv[1:]):
+        sys.stdout.write(USAGE)
+        sys.exit(0)
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as e:  # an unknown flag, or a value of the wrong type
+        _fail(f"{e}", argv, e)
+    except (AttributeError, KeyError) as e:  # an override names a field the config does not have
+        name = str(e.args[0] if e.args else e).strip("'\"")
+        overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
+        _fail(f"no config field {(overrides or [name])[0].removeprefix('--')}: check its spelling against "
+              f"cm3jax/config.py", argv, e)
+    problem = _config_file_problem(argv)
+    if problem:
+        _fail(problem, argv)
+    return remaining
+
+
 def main(argv: list[str]) -> None:
-    from cm3jax.config_validation import ConfigError
+    from cm3jax.stages import check_workdir
     from cm3jax.train.loop import TrainingDivergedError
 
     if not flags.FLAGS["verbosity"].present:
@@ -253,18 +314,25 @@ def main(argv: list[str]) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
     from cm3jax.host_memory import apply_runtime_config
 
+    verbose = flags.FLAGS.verbosity >= 1
     apply_runtime_config(_CONFIG.value.runtime)
     try:
+        check_workdir(_WORKDIR.value)
         if is_generate:
             try:
                 generate(_CONFIG.value, _WORKDIR.value, argv[2])
             except (FileNotFoundError, ValueError) as e:  # bad input or a missing stage: one line
+                if verbose or isinstance(e, UserError):
+                    raise
                 sys.stderr.write(f"cm3jax: {e}\n")
                 sys.exit(EXIT_CONFIG_ERROR)
         else:
             COMMANDS[argv[1]](_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        sys.stderr.write(f"cm3jax: invalid config: {e}\n")
+    except UserError as e:
+        if verbose:
+            raise
+        kind = "invalid config: " if isinstance(e, ConfigError) else ""
+        sys.stderr.write(f"cm3jax: {kind}{e}\n")
         sys.exit(EXIT_CONFIG_ERROR)
     except TrainingDivergedError as e:
         sys.stderr.write(f"cm3jax: training diverged: {e}\n")
@@ -272,4 +340,4 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -155,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
             # Loop settings of the `vqgan` stage (they replace the train section while it runs).
             train=ml_collections.ConfigDict(dict(
                 global_batch_size=64, steps=100_000, log_every=100, eval_every=1000, eval_batches=4,
-                checkpoint_every=1000, keep_checkpoints=3)),
+                checkpoint_every=1000, keep_checkpoints=3, restore_step=-1)),
         )
     )
 
@@ -207,7 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
                 weight_decay=0.2, no_weight_decay=["position_embedding", "logit_scale"], clip_norm=1.0)),
             train=ml_collections.ConfigDict(dict(
                 global_batch_size=256, steps=20_000, log_every=100, eval_every=1000, eval_batches=4,
-                checkpoint_every=1000, keep_checkpoints=2)),
+                checkpoint_every=1000, keep_checkpoints=2, restore_step=-1)),
         )
     )
 
@@ -260,6 +260,7 @@ def base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             async_checkpointing=True,
             peak_tflops_per_device=-1.0,  # -1: from the device kind when known; MFU is logged only then
+            restore_step=-1,  # -1: resume from the latest checkpoint; N: from step N (later ones are moved aside)
         )
     )
 

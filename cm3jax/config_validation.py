@@ -5,6 +5,8 @@ import math
 
 import ml_collections
 
+from cm3jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -23,7 +25,7 @@ CAPTION_STYLES = ("infill", "continue")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot run; the message starts with the field name."""
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import jax
 import ml_collections
 
 from cm3jax.config import config_to_json
+from cm3jax.errors import WorkdirError
 
 COMPLETE_MARKER = "COMPLETE.json"
 
@@ -21,6 +23,24 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates the workdir if needed and checks that a file can be written there (remote stores, `scheme://...`,
+    are left to the stages); raises WorkdirError saying what is wrong."""
+    if "://" in workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir={workdir} is a file, not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"--workdir={workdir} cannot be created: {e.strerror}") from e
+    try:
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"--workdir={workdir} is not writable: {e.strerror}") from e
 
 
 def prepare_stage(workdir: str, stage: str, config: ml_collections.ConfigDict) -> str:

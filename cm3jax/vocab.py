@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from cm3jax.errors import MissingInputError, UserError
+
 PAD, EOS, BREAK, EOSS = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>")
 
@@ -30,7 +32,7 @@ VOCAB_FILE = "vocab.json"
 _SIZE_FIELDS = ("text_size", "image_codebook_size", "num_masks", "pad_to_multiple")
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(UserError, ValueError):
     """Saved token ids were laid out with another vocabulary than the config's."""
 
 
@@ -159,7 +161,7 @@ class UnifiedVocab:
 def require_saved_vocab(configured: UnifiedVocab, folder: str) -> None:
     """Checks folder/vocab.json against the configured layout; a folder without one is an error."""
     if not os.path.exists(os.path.join(folder, VOCAB_FILE)):
-        raise FileNotFoundError(f"{folder} has no {VOCAB_FILE}: token shards are written by `cm3jax tokenize`, "
+        raise MissingInputError(f"{folder} has no {VOCAB_FILE}: token shards are written by `cm3jax tokenize`, "
                                 f"which saves the vocabulary layout with them")
     configured.require_same(UnifiedVocab.load(folder), os.path.join(folder, VOCAB_FILE))
 

@@ -1,11 +1,21 @@
 """Orbax checkpoints with three items: `state` (params, optimizer state, step), `data` (input iterator state) and
 `config` (the resolved config as JSON). Restoring takes target shardings, so a checkpoint written on one mesh shape
-restores onto another."""
+restores onto another.
+
+Before a run resumes, its checkpoint's saved config is compared with the given one on the fields that fix the
+state's shapes (a mismatch is refused with the fields named), and a checkpoint that cannot be read back is reported
+as damaged with the step to resume from instead (`train.restore_step`); checkpoints after a chosen restore step are
+moved aside to `checkpoints_set_aside/`, not deleted.
+"""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shutil
+import sys
+import threading
+import time
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -13,6 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from cm3jax.config_validation import ConfigError
+from cm3jax.errors import DamagedCheckpointError
 
 ITEMS = ("state", "data", "config")
 
@@ -44,17 +55,22 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
-        """Restores `state` laid out by `shardings` (any mesh) and the `data` iterator state."""
+        """Restores `state` laid out by `shardings` (any mesh) and the `data` iterator state; a checkpoint whose
+        files cannot be read raises DamagedCheckpointError."""
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, shardings)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
-        )
+        try:
+            _require_index_files(os.path.join(self.directory, str(step)))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+            )
+        except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
+            _silence_failed_read_leftovers()
+            raise damaged(self.directory, step, e) from e
+        if not isinstance(restored.data, dict):
+            raise damaged(self.directory, step, ValueError("the data item is empty"))
         return restored.state, restored.data
-
-    def restore_config(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
@@ -84,3 +100,116 @@ def select_process_state(saved: dict) -> dict:
             f"processes but this run has {jax.process_count()}. Resume with the same number of processes, or set "
             f"--config.data.restore_iterator=False and a new --config.data.seed to continue with a fresh data order.")
     return saved["processes"][jax.process_index()]
+
+
+def _silence_failed_read_leftovers() -> None:
+    """After one array read fails, orbax's other reads still finish into its closed event loop or are collected
+    unawaited, each printing a traceback that says nothing about the damage; from here on (the run is ending with
+    the damaged-checkpoint error) those are not printed."""
+    def leftover(error) -> bool:
+        return isinstance(error, RuntimeError) and "Event loop is closed" in str(error) or "reading array" in str(
+            error)
+
+    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda u: None if leftover(u.exc_value) else previous_unraisable(u)
+    threading.excepthook = lambda a: None if leftover(a.exc_value) else previous_thread(a)
+
+
+# Files a readable checkpoint has, whole. Checked before orbax opens them: an empty manifest makes tensorstore fail
+# while other reads are in flight, and their late callbacks print tracebacks that say nothing about the damage.
+INDEX_FILES = ("state/_METADATA", "state/manifest.ocdbt", "data/metadata", "config/metadata")
+
+
+def _require_index_files(step_dir: str) -> None:
+    for name in INDEX_FILES:
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise OSError(f"{name} is missing or empty")
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the finished checkpoints under `directory` (orbax names a checkpoint's folder by its step once the
+    save has committed)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def resume_step(directory: str, restore_step: int) -> int | None:
+    """The step to resume from: the latest checkpoint for restore_step -1, else restore_step, which must exist."""
+    steps = checkpoint_steps(directory)
+    if restore_step < 0:
+        return steps[-1] if steps else None
+    if restore_step not in steps:
+        raise ConfigError(f"config.train.restore_step: no checkpoint at step {restore_step} under {directory} "
+                          f"(saved steps: {steps or 'none'})")
+    return restore_step
+
+
+def damaged(directory: str, step: int, cause: BaseException) -> DamagedCheckpointError:
+    earlier = [s for s in checkpoint_steps(directory) if s < step]
+    what = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+    advice = (f"resume from the one before with --config.train.restore_step={earlier[-1]} (later checkpoints are "
+              f"moved to checkpoints_set_aside/)" if earlier else
+              f"no earlier checkpoint is left: move {directory}/{step} away to start this stage over")
+    return DamagedCheckpointError(f"checkpoint {directory}/{step} is damaged and cannot be restored "
+                                  f"({type(cause).__name__}: {what}); {advice}")
+
+
+def saved_config(directory: str, step: int) -> dict:
+    """The config a checkpoint was saved with (its `config` item), as a nested dict."""
+    path = os.path.join(directory, str(step), "config", "metadata")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(json.load(f)["json"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damaged(directory, step, e) from e
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists, ints and floats compare as saved
+
+
+def config_differences(given: dict, saved: dict, fields: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """(field, given, saved) for every field under one of `fields` (dotted names or prefixes) that differs."""
+    given_flat, saved_flat = _flatten(_normalise(given)), _flatten(saved)
+    def selected(name: str) -> bool:
+        return any(name == f or name.startswith(f"{f}.") for f in fields)
+    names = sorted(n for n in set(given_flat) | set(saved_flat) if selected(n))
+    return [(n, given_flat.get(n), saved_flat.get(n)) for n in names if given_flat.get(n) != saved_flat.get(n)]
+
+
+def require_resumable(config, saved: dict, state_fields: Sequence[str], where: str) -> None:
+    """Refuses (ConfigError naming each field) to resume the checkpoint at `where` with other state-fixing values."""
+    differences = config_differences(config.to_dict(), saved, state_fields)
+    if differences:
+        listed = "; ".join(f"config.{n}={g!r} but {s!r} in the checkpoint" for n, g, s in differences)
+        raise ConfigError(f"{listed}: {where} cannot be resumed with another model shape. Set these back, or train "
+                          f"in a new --workdir")
+
+
+def set_aside_checkpoints_after(directory: str, step: int) -> None:
+    """Moves the checkpoints after `step` to a sibling `checkpoints_set_aside/<step>-<time>` (process 0), so the run
+    continues from `step` and nothing is deleted."""
+    later = [s for s in checkpoint_steps(directory) if s > step]
+    if later and jax.process_index() == 0:
+        aside = os.path.join(os.path.dirname(directory.rstrip("/")), "checkpoints_set_aside")
+        os.makedirs(aside, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for s in later:
+            shutil.move(os.path.join(directory, str(s)), os.path.join(aside, f"{s}-{stamp}"))
+        print(f"resuming from step {step}: checkpoints {later} moved to {aside}", flush=True)
+    if later and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("cm3jax: checkpoints set aside")

@@ -3,6 +3,7 @@ jitted train / eval steps with gradient accumulation."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -156,6 +157,7 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
 
     tokens_per_step = t.global_batch_size * t.seq_len
     task = TrainTask(
+        state_fields=LM_STATE_FIELDS,
         name="lm",
         init_state=init_state,
         train_step=make_train_step(model, optimizer, schedule, t.z_loss_weight, t.grad_accum_steps),
@@ -171,12 +173,30 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
     return task, decoder_config
 
 
-def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None) -> TrainResult:
-    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`."""
+# The config fields that fix the LM's parameter shapes.
+LM_STATE_FIELDS = ("vocab", "model.num_layers", "model.d_model", "model.num_heads", "model.head_dim", "model.ffn_dim",
+                   "model.activation", "model.max_seq_len", "model.tie_embeddings", "model.param_dtype")
+
+
+def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None,
+                         on_start: Callable[[], None] | None = None) -> TrainResult:
+    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`.
+
+    Everything is checked (the config, the token folder's vocabulary, a resumed run's vocabulary and checkpoint)
+    before `stage_dir/vocab.json` is written and `on_start` runs, so a refused run writes nothing."""
     devices = list(devices if devices is not None else jax.devices())
     validate_config(config, len(devices), num_slices(devices), jax.process_count())
-    vocab_lib.check_or_save_vocab(vocab_lib.UnifiedVocab.from_config(config.vocab), stage_dir,
-                                  write=jax.process_index() == 0)
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    if config.data.source == "token_shards":
+        vocab_lib.require_saved_vocab(vocab, config.data.token_dir)
+    if os.path.exists(os.path.join(stage_dir, vocab_lib.VOCAB_FILE)):
+        vocab_lib.require_saved_vocab(vocab, stage_dir)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
-    return loop.run(task, config, mesh, stage_dir)
+
+    def start() -> None:
+        vocab_lib.check_or_save_vocab(vocab, stage_dir, write=jax.process_index() == 0)
+        if on_start is not None:
+            on_start()
+
+    return loop.run(task, config, mesh, stage_dir, on_start=start)

@@ -18,8 +18,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm3jax.config import config_to_json
+from cm3jax.errors import MissingInputError
 from cm3jax.parallel import sharding
-from cm3jax.train.checkpoint import Checkpointer, gather_process_states, select_process_state
+from cm3jax.train.checkpoint import (Checkpointer, gather_process_states, require_resumable, resume_step,
+                                     saved_config, select_process_state, set_aside_checkpoints_after)
 from cm3jax.train.metrics import MetricsWriter, peak_flops_per_device
 
 
@@ -59,6 +61,9 @@ class TrainTask:
     summarize_eval: Callable[[dict], dict] | None = None
     frozen: Any = None  # inputs the steps read but never update (e.g. LPIPS weights): a replicated jit argument
     after_eval: Callable[[Any, int, str], None] | None = None  # (state, step, workdir), e.g. to save sample images
+    # Config fields (dotted names or section prefixes) that fix the state's shapes: a checkpoint saved with other
+    # values cannot be resumed, and the run is refused with the fields named before anything is read or written.
+    state_fields: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -122,7 +127,7 @@ def restore_latest_state(init_state: Callable, config: ml_collections.ConfigDict
     try:
         step = checkpointer.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {stage_dir}/checkpoints: run {produced_by} first")
+            raise MissingInputError(f"no checkpoint under {stage_dir}/checkpoints: run {produced_by} first")
         state, _ = checkpointer.restore(step, abstract, shardings)
     finally:
         checkpointer.close()
@@ -149,36 +154,52 @@ def jit_eval_step(task: TrainTask, mesh: Mesh, shardings: Any) -> Callable:
     return _with_frozen(task, mesh, task.eval_step, (shardings, sharding.batch_sharding(mesh)))
 
 
-def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str) -> TrainResult:
-    """Trains `task` to config.train.steps, resuming from the latest checkpoint under `workdir`."""
+def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str,
+        on_start: Callable[[], None] | None = None) -> TrainResult:
+    """Trains `task` to config.train.steps, resuming from the latest checkpoint under `workdir` (or from
+    config.train.restore_step). `on_start` runs once the checkpoint to resume from has been checked and read, before
+    the first step: the stage writes its files there, so a refused run leaves nothing behind."""
     t = config.train
     rules = sharding.logical_axis_rules(config)
     abstract, shardings = abstract_state_and_shardings(task.init_state, mesh, rules)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
     if jax.process_index() == 0:
         print(f"{task.name}: {num_params / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}", flush=True)
-    checkpointer = Checkpointer(f"{workdir}/checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract, shardings)
+    checkpoint_dir = f"{workdir}/checkpoints"
+    restore_step = resume_step(checkpoint_dir, int(t.get("restore_step", -1)))
+    if restore_step is not None:
+        require_resumable(config, saved_config(checkpoint_dir, restore_step), task.state_fields,
+                          f"{checkpoint_dir}/{restore_step}")
+        set_aside_checkpoints_after(checkpoint_dir, restore_step)
+    checkpointer = Checkpointer(checkpoint_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    if restore_step is not None:
+        try:
+            state, data_state = checkpointer.restore(restore_step, abstract, shardings)
+        except BaseException:
+            checkpointer.close()  # its background threads must stop before the process exits
+            raise
         if config.data.restore_iterator:
             task.train_data.set_state(select_process_state(data_state))
         else:
             logging.warning("%s: data iterator not restored (data.restore_iterator=False): fresh data order", task.name)
-        logging.info("resumed %s from step %d", task.name, latest)
+        if jax.process_index() == 0:
+            print(f"{task.name}: resumed from step {restore_step} ({checkpoint_dir}/{restore_step})", flush=True)
     else:
         state = initialize_state(task.init_state, jax.random.key(t.seed), mesh, rules, shardings)
+    if on_start is not None:
+        on_start()
     config_json = {"json": config_to_json(config)}
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = jit_train_step(task, mesh, shardings)
         eval_step = jit_eval_step(task, mesh, shardings) if task.eval_step else None
 
-    writer = MetricsWriter(f"{workdir}/logs")
+    step = int(jax.device_get(state.step))
+    writer = MetricsWriter(f"{workdir}/logs", resumed_step=step, total_steps=int(t.steps))
     preemption = _PreemptionFlag()
     peak = peak_flops_per_device(jax.devices()[0].device_kind, t.peak_tflops_per_device)
-    step = int(jax.device_get(state.step))
-    last_saved = latest
+    last_saved = restore_step
+    started_at, start_step = time.perf_counter(), step
     pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch asynchronous
     interval_start, interval_steps = time.perf_counter(), 0
     metrics_host: dict = {}
@@ -212,7 +233,8 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                     metrics_host.pop("finite")
                     metrics_host.update(_throughput(task, elapsed / interval_steps, peak, mesh.devices.size))
                     metrics_host.update(_data_counters(task.train_data))
-                    writer.write(step, metrics_host)
+                    writer.write(step, metrics_host,
+                                 note=_time_left(time.perf_counter() - started_at, step - start_step, t.steps - step))
                     interval_start, interval_steps = time.perf_counter(), 0
 
                 if eval_step is not None and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
@@ -236,6 +258,15 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
         writer.close()
         preemption.restore_handlers()
     return TrainResult(state=state, step=step, preempted=preempted, last_metrics=metrics_host)
+
+
+def _time_left(elapsed: float, steps_done: int, steps_left: int) -> str:
+    """' (~1h02m left)' at the average pace of this run's steps so far (compilation included)."""
+    if steps_done <= 0 or steps_left <= 0:
+        return ""
+    seconds = int(elapsed / steps_done * steps_left)
+    hours, rest = divmod(seconds, 3600)
+    return f" (~{hours}h{rest // 60:02d}m left)" if hours else f" (~{rest // 60}m{rest % 60:02d}s left)"
 
 
 def _throughput(task: TrainTask, step_time: float, peak: float | None, num_devices: int) -> dict:

@@ -28,23 +28,31 @@ def peak_flops_per_device(device_kind: str, configured_tflops: float) -> float |
 class MetricsWriter:
     """Writes scalar metrics by step; only process 0 writes files."""
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, resumed_step: int = 0, total_steps: int | None = None):
+        """`resumed_step`: the step the run starts from; rows of metrics.jsonl past it (written by an earlier
+        attempt after its last checkpoint) are dropped, so a resumed run's log reads like an unbroken run's."""
         self._enabled = jax.process_index() == 0
         self._tensorboard = None
         self._jsonl = None
+        self._total = total_steps
         if self._enabled:
             os.makedirs(log_dir, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir)
-            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(log_dir, "metrics.jsonl")
+            _drop_rows_after(path, resumed_step)
+            # TensorBoard hides the earlier attempt's events from purge_step on.
+            self._tensorboard = SummaryWriter(log_dir, purge_step=resumed_step + 1)
+            self._jsonl = open(path, "a", encoding="utf-8")
 
-    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train", note: str = "") -> None:
+        """Logs the scalars; `note` (e.g. the time left) goes to the console line only."""
         if not self._enabled:
             return
         text = " ".join(f"{k}={_format(v)}" for k, v in scalars.items())
         logging.info("[%s] step %d: %s", prefix, step, text)
-        print(f"[{prefix}] step {step}: {text}", flush=True)
+        where = f"{step}/{self._total}" if self._total else f"{step}"
+        print(f"[{prefix}] step {where}: {text}{note}", flush=True)
         self._jsonl.write(json.dumps({"step": step, "split": prefix, **{k: float(v) for k, v in scalars.items()}})
                           + "\n")
         self._jsonl.flush()
@@ -56,6 +64,28 @@ class MetricsWriter:
         if self._enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the JSON-lines log without rows past `step` (whole or not at all)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a row cut short by a kill: dropped with the rows after it
+        return float("inf")
 
 
 def _format(value: float) -> str:

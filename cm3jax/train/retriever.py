@@ -141,6 +141,11 @@ def retriever_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, C
     return (init_state,) + make_retriever_steps(model, optimizer, schedule)
 
 
+# The config fields that fix the dual encoder's parameter shapes.
+RETRIEVER_STATE_FIELDS = ("vocab", "retriever.embed_dim", "retriever.text_len", "retriever.num_layers",
+                          "retriever.d_model", "retriever.num_heads", "vqgan.image_size", "vqgan.channel_multipliers")
+
+
 def train_retriever(config: ml_collections.ConfigDict, stage_dir: str, token_dir: str, devices=None) -> TrainResult:
     """Trains the dual encoder on the train split's token shards under `stage_dir` (resumes); the result's state
     holds the trained parameters (also when training was already complete)."""
@@ -166,7 +171,7 @@ def train_retriever(config: ml_collections.ConfigDict, stage_dir: str, token_dir
     task = TrainTask(name="retriever", init_state=init_state, train_step=train_step,
                      train_data=batches(stage.data.train_split, shuffle=True), global_batch_size=t.global_batch_size,
                      eval_step=eval_step, eval_data=eval_data if t.eval_every else None,
-                     summarize_eval=summarize_contrastive)
+                     summarize_eval=summarize_contrastive, state_fields=RETRIEVER_STATE_FIELDS)
     return loop.run(task, stage, mesh, stage_dir)
 
 

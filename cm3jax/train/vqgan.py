@@ -244,6 +244,12 @@ def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax
     return init_state, optimizer
 
 
+# The config fields that fix the VQ-GAN's and its discriminator's parameter shapes.
+VQGAN_STATE_FIELDS = ("vocab.image_codebook_size", "vqgan.channels", "vqgan.channel_multipliers",
+                      "vqgan.num_res_blocks", "vqgan.attention_at_lowest", "vqgan.z_channels", "vqgan.code_dim",
+                      "vqgan.disc_channels", "vqgan.disc_layers")
+
+
 def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, eval_data,
                      sample_images: Callable[[], np.ndarray] | None = None) -> TrainTask:
     v = config.vqgan
@@ -255,7 +261,8 @@ def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, 
     return TrainTask(name="vqgan", init_state=init_state, train_step=train_step, train_data=train_data,
                      global_batch_size=int(config.train.global_batch_size), eval_step=eval_step, eval_data=eval_data,
                      summarize_eval=summarize_vqgan_eval, frozen=lpips_params,
-                     after_eval=grid_saver(VQGAN(model_config), sample_images) if sample_images else None)
+                     after_eval=grid_saver(VQGAN(model_config), sample_images) if sample_images else None,
+                     state_fields=VQGAN_STATE_FIELDS)
 
 
 def vqgan_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -265,8 +272,10 @@ def vqgan_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     return stage
 
 
-def train_vqgan(config: ml_collections.ConfigDict, stage_dir: str, raw_data_dir: str, devices=None) -> TrainResult:
-    """Trains the VQ-GAN on the raw source's images (raw_data section) under `stage_dir`."""
+def train_vqgan(config: ml_collections.ConfigDict, stage_dir: str, raw_data_dir: str, devices=None,
+                on_start: Callable[[], None] | None = None) -> TrainResult:
+    """Trains the VQ-GAN on the raw source's images (raw_data section) under `stage_dir`; `on_start` as in
+    loop.run."""
     devices = list(devices if devices is not None else jax.devices())
     stage = vqgan_stage_config(config)
     validate_config(stage, len(devices), num_slices(devices), jax.process_count())
@@ -289,4 +298,4 @@ def train_vqgan(config: ml_collections.ConfigDict, stage_dir: str, raw_data_dir:
 
     task = build_vqgan_task(stage, mesh, batches("train", shuffle=True), eval_data if t.eval_every else None,
                             sample_images)
-    return loop.run(task, stage, mesh, stage_dir)
+    return loop.run(task, stage, mesh, stage_dir, on_start=on_start)
