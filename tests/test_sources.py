@@ -204,3 +204,38 @@ def test_data_command_builds_shapes(tmp_path):
     summary = json.load(open(tmp_path / "data" / "COMPLETE.json"))
     assert summary["splits"]["train"] == {"examples": 30, "sampled_ok": 30, "skipped": {}}
     assert summary["splits"]["validation"]["examples"] == 10
+
+
+def write_bad_corpus(folder) -> dict:
+    """An image folder holding every kind of bad record next to good ones; returns the skip counts it must give."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(3):
+        with open(os.path.join(folder, f"good{i}.png"), "wb") as f:
+            f.write(encoded(PIL.Image.new("RGB", (24, 24), (40 * i, 200, 30))))
+    with open(os.path.join(folder, "corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff garbage")
+    os.makedirs(os.path.join(folder, "a_folder.png"))  # a directory named like an image
+    os.symlink("loop.png", os.path.join(folder, "loop.png"))  # a symlink loop
+    lines = [json.dumps({"file": f"good{i}.png", "caption": f"green box {i}"}).encode() for i in range(3)]
+    lines += [json.dumps({"file": "good0.png", "caption": "x" * 1_000_000}).encode(),  # a 1 MB caption
+              json.dumps({"file": "good1.png", "caption": " \t "}).encode(),
+              json.dumps({"file": "missing.png", "caption": "gone"}).encode(),
+              json.dumps({"file": "corrupt.jpg", "caption": "bad bytes"}).encode(),
+              json.dumps({"file": "a_folder.png", "caption": "a folder"}).encode(),
+              json.dumps({"file": "loop.png", "caption": "a loop"}).encode(),
+              b'{"file": "good2.png", "caption": "caf\xe9 latin-1"}',  # not UTF-8
+              b'{"file": "good2.png", "caption": "nul \x00 byte"}',  # a raw NUL inside the JSON string
+              b"{not json", b'{"caption": "no file key"}', b"[1, 2]"]
+    with open(os.path.join(folder, "captions.jsonl"), "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return {"caption_too_long": 1, "empty_caption": 1, "missing_image_file": 1, "unreadable_image": 3,
+            "bad_manifest_line": 5}
+
+
+def test_data_summary_counts_every_kind_of_bad_record(tmp_path):
+    from cm3jax.data.prepare import prepare_raw_data
+
+    expected = write_bad_corpus(tmp_path / "corpus")
+    summary = prepare_raw_data(raw_config(dataset="image_folder", paths=str(tmp_path / "corpus"), image_size=16),
+                               str(tmp_path / "data"))
+    assert summary["train"] == {"examples": 9, "sampled_ok": 3, "skipped": expected}

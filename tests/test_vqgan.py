@@ -186,3 +186,17 @@ def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_laye
         jnp.linalg.norm(last_layer_grad(adversarial)) + 1e-4)
     np.testing.assert_allclose(float(metrics["gan_weight"]), float(expected), rtol=1e-4)
     assert float(metrics["gan_weight"]) != 0.5  # not the fixed weight
+
+
+def test_tokenize_summary_counts_every_kind_of_bad_record(tiny_config, trained_workdir, tmp_path):
+    from test_sources import write_bad_corpus
+
+    from cm3jax.tokenizers.tokenize import tokenize_dataset
+
+    expected = write_bad_corpus(tmp_path / "corpus")
+    os.symlink(trained_workdir / "vqgan", tmp_path / "vqgan")
+    tiny_config.raw_data.update(dataset="image_folder", paths=str(tmp_path / "corpus"))
+    tiny_config.tokenize.update(splits=("train",), batch_size=4, shard_size=4)
+    manifest = tokenize_dataset(tiny_config, str(tmp_path), jax.devices()[:1])
+    assert manifest["splits"]["train"] == {"raw_examples": 9, "documents_written_now": 3, "skipped": expected,
+                                           "shards": 3}

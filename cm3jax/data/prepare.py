@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 
-from cm3jax.data.sources import RAW_SPLITS, SkipCounts, open_raw_source, read_examples
+from cm3jax.data.sources import RAW_SPLITS, open_counts, open_raw_source, read_examples
 
 SAMPLE_PER_SPLIT = 256  # examples decoded per split when checking a user's source
 
@@ -29,7 +29,7 @@ def prepare_raw_data(raw_config, data_dir: str) -> dict:
                 raise
             summary[split] = {"missing": str(e)}
             continue
-        counts = SkipCounts()
+        counts = open_counts(source)
         sampled = sum(1 for _ in read_examples(source, r.image_size, counts,
                                                itertools.islice(range(len(source)), SAMPLE_PER_SPLIT)))
         counts.log(f"{r.dataset}/{split} sample")

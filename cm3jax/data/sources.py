@@ -4,8 +4,9 @@
     array_record  ArrayRecord files of tf.train.Example (image bytes + caption), parsed without TensorFlow
     image_folder  a folder with images and captions.jsonl ({"file": "0001.jpg", "caption": "..."} per line)
 
-Bad input never stops a run: an unreadable or corrupt image, a missing file or an empty caption is skipped and counted
-(`SkipCounts`), and the counts are logged.
+Bad input never stops a run: an unreadable or corrupt image, a missing file, an empty or overlong caption or a
+malformed manifest line is skipped and counted (`SkipCounts`, reasons in SKIP_REASONS), and the counts are logged
+and kept in the `data` and `tokenize` summaries.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ class ImageCaption:
 
 
 # Why read_examples / read_captions skip a record (the keys of their SkipCounts).
-SKIP_REASONS = ("unreadable_record", "empty_caption", "missing_image_file", "unreadable_image")
+SKIP_REASONS = ("unreadable_record", "empty_caption", "caption_too_long", "missing_image_file", "unreadable_image",
+                "bad_manifest_line")
+MAX_CAPTION_CHARS = 4096  # longer captions are not captions (a pasted document, a corrupt field): skipped
 
 
 class SkipCounts(collections.Counter):
@@ -115,8 +118,7 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
             logging.debug("record %d unreadable: %s", index, e)
             continue
         caption = normalize_caption(caption_value)
-        if not caption:
-            counts["empty_caption"] += 1
+        if not _usable_caption(caption, counts):
             continue
         try:
             image = decode_image(image_value, image_size)
@@ -139,10 +141,21 @@ def read_captions(source: RawSource, counts: SkipCounts) -> Iterator[str]:
             counts["unreadable_record"] += 1
             logging.debug("record %d unreadable: %s", index, e)
             continue
-        if caption:
+        if _usable_caption(caption, counts):
             yield caption
-        else:
-            counts["empty_caption"] += 1
+
+
+def _usable_caption(caption: str, counts: SkipCounts) -> bool:
+    if not caption:
+        counts["empty_caption"] += 1
+    elif len(caption) > MAX_CAPTION_CHARS:
+        counts["caption_too_long"] += 1
+    return 0 < len(caption) <= MAX_CAPTION_CHARS
+
+
+def open_counts(source: RawSource) -> SkipCounts:
+    """What the source skipped when it was opened (e.g. malformed manifest lines), to add once to a summary."""
+    return SkipCounts(getattr(source, "open_counts", {}))
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
@@ -220,15 +233,15 @@ class ImageFolderSource:
         self.folder = folder
         self.entries: list[tuple[str, str]] = []
         self.open_counts = SkipCounts()
-        with open(manifest, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
+        with open(manifest, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a crash
+            for raw_line in f:
+                if not raw_line.strip():
                     continue
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(raw_line.decode("utf-8"))
                     path = next(entry[k] for k in ("file", "image", "path") if k in entry)
                     caption = next((entry[k] for k in ("caption", "text") if k in entry), "")
-                except (ValueError, StopIteration, TypeError):
+                except (ValueError, StopIteration, TypeError):  # UnicodeDecodeError is a ValueError
                     self.open_counts["bad_manifest_line"] += 1
                     continue
                 self.entries.append((str(path), caption))

@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import shard_path, write_token_shard
-from cm3jax.data.sources import SKIP_REASONS, SkipCounts, open_raw_source, read_captions, read_examples
+from cm3jax.data.sources import (SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions,
+                                 read_examples)
 from cm3jax.progress import Progress
 from cm3jax.stages import atomic_write_text
 from cm3jax.tokenizers.text import TextTokenizer
@@ -39,8 +40,9 @@ def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_di
     (the workdir is a filesystem every process sees)."""
     path = os.path.join(tokenizer_dir, TEXT_TOKENIZER_FILE)
     if not os.path.exists(path) and jax.process_index() == 0:
-        counts = SkipCounts()
-        captions = list(read_captions(open_raw_source(config.raw_data, "train", raw_data_dir), counts))
+        source = open_raw_source(config.raw_data, "train", raw_data_dir)
+        counts = open_counts(source)
+        captions = list(read_captions(source, counts))
         counts.log("text tokenizer captions")
         if not captions:
             raise ValueError(f"the train split of raw_data.dataset={config.raw_data.dataset!r} has no readable "
@@ -93,7 +95,8 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
         source = open_raw_source(config.raw_data, split, raw_data_dir)
         shard_size = int(config.tokenize.shard_size)
         num_shards = max(1, math.ceil(len(source) / shard_size))
-        counts, documents = SkipCounts(), 0
+        # Every process opens the same source; its open-time skips are counted once, by process 0.
+        counts, documents = open_counts(source) if jax.process_index() == 0 else SkipCounts(), 0
         todo = [shard for shard in range(jax.process_index(), num_shards, jax.process_count())
                 if not os.path.exists(shard_path(out_dir, split, shard, num_shards))]
         logging.info("tokenize %s: %d shards here, %d already written", split, len(todo),
