@@ -47,12 +47,12 @@ export PATH="$ROOT/.venv/bin:$PATH"
 [[ -n "$GPUS" ]] && export CUDA_VISIBLE_DEVICES="$GPUS"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_command_buffer="
-mkdir -p "$ROOT/runs"
 LOG="$ROOT/runs/gpu-$(date +%Y%m%d-%H%M%S).log"
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
+if [[ "${DRY_RUN:-0}" == "1" ]]; then  # a dry run changes nothing: no runs/ folder, no log
   echo "+ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all} XLA_FLAGS='$XLA_FLAGS'"
   run "$@"
 else
+  mkdir -p "$ROOT/runs"
   "$@" 2>&1 | tee "$LOG"
   exit "${PIPESTATUS[0]}"
 fi

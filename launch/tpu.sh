@@ -71,9 +71,15 @@ else
 fi
 
 if [[ -n "$REPO" ]]; then
-  run "${SSH[@]}" --command="if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR fetch origin && git -C $REMOTE_DIR checkout $BRANCH && git -C $REMOTE_DIR pull --ff-only origin $BRANCH; else git clone --branch $BRANCH $REPO $REMOTE_DIR; fi"
+  # User values reach a remote shell: each is quoted for it, so `--branch='x; cmd'` is a branch name, not a command.
+  Q_BRANCH=$(printf '%q' "$BRANCH") Q_REPO=$(printf '%q' "$REPO")
+  run "${SSH[@]}" --command="if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR fetch origin && git -C $REMOTE_DIR checkout $Q_BRANCH && git -C $REMOTE_DIR pull --ff-only origin $Q_BRANCH; else git clone --branch $Q_BRANCH $Q_REPO $REMOTE_DIR; fi"
 else
-  ARCHIVE="$(mktemp -d)/cm3jax.tar.gz"
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then  # a dry run creates nothing, not even a temporary folder
+    ARCHIVE="${TMPDIR:-/tmp}/cm3jax-XXXXXX/cm3jax.tar.gz"
+  else
+    ARCHIVE="$(mktemp -d)/cm3jax.tar.gz"
+  fi
   run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$ARCHIVE" HEAD
   run "${GCLOUD[@]}" scp "$ARCHIVE" "$NAME":cm3jax.tar.gz "${SCOPE[@]}" --worker=all
   run "${SSH[@]}" --command="mkdir -p $REMOTE_DIR && tar -xzf cm3jax.tar.gz -C $REMOTE_DIR"

@@ -96,3 +96,31 @@ def test_slurm_runs_one_process_per_node_through_srun(tmp_path):
     real = _run("slurm.sbatch", ["--", *TRAIN], env, dry_run=False)  # the fake srun records its arguments
     assert real.returncode == 0, real.stderr
     assert log.read_text().strip().endswith(" ".join(TRAIN))
+
+
+def test_user_values_reaching_a_remote_shell_stay_values(tmp_path):
+    env, _ = _fake_tools(tmp_path, tpu_exists=True)
+    out = _run("tpu.sh", ["--name=pod", "--zone=z", "--repo=https://example.org/x.git; touch /tmp/repo-owned",
+                          "--branch=main; touch /tmp/branch-owned", "--", *TRAIN], env)
+    assert out.returncode == 0, out.stderr
+    remote = _printed_commands(out.stdout)[0][-1].removeprefix("--command=")
+    words = shlex.split(remote)  # how the worker's shell splits it
+    assert "main; touch /tmp/branch-owned" in words and "https://example.org/x.git; touch /tmp/repo-owned" in words
+    assert "touch" not in words
+
+
+@pytest.mark.parametrize("script,args", [
+    ("tpu.sh", ["--name=pod", "--zone=z", "--accelerator=v4-8", "--", *TRAIN]),
+    ("gpu.sh", ["--", *TRAIN]),
+    ("slurm.sbatch", ["--", *TRAIN]),
+])
+def test_a_dry_run_creates_nothing(tmp_path, script, args):
+    env, _ = _fake_tools(tmp_path, tpu_exists=False)
+    root, temp = tmp_path / "checkout", tmp_path / "tmp"
+    (root / "launch").mkdir(parents=True)
+    temp.mkdir()
+    subprocess.run(["cp", os.path.join(REPO, "launch", script), str(root / "launch")], check=True)
+    out = subprocess.run(["bash", str(root / "launch" / script), *args], env=dict(env, DRY_RUN="1", TMPDIR=str(temp)),
+                         capture_output=True, text=True, timeout=60, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert os.listdir(root) == ["launch"] and os.listdir(temp) == []
