@@ -248,6 +248,12 @@ COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "r
             "train": train_lm, "pipeline": run_pipeline}
 
 
+def _drop_library_advice(record) -> bool:
+    """False for library warnings that ask nothing of a cm3jax user (TFDS suggesting OpenCV for faster decoding of
+    images cm3jax decodes itself)."""
+    return not str(record.msg).startswith("OpenCV is not installed")
+
+
 def _verbose(argv: list[str]) -> bool:
     """--verbosity=N / -v=N with N >= 1 asks for tracebacks of user errors too (read from argv, since a flag that
     fails to parse leaves the flag values unset)."""
@@ -304,6 +310,7 @@ def main(argv: list[str]) -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpoint I/O) only with -v 0 or higher
+        logging.get_absl_logger().addFilter(_drop_library_advice)
 
     is_generate = len(argv) == 3 and argv[1] == "generate" and argv[2] in GENERATE_TASKS
     if not is_generate and (len(argv) != 2 or argv[1] not in COMMANDS):

@@ -201,6 +201,9 @@ def test_data_command_builds_shapes(tmp_path):
                           "--config.raw_data.shapes_train_size=30"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    # The console says what was built, not TFDS's download notice or its advice to install OpenCV.
+    assert "built the embedded shapes dataset" in out.stdout
+    assert "Downloading" not in out.stdout + out.stderr and "OpenCV" not in out.stdout + out.stderr
     summary = json.load(open(tmp_path / "data" / "COMPLETE.json"))
     assert summary["splits"]["train"] == {"examples": 30, "sampled_ok": 30, "skipped": {}}
     assert summary["splits"]["validation"]["examples"] == 10

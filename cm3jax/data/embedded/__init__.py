@@ -2,6 +2,9 @@
 `tfds.data_source` like any prepared catalogue dataset (e.g. coco_captions)."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 import tensorflow_datasets as tfds
 
 from cm3jax.data.embedded.digits import Digits
@@ -23,5 +26,10 @@ def embedded_builder(name: str, data_dir: str, *, shapes_train_size: int = 20000
 def build_embedded(name: str, data_dir: str, **options) -> tfds.core.DatasetBuilder:
     """Builds the dataset under data_dir unless it is already there; returns its builder."""
     builder = embedded_builder(name, data_dir, **options)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." for a build that downloads nothing.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    if "prepared" in printed.getvalue():
+        print(f"data: built the embedded {name} dataset in {builder.data_dir}", flush=True)
     return builder
