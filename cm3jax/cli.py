@@ -52,7 +52,7 @@ A user error (a config value, a path, a damaged checkpoint) is one line on stder
 EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
 
 
-def prepare_data(config, workdir: str) -> None:
+def prepare_data(config, workdir: str) -> bool:
     import json
 
     from cm3jax import stages
@@ -62,9 +62,10 @@ def prepare_data(config, workdir: str) -> None:
     summary = prepare_raw_data(config.raw_data, stage_dir)
     stages.mark_complete(stage_dir, {"dataset": config.raw_data.dataset, "splits": summary})
     print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
+    return True
 
 
-def train_vqgan(config, workdir: str) -> None:
+def train_vqgan(config, workdir: str) -> bool:
     from cm3jax import stages
     from cm3jax.parallel.mesh import initialize_distributed
     from cm3jax.train.vqgan import train_vqgan as train
@@ -77,9 +78,10 @@ def train_vqgan(config, workdir: str) -> None:
         stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
         print(f"vqgan: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, reconstructions in "
               f"{stage_dir}/samples", flush=True)
+    return not result.preempted
 
 
-def tokenize(config, workdir: str) -> None:
+def tokenize(config, workdir: str) -> bool:
     import json
 
     from cm3jax import stages
@@ -91,9 +93,10 @@ def tokenize(config, workdir: str) -> None:
     manifest = tokenize_dataset(config, workdir)
     stages.mark_complete(stage_dir, manifest)
     print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)
+    return True
 
 
-def retrieve(config, workdir: str) -> None:
+def retrieve(config, workdir: str) -> bool:
     import json
 
     from cm3jax import stages
@@ -106,24 +109,31 @@ def retrieve(config, workdir: str) -> None:
     if not summary.get("preempted"):
         stages.mark_complete(stage_dir, summary)
         print(f"retrieval: {json.dumps(summary)}; neighbours in {stage_dir}", flush=True)
+    return not summary.get("preempted")
 
 
-def train_lm(config, workdir: str) -> None:
+def fill_run_paths(config, workdir: str) -> None:
+    """The LM's inputs default to this workdir's token shards and neighbour files."""
+    if not config.data.token_dir:
+        config.data.token_dir = os.path.join(workdir, "tokens")
+    if not config.data.neighbours_dir:
+        config.data.neighbours_dir = os.path.join(workdir, "retrieval")
+
+
+def train_lm(config, workdir: str) -> bool:
     from cm3jax import stages
     from cm3jax.parallel.mesh import initialize_distributed
     from cm3jax.train.lm import train_language_model
 
     initialize_distributed(config.distributed)
-    if not config.data.token_dir:
-        config.data.token_dir = os.path.join(workdir, "tokens")
-    if not config.data.neighbours_dir:
-        config.data.neighbours_dir = os.path.join(workdir, "retrieval")
+    fill_run_paths(config, workdir)
     stage_dir = os.path.join(workdir, "lm")
     result = train_language_model(config, stage_dir, on_start=lambda: stages.prepare_stage(workdir, "lm", config))
     if not result.preempted:
         stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
         print(f"lm: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, "
               f"logs in {stage_dir}/logs", flush=True)
+    return not result.preempted
 
 
 class GenerateInputError(UserError, ValueError):
@@ -211,7 +221,7 @@ def generate(config, workdir: str, task: str) -> None:
     print(f"generate {task}: written to {out_dir}", flush=True)
 
 
-def generate_samples(config, workdir: str) -> None:
+def generate_samples(config, workdir: str) -> bool:
     """The pipeline's last stage: images for generate.sample_prompts and captions of held-out images."""
     import json
 
@@ -222,15 +232,62 @@ def generate_samples(config, workdir: str) -> None:
     summary = write_samples(config, workdir, stage_dir)
     stages.mark_complete(stage_dir, summary)
     print(f"samples: {json.dumps(summary)}", flush=True)
+    return True
 
 
 STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("tokens", tokenize), ("retrieval", retrieve),
           ("lm", train_lm), ("samples", generate_samples))
 
 
-def run_pipeline(config, workdir: str) -> None:
+# What each stage's outputs depend on in the config: a complete stage given other values there is not skipped
+# silently. Changes to RESUMABLE fields of a training stage continue it from its last checkpoint.
+STAGE_CONFIG_FIELDS = {
+    "data": ("raw_data",),
+    "vqgan": ("raw_data", "vqgan", "vocab.image_codebook_size"),
+    "tokens": ("tokenize", "vocab"),
+    "retrieval": ("retrieval", "retriever"),
+    "lm": ("vocab", "model", "train", "optim", "data"),
+    "samples": ("generate",),
+}
+RESUMABLE = {"vqgan": ("vqgan.train.steps",), "retrieval": ("retriever.train.steps",), "lm": ("train.steps",)}
+RUNTIME_ONLY = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                "async_checkpointing", "peak_tflops_per_device", "restore_step", "num_workers", "worker_buffer_size",
+                "scan_unroll", "remat_policy", "attention", "restore_iterator",
+                "token_dir", "neighbours_dir")  # where the inputs are; what they are is checked by their digests
+
+
+def _complete_stage_changes(config, workdir: str, name: str) -> list[tuple[str, object, object]]:
+    """Fields that differ between `config` and the config the complete stage `name` ran with (runtime-only
+    settings, which do not change its outputs, left out)."""
+    import json
+
+    from cm3jax.config import config_differences
+
+    path = os.path.join(workdir, name, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return [d for d in config_differences(config, saved, STAGE_CONFIG_FIELDS[name])
+            if d[0].rsplit(".", 1)[-1] not in RUNTIME_ONLY]
+
+
+def _continues(name: str, changes: list) -> bool:
+    """Only a larger step count of a training stage changed: rerunning it trains on from its last checkpoint."""
+    return bool(changes) and all(field in RESUMABLE.get(name, ()) and isinstance(given, int) and
+                                 isinstance(saved, int) and given > saved for field, given, saved in changes)
+
+
+def run_pipeline(config, workdir: str) -> bool:
+    """Runs the stages in order; a complete stage is skipped when its config is unchanged, continued when only its
+    step count grew, and refused (ConfigError naming the fields) otherwise; once a stage has run, the complete
+    stages after it run again, each checking its inputs (a rerun of unchanged work resumes and finds it done). A
+    preempted stage ends the pipeline (the same command resumes it), so no later stage runs on its unfinished
+    outputs."""
     from cm3jax import stages
 
+    fill_run_paths(config, workdir)
+    earlier_stage_ran = False
     for name, stage in STAGES:
         if name == "retrieval" and config.data.retrieval == "none":
             print("retrieval: skipped (data.retrieval='none')", flush=True)
@@ -238,9 +295,25 @@ def run_pipeline(config, workdir: str) -> None:
         if name == "samples" and not config.generate.sample_prompts and not config.generate.sample_captions:
             continue
         if stages.is_complete(os.path.join(workdir, name)):
-            print(f"{name}: complete, skipped", flush=True)
-            continue
-        stage(config, workdir)
+            changes = _complete_stage_changes(config, workdir, name)
+            listed = "; ".join(f"config.{f}={g!r} (it ran with {s!r})" for f, g, s in changes)
+            if not changes and not earlier_stage_ran:
+                print(f"{name}: complete, skipped", flush=True)
+                continue
+            if not changes:
+                print(f"{name}: complete, run again to check it against the stage before, which ran", flush=True)
+            elif not _continues(name, changes):
+                raise ConfigError(f"{name} is complete but its config differs from the one it ran with: {listed}. "
+                                  f"Run with the values it ran with, or use a new --workdir (or move "
+                                  f"{os.path.join(workdir, name)} and the stages after it away) to redo it")
+            else:
+                print(f"{name}: complete, but {listed}: training on from its last checkpoint", flush=True)
+        earlier_stage_ran = True
+        if not stage(config, workdir):
+            print(f"pipeline: stopped, {name} was preempted (its checkpoint is saved); rerun the same command to "
+                  f"resume", flush=True)
+            return False
+    return True
 
 
 GENERATE_TASKS = ("image", "caption", "vqa", "infill")

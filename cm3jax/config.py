@@ -5,6 +5,7 @@ Where the CM3leon paper is silent the default is our choice and says so (see ../
 from __future__ import annotations
 
 import json
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -302,3 +303,30 @@ def base_config() -> ml_collections.ConfigDict:
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists, ints and floats compare as saved
+
+
+def config_differences(config: ml_collections.ConfigDict, saved: dict,
+                       fields: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """(field, given value, saved value) for every field under one of `fields` (dotted names or section prefixes)
+    where `config` differs from `saved` (a config as written by config_to_json, loaded)."""
+    given_flat, saved_flat = _flatten(_normalise(config.to_dict())), _flatten(saved)
+
+    def selected(name: str) -> bool:
+        return any(name == f or name.startswith(f"{f}.") for f in fields)
+    names = sorted(n for n in set(given_flat) | set(saved_flat) if selected(n))
+    return [(n, given_flat.get(n), saved_flat.get(n)) for n in names if given_flat.get(n) != saved_flat.get(n)]

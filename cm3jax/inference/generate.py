@@ -8,6 +8,7 @@ retrieval-augmented prompts and the retriever for re-ranking.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.errors import MissingInputError
 from cm3jax.inference.decode import SamplingOptions, left_pad, make_decoder
 from cm3jax.inference.tasks import TaskPrompt, TaskPrompter
 
@@ -51,15 +53,16 @@ class Generator:
         vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
         lm_dir = os.path.join(workdir, "lm")
         if not os.path.isdir(os.path.join(lm_dir, "checkpoints")):
-            raise FileNotFoundError(f"no trained LM under {lm_dir}: run `cm3jax train` on this workdir first")
+            raise MissingInputError(f"no trained LM under {lm_dir}: run `cm3jax train` on this workdir first")
         vocab_lib.require_saved_vocab(vocab, lm_dir)
         tokenizer_path = os.path.join(workdir, "text_tokenizer", TEXT_TOKENIZER_FILE)
         if not os.path.exists(tokenizer_path):
-            raise FileNotFoundError(f"{tokenizer_path} not found: run `cm3jax tokenize` on this workdir first")
+            raise MissingInputError(f"{tokenizer_path} not found: run `cm3jax tokenize` on this workdir first")
         mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
         init_state, decoder_config, _, _ = lm_state_init(config)
         state, step = restore_latest_state(init_state, config, mesh, lm_dir, "`cm3jax train`")
-        vqgan_params, _ = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
+        vqgan_params, vqgan_step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
+        require_tokens_vqgan(os.path.join(workdir, "tokens"), vqgan_step, vqgan_params)
         return cls(config, workdir, mesh, state.params, decoder_config, vocab,
                    TextTokenizer.load(tokenizer_path), vqgan_params, step)
 
@@ -189,3 +192,19 @@ def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
         r, c = divmod(i, columns)
         sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
     return sheet
+
+
+def require_tokens_vqgan(token_dir: str, vqgan_step: int, vqgan_params) -> None:
+    """The LM speaks the codes of the VQ-GAN its token shards were made with; decoding them with another one (e.g.
+    trained further after tokenizing) would draw the wrong pictures, so that is refused."""
+    from cm3jax import stages
+
+    path = os.path.join(token_dir, stages.INPUTS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        made_with = json.load(f)
+    if made_with.get("vqgan_params_sha256") != stages.arrays_digest(vqgan_params):
+        raise stages.ChangedInputsError(
+            f"the VQ-GAN in this workdir (step {vqgan_step}) is not the one {token_dir} was made with (step "
+            f"{made_with.get('vqgan_step')}): re-tokenize and retrain the LM, or restore that VQ-GAN checkpoint")

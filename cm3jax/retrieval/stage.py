@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cm3jax import stages
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import Document, decode_document_record
 from cm3jax.data.shards import open_token_shards
@@ -151,6 +152,10 @@ def run_retrieval_stage(config: ml_collections.ConfigDict, workdir: str) -> dict
     stage_dir = os.path.join(workdir, "retrieval")
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     vocab_lib.require_saved_vocab(vocab, token_dir)
+    # Bank, index and neighbours of one folder come from one set of token shards, also across interrupted runs.
+    inputs = {"tokens": stages.stage_identity(token_dir)}
+    stages.check_inputs(stage_dir, inputs)
+    stages.record_inputs(stage_dir, inputs)
     train_split, eval_split = config.data.train_split, config.data.eval_split
     bank = open_token_shards(token_dir, train_split)
     chunk_size = int(r.chunk_size)

@@ -21,13 +21,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cm3jax import stages
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import shard_path, write_token_shard
 from cm3jax.data.sources import (SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions,
                                  read_examples)
 from cm3jax.progress import Progress
-from cm3jax.stages import atomic_write_text
 from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
 
@@ -66,6 +66,12 @@ def restore_vqgan_params(config: ml_collections.ConfigDict, vqgan_dir: str, mesh
     return state.params["vqgan"], step
 
 
+def tokens_inputs(vqgan_step: int, vqgan_params, text_tokenizer_path: str) -> dict:
+    """The identity of what token shards are made from: the VQ-GAN (step and parameters) and the text tokenizer."""
+    return {"vqgan_step": int(vqgan_step), "vqgan_params_sha256": stages.arrays_digest(vqgan_params),
+            "text_tokenizer_sha256": stages.files_digest(text_tokenizer_path)}
+
+
 def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Writes DIR/tokens/{split}-*.array_record for the train and validation splits; returns the manifest."""
     devices = list(devices if devices is not None else jax.local_devices())
@@ -81,6 +87,10 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
             f"the text tokenizer in {workdir}/text_tokenizer has {text.vocab_size} pieces but vocab.text_size="
             f"{vocab.text_size}: raise vocab.text_size or train a smaller tokenizer")
     params, vqgan_step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
+    # Shards of one folder come from one VQ-GAN and one text tokenizer, also across interrupted runs.
+    inputs = tokens_inputs(vqgan_step, params, os.path.join(workdir, "text_tokenizer", TEXT_TOKENIZER_FILE))
+    stages.check_inputs(out_dir, inputs)
+    stages.record_inputs(out_dir, inputs)
     model_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
     model = VQGAN(model_config)
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -114,7 +124,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
         manifest["splits"][split] = {"raw_examples": len(source), "documents_written_now": documents,
                                      "skipped": skipped, "shards": num_shards}
     if jax.process_index() == 0:
-        atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
+        stages.atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from cm3jax.config import config_differences
 from cm3jax.config_validation import ConfigError
 from cm3jax.errors import DamagedCheckpointError
 
@@ -167,33 +168,9 @@ def saved_config(directory: str, step: int) -> dict:
         raise damaged(directory, step, e) from e
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _normalise(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))  # tuples and lists, ints and floats compare as saved
-
-
-def config_differences(given: dict, saved: dict, fields: Sequence[str]) -> list[tuple[str, Any, Any]]:
-    """(field, given, saved) for every field under one of `fields` (dotted names or prefixes) that differs."""
-    given_flat, saved_flat = _flatten(_normalise(given)), _flatten(saved)
-    def selected(name: str) -> bool:
-        return any(name == f or name.startswith(f"{f}.") for f in fields)
-    names = sorted(n for n in set(given_flat) | set(saved_flat) if selected(n))
-    return [(n, given_flat.get(n), saved_flat.get(n)) for n in names if given_flat.get(n) != saved_flat.get(n)]
-
-
 def require_resumable(config, saved: dict, state_fields: Sequence[str], where: str) -> None:
     """Refuses (ConfigError naming each field) to resume the checkpoint at `where` with other state-fixing values."""
-    differences = config_differences(config.to_dict(), saved, state_fields)
+    differences = config_differences(config, saved, state_fields)
     if differences:
         listed = "; ".join(f"config.{n}={g!r} but {s!r} in the checkpoint" for n, g, s in differences)
         raise ConfigError(f"{listed}: {where} cannot be resumed with another model shape. Set these back, or train "

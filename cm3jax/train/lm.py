@@ -13,6 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from cm3jax import stages
 from cm3jax import vocab as vocab_lib
 from cm3jax.config_validation import resolve_num_streams, validate_config
 from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source, open_retrieval
@@ -178,6 +179,16 @@ LM_STATE_FIELDS = ("vocab", "model.num_layers", "model.d_model", "model.num_head
                    "model.activation", "model.max_seq_len", "model.tie_embeddings", "model.param_dtype")
 
 
+def lm_inputs(config: ml_collections.ConfigDict) -> dict:
+    """The identity of what the LM trains on: the token shards and, with retrieval, the neighbour files."""
+    d = config.data
+    inputs = {"tokens": stages.stage_identity(d.token_dir) if d.source == "token_shards" else d.source}
+    if d.retrieval == "neighbours":
+        inputs["neighbours"] = stages.files_digest(
+            *(os.path.join(d.neighbours_dir, f"neighbours-{split}.npy") for split in (d.train_split, d.eval_split)))
+    return inputs
+
+
 def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None,
                          on_start: Callable[[], None] | None = None) -> TrainResult:
     """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`.
@@ -191,11 +202,14 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
         vocab_lib.require_saved_vocab(vocab, config.data.token_dir)
     if os.path.exists(os.path.join(stage_dir, vocab_lib.VOCAB_FILE)):
         vocab_lib.require_saved_vocab(vocab, stage_dir)
+    inputs = lm_inputs(config)
+    stages.check_inputs(stage_dir, inputs)  # a run resumes on the token shards and neighbours it started with
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
 
     def start() -> None:
         vocab_lib.check_or_save_vocab(vocab, stage_dir, write=jax.process_index() == 0)
+        stages.record_inputs(stage_dir, inputs)
         if on_start is not None:
             on_start()
 

@@ -1,0 +1,122 @@
+"""The pipeline and the identity of each stage's inputs: a preempted training stage (vqgan, retriever, lm) ends the
+pipeline, and the rerun gives what an unbroken run gives; a stage refuses inputs other than those it was made
+from; a complete stage given another config is continued (more steps) or refused with the fields named."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from cm3jax import cli, stages
+from cm3jax.config_validation import ConfigError
+from cm3jax.train import loop
+
+STAGE_ORDER = ("data", "vqgan", "tokens", "retrieval", "lm", "samples")
+
+
+def pipeline_config():
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.raw_data.update(dataset="shapes", shapes_train_size=64, shapes_image_size=32)
+    c.data.update(source="token_shards", retrieval="neighbours")
+    c.train.update(seq_len=48, steps=4, checkpoint_every=2)
+    c.model.max_seq_len = 96
+    c.generate.sample_captions = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("unbroken"))
+    assert cli.run_pipeline(pipeline_config(), workdir)
+    return workdir
+
+
+def _copy_stages_before(source, to, stage):
+    os.makedirs(to)
+    for name in STAGE_ORDER[:STAGE_ORDER.index(stage)]:
+        for folder in (name, "text_tokenizer") if name == "tokens" else (name,):
+            shutil.copytree(os.path.join(source, folder), os.path.join(to, folder), symlinks=True)
+    return str(to)
+
+
+class _PreemptedAtStep1:
+    """Stands in for the SIGTERM flag: reports a preemption at the end of step 1."""
+
+    def reached(self, step):
+        return step == 1
+
+    def restore_handlers(self):
+        pass
+
+
+def _preempt(monkeypatch, task_name):
+    real_run, real_flag = loop.run, loop._PreemptionFlag
+
+    def run(task, *args, **kwargs):
+        monkeypatch.setattr(loop, "_PreemptionFlag", _PreemptedAtStep1 if task.name == task_name else real_flag)
+        return real_run(task, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "run", run)
+
+
+def _shards(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if name.endswith(".array_record")}
+
+
+def _train_losses(stage_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(stage_dir, "logs", "metrics.jsonl")))
+            if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("task,stage,next_stage", [("vqgan", "vqgan", "tokens"), ("retriever", "retrieval", "lm"),
+                                                   ("lm", "lm", "samples")])
+def test_a_preempted_stage_ends_the_pipeline_and_the_rerun_matches_an_unbroken_run(unbroken, tmp_path, monkeypatch,
+                                                                                   task, stage, next_stage):
+    workdir = _copy_stages_before(unbroken, tmp_path / "run", stage)
+    with monkeypatch.context() as patch:
+        _preempt(patch, task)
+        assert not cli.run_pipeline(pipeline_config(), workdir)
+    assert not stages.is_complete(os.path.join(workdir, stage))
+    assert not os.path.exists(os.path.join(workdir, next_stage))  # nothing ran on the unfinished stage
+    assert cli.run_pipeline(pipeline_config(), workdir)
+
+    assert _shards(os.path.join(workdir, "tokens")) == _shards(os.path.join(unbroken, "tokens"))
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(np.load(os.path.join(workdir, "retrieval", f"neighbours-{split}.npy")),
+                                      np.load(os.path.join(unbroken, "retrieval", f"neighbours-{split}.npy")))
+    assert _train_losses(os.path.join(workdir, "lm")) == _train_losses(os.path.join(unbroken, "lm"))
+
+
+def test_tokens_and_the_lm_refuse_inputs_they_were_not_made_from(unbroken, tmp_path):
+    workdir = _copy_stages_before(unbroken, tmp_path / "run", "samples")
+    config = pipeline_config()
+    config.vqgan.train.steps = 5  # the VQ-GAN trains on after the tokens were made
+    with pytest.raises(stages.ChangedInputsError, match="vqgan_step: 4 then, 5 now"):
+        cli.run_pipeline(config, workdir)  # continues the VQ-GAN, then the tokens stage refuses it
+    with open(os.path.join(workdir, "retrieval", "neighbours-train.npy"), "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(np.int64(0).tobytes())  # the neighbours change under a trained LM
+    config = pipeline_config()
+    config.train.steps = 6
+    with pytest.raises(stages.ChangedInputsError, match="neighbours"):
+        cli.train_lm(config, workdir)
+
+
+def test_a_complete_stage_given_another_config_continues_or_is_refused(unbroken, tmp_path, capsys):
+    workdir = _copy_stages_before(unbroken, tmp_path / "run", "samples")
+    shutil.copytree(os.path.join(unbroken, "samples"), os.path.join(workdir, "samples"))
+    config = pipeline_config()
+    config.model.num_layers = 3
+    with pytest.raises(ConfigError, match=r"lm is complete .*config.model.num_layers=3 \(it ran with 2\)"):
+        cli.run_pipeline(config, workdir)
+    config = pipeline_config()
+    config.train.steps = 6
+    assert cli.run_pipeline(config, workdir)
+    out = capsys.readouterr().out
+    assert "lm: complete, but config.train.steps=6 (it ran with 4): training on" in out
+    assert [s for s, _ in _train_losses(os.path.join(workdir, "lm"))] == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(os.path.join(workdir, "samples", "COMPLETE.json")))["lm_step"] == 6
