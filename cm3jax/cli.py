@@ -321,10 +321,13 @@ COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "r
             "train": train_lm, "pipeline": run_pipeline}
 
 
+# Library warnings that ask nothing of a cm3jax user: TFDS suggesting OpenCV for images cm3jax decodes itself, and
+# TFDS noting that an embedded dataset is not built yet (the stage then says what to run).
+LIBRARY_NOTICES = ("OpenCV is not installed", "Variant folder")
+
+
 def _drop_library_advice(record) -> bool:
-    """False for library warnings that ask nothing of a cm3jax user (TFDS suggesting OpenCV for faster decoding of
-    images cm3jax decodes itself)."""
-    return not str(record.msg).startswith("OpenCV is not installed")
+    return not str(record.msg).startswith(LIBRARY_NOTICES)
 
 
 def _verbose(argv: list[str]) -> bool:

@@ -17,3 +17,7 @@ class DamagedCheckpointError(UserError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """What a stage reads is not there (an earlier stage has not run, or a path is wrong)."""
+
+
+class BadInputError(UserError, ValueError):
+    """A file or dataset the user provided cannot be used as it is (wrong shape, no usable records)."""

@@ -147,3 +147,16 @@ def test_a_run_refused_for_its_vocabulary_leaves_nothing_that_refuses_the_correc
     assert not (tmp_path / "lm").exists() or not os.listdir(tmp_path / "lm")
     corrected = cm3jax("train", *source, workdir=tmp_path)
     assert corrected.returncode == 0, corrected.stdout[-3000:] + corrected.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command,fragment", [
+    (["vqgan"], "run `cm3jax data` first"),
+    (["tokenize"], "run `cm3jax data` first"),
+    (["retrieve"], "cm3jax tokenize"),
+    (["train", "--config.data.source=token_shards"], "cm3jax tokenize"),
+    (["generate", "image", "--prompt=a seven"], "run `cm3jax train`"),
+])
+def test_a_stage_whose_inputs_are_missing_says_which_command_makes_them(tmp_path, command, fragment):
+    workdir = tmp_path / "run"
+    assert_one_line_error(cm3jax(*command, workdir=workdir), fragment)
+    assert not (workdir / "tokens" / "vocab.json").exists()  # nothing a corrected run would be refused for

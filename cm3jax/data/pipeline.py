@@ -29,6 +29,7 @@ from cm3jax.data.batches import CountingBatches
 from cm3jax.data.documents import decode_document_record, rotate_caption_image
 from cm3jax.data.shards import open_token_shards
 from cm3jax.data.synthetic import SyntheticDocumentSource
+from cm3jax.errors import BadInputError, MissingInputError
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions", "modality")
 COUNTER_KEYS = ("text_tokens_cut", "segments_dropped", "retrieved_dropped")
@@ -86,12 +87,12 @@ def open_retrieval(data_config, vocab: vocab_lib.UnifiedVocab, split: str, evalu
         return NoRetrieval()
     path = os.path.join(d.neighbours_dir, f"neighbours-{split}.npy")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: data.retrieval='neighbours' reads the neighbours that the "
+        raise MissingInputError(f"{path} not found: data.retrieval='neighbours' reads the neighbours that the "
                                 f"retrieval stage writes (set data.neighbours_dir, or data.retrieval='none')")
     neighbours = np.load(path, mmap_mode="r")
     records = open_document_source(d, vocab, split)
     if neighbours.ndim != 2 or len(neighbours) != len(records):
-        raise ValueError(f"{path} has shape {neighbours.shape}: expected one row per record of the {split} split "
+        raise BadInputError(f"{path} has shape {neighbours.shape}: expected one row per record of the {split} split "
                          f"({len(records)})")
     probs = ([0.0] * int(d.eval_num_retrieved) + [1.0]) if evaluation else list(d.num_retrieved_probs)
     return NeighbourRetrieval(np.asarray(neighbours), open_document_source(d, vocab, d.train_split), probs)

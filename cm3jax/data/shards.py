@@ -9,6 +9,8 @@ from typing import Iterable
 from array_record.python import array_record_module
 import grain
 
+from cm3jax.errors import MissingInputError
+
 # group_size:1 keeps every record independently readable: the pipeline reads records in shuffled order.
 _WRITER_OPTIONS = "group_size:1"
 
@@ -59,7 +61,7 @@ def write_token_shard(records: Iterable[bytes], directory: str, split: str, shar
 def open_token_shards(directory: str, split: str) -> grain.sources.ArrayRecordDataSource:
     paths = shard_paths(directory, split)
     if not paths:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no token shards for split {split!r} in {directory} (expected {split}-00000-of-NNNNN.array_record). "
             f"Run `cm3jax tokenize` first, or point data.token_dir at a folder of token shards.")
     return grain.sources.ArrayRecordDataSource(paths)

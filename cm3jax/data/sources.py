@@ -23,6 +23,8 @@ import PIL.Image
 import PIL.ImageOps
 from absl import logging
 
+from cm3jax.errors import MissingInputError
+
 RAW_SPLITS = ("train", "validation", "test")
 
 
@@ -179,7 +181,7 @@ class TfdsSource:
         try:
             data_source = tfds.data_source(name, data_dir=data_dir or None, split=split)
         except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not prepared"
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"TFDS dataset {name!r} split {split!r} is not prepared as array_record under "
                 f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {e}). Prepare it once on a machine with "
                 f"TensorFlow and network: `tfds build {name} --file_format=array_record --data_dir=DIR`, copy DIR "
@@ -202,7 +204,7 @@ class ArrayRecordExampleSource:
         import grain
 
         if not paths:
-            raise FileNotFoundError("no ArrayRecord files matched raw_data.paths")
+            raise MissingInputError("no ArrayRecord files matched raw_data.paths")
         self.records = grain.sources.ArrayRecordDataSource(paths)
         self.image_key = image_key
         self.caption_key = caption_key
@@ -228,7 +230,7 @@ class ImageFolderSource:
     def __init__(self, folder: str):
         manifest = os.path.join(folder, "captions.jsonl")
         if not os.path.exists(manifest):
-            raise FileNotFoundError(f"{manifest} not found: an image folder needs captions.jsonl with one "
+            raise MissingInputError(f"{manifest} not found: an image folder needs captions.jsonl with one "
                                     f'{{"file": "...", "caption": "..."}} per line')
         self.folder = folder
         self.entries: list[tuple[str, str]] = []
@@ -259,7 +261,7 @@ def _split_path(pattern: str, split: str) -> str:
     if "{split}" in pattern:
         return pattern.replace("{split}", split)
     if split != "train":
-        raise FileNotFoundError(f"raw_data.paths={pattern!r} has no {{split}} placeholder, so it only provides the "
+        raise MissingInputError(f"raw_data.paths={pattern!r} has no {{split}} placeholder, so it only provides the "
                                 f"train split (asked for {split!r})")
     return pattern
 
@@ -274,7 +276,7 @@ def open_raw_source(raw_config, split: str, default_data_dir: str) -> RawSource:
         builder = embedded_builder(r.dataset, data_dir, shapes_train_size=r.shapes_train_size,
                                    shapes_image_size=r.shapes_image_size, seed=r.seed)
         if not builder.is_prepared():
-            raise FileNotFoundError(f"embedded dataset {r.dataset!r} is not built under {data_dir}: run "
+            raise MissingInputError(f"embedded dataset {r.dataset!r} is not built under {data_dir}: run "
                                     f"`cm3jax data` first")
         return TfdsSource(builder.as_data_source(split))
     if r.dataset == "tfds":

@@ -14,6 +14,7 @@ import numpy as np
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import Document
+from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.retrieval.neighbours import Query
 
 PARTS = {vocab_lib.MODALITY_TEXT: "text", vocab_lib.MODALITY_IMAGE: "image"}
@@ -48,20 +49,20 @@ def load_embedding_file(path: str, expected_count: int, expected_dim: int | None
     ignored; such rows are checked when looked up).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: provide a float .npy array with one embedding row per document "
+        raise MissingInputError(f"{path} not found: provide a float .npy array with one embedding row per document "
                                 f"of the token shards ({expected_count} rows, in shard order)")
     try:
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        raise ValueError(f"{path} is not a plain .npy array: {e}") from e
+        raise BadInputError(f"{path} is not a plain .npy array: {e}") from e
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-        raise ValueError(f"{path}: expected a 2-D float array [documents, dim], got shape {vectors.shape} "
+        raise BadInputError(f"{path}: expected a 2-D float array [documents, dim], got shape {vectors.shape} "
                          f"dtype {vectors.dtype}")
     if vectors.shape[0] != expected_count:
-        raise ValueError(f"{path} has {vectors.shape[0]} rows but the split has {expected_count} documents "
+        raise BadInputError(f"{path} has {vectors.shape[0]} rows but the split has {expected_count} documents "
                          f"(one row per document, in token-shard order)")
     if expected_dim is not None and vectors.shape[1] != expected_dim:
-        raise ValueError(f"{path} has dimension {vectors.shape[1]}, expected {expected_dim}")
+        raise BadInputError(f"{path} has dimension {vectors.shape[1]}, expected {expected_dim}")
     if not allow_empty_rows:
         check_rows(vectors, np.arange(expected_count), path)
     return vectors
@@ -72,7 +73,7 @@ def check_rows(vectors: np.ndarray, rows: np.ndarray, path: str) -> np.ndarray:
     picked = np.asarray(vectors[np.asarray(rows)], np.float32)
     bad = ~np.all(np.isfinite(picked), axis=1) | ~np.any(picked != 0, axis=1)
     if bad.any():
-        raise ValueError(f"{path}: rows {np.asarray(rows)[bad][:5].tolist()} are zero, NaN or infinite")
+        raise BadInputError(f"{path}: rows {np.asarray(rows)[bad][:5].tolist()} are zero, NaN or infinite")
     return picked
 
 

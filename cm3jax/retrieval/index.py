@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from cm3jax.config_validation import INDEX_KINDS
+from cm3jax.errors import MissingInputError
 
 INDEX_FILE = "index.json"
 
@@ -225,7 +226,7 @@ def _write_index(folder: str, kind: str, size: int, dim: int, params: dict) -> N
 def load_index(folder: str) -> VectorIndex:
     path = os.path.join(folder, INDEX_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: build the index with `cm3jax retrieve` first")
+        raise MissingInputError(f"{path} not found: build the index with `cm3jax retrieve` first")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
     ids = np.load(os.path.join(folder, "ids.npy"))

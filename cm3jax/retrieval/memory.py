@@ -23,6 +23,7 @@ import numpy as np
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import Document, decode_document_record, image_segment, serialize_document, text_segment
 from cm3jax.data.shards import open_token_shards
+from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.retrieval.embeddings import RetrieverEncoder, embed_documents, l2_normalize
 from cm3jax.retrieval.index import VectorIndex, load_index
 from cm3jax.retrieval.neighbours import StrategyOptions, select_neighbours
@@ -46,14 +47,14 @@ class MemoryBank:
         stage_dir = os.path.join(workdir, "retrieval")
         chunks = sorted(glob.glob(os.path.join(stage_dir, "bank", f"{config.data.train_split}-*.npz")))
         if not chunks or not os.path.isdir(os.path.join(stage_dir, "index")):
-            raise FileNotFoundError(f"no memory bank under {stage_dir}: run `cm3jax retrieve` first")
+            raise MissingInputError(f"no memory bank under {stage_dir}: run `cm3jax retrieve` first")
         loaded = [np.load(p) for p in chunks]
         vectors = np.concatenate([c["vectors"] for c in loaded]).astype(np.float32)
         multimodal = np.concatenate([c["multimodal"] for c in loaded])
         token_dir = config.data.token_dir or os.path.join(workdir, "tokens")
         records = open_token_shards(token_dir, config.data.train_split)
         if len(records) != len(vectors):
-            raise ValueError(f"{stage_dir}/bank holds {len(vectors)} embeddings but {token_dir} has {len(records)} "
+            raise BadInputError(f"{stage_dir}/bank holds {len(vectors)} embeddings but {token_dir} has {len(records)} "
                              f"train documents: rerun `cm3jax retrieve` on this workdir")
         encoder, reader = None, None
         if not config.retrieval.embeddings:

@@ -27,6 +27,7 @@ from cm3jax.data.documents import encode_document_record, image_segment, text_se
 from cm3jax.data.shards import shard_path, write_token_shard
 from cm3jax.data.sources import (SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions,
                                  read_examples)
+from cm3jax.errors import BadInputError
 from cm3jax.progress import Progress
 from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
@@ -45,7 +46,7 @@ def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_di
         captions = list(read_captions(source, counts))
         counts.log("text tokenizer captions")
         if not captions:
-            raise ValueError(f"the train split of raw_data.dataset={config.raw_data.dataset!r} has no readable "
+            raise BadInputError(f"the train split of raw_data.dataset={config.raw_data.dataset!r} has no readable "
                              f"caption to train the text tokenizer on")
         tokenizer = TextTokenizer.train(captions, vocab_size=int(config.vocab.text_size),
                                         model_type=str(config.tokenize.text_model_type))
@@ -79,8 +80,9 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     raw_data_dir = os.path.join(workdir, "data")
     out_dir = os.path.join(workdir, "tokens")
-    # A resumed job must not mix two id layouts in one folder.
-    vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
+    # A resumed job must not mix two id layouts in one folder (the layout is saved once every check has passed).
+    if os.path.exists(os.path.join(out_dir, vocab_lib.VOCAB_FILE)):
+        vocab_lib.require_saved_vocab(vocab, out_dir)
     text = load_or_train_text_tokenizer(config, os.path.join(workdir, "text_tokenizer"), raw_data_dir)
     if text.vocab_size > vocab.text_size:
         raise vocab_lib.VocabMismatchError(
@@ -90,6 +92,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     # Shards of one folder come from one VQ-GAN and one text tokenizer, also across interrupted runs.
     inputs = tokens_inputs(vqgan_step, params, os.path.join(workdir, "text_tokenizer", TEXT_TOKENIZER_FILE))
     stages.check_inputs(out_dir, inputs)
+    vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
     stages.record_inputs(out_dir, inputs)
     model_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
     model = VQGAN(model_config)
