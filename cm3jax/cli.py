@@ -258,7 +258,7 @@ RUNTIME_ONLY = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "
 
 def _complete_stage_changes(config, workdir: str, name: str) -> list[tuple[str, object, object]]:
     """Fields that differ between `config` and the config the complete stage `name` ran with (runtime-only
-    settings, which do not change its outputs, left out)."""
+    settings, which do not change its outputs, and fields newer than the run left out)."""
     import json
 
     from cm3jax.config import config_differences
@@ -268,7 +268,7 @@ def _complete_stage_changes(config, workdir: str, name: str) -> list[tuple[str, 
         return []
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    return [d for d in config_differences(config, saved, STAGE_CONFIG_FIELDS[name])
+    return [d for d in config_differences(config, saved, STAGE_CONFIG_FIELDS[name], only_saved_fields=True)
             if d[0].rsplit(".", 1)[-1] not in RUNTIME_ONLY]
 
 

@@ -320,13 +320,15 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))  # tuples and lists, ints and floats compare as saved
 
 
-def config_differences(config: ml_collections.ConfigDict, saved: dict,
-                       fields: Sequence[str]) -> list[tuple[str, Any, Any]]:
+def config_differences(config: ml_collections.ConfigDict, saved: dict, fields: Sequence[str],
+                       only_saved_fields: bool = False) -> list[tuple[str, Any, Any]]:
     """(field, given value, saved value) for every field under one of `fields` (dotted names or section prefixes)
-    where `config` differs from `saved` (a config as written by config_to_json, loaded)."""
+    where `config` differs from `saved` (a config as written by config_to_json, loaded). `only_saved_fields`: leave
+    out fields the saved config does not have (added to cm3jax after it was written)."""
     given_flat, saved_flat = _flatten(_normalise(config.to_dict())), _flatten(saved)
 
     def selected(name: str) -> bool:
         return any(name == f or name.startswith(f"{f}.") for f in fields)
-    names = sorted(n for n in set(given_flat) | set(saved_flat) if selected(n))
+    names = sorted(n for n in (set(saved_flat) if only_saved_fields else set(given_flat) | set(saved_flat))
+                   if selected(n))
     return [(n, given_flat.get(n), saved_flat.get(n)) for n in names if given_flat.get(n) != saved_flat.get(n)]

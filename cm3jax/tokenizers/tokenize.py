@@ -102,7 +102,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
     if batch_size % len(devices):
         raise ValueError(f"tokenize.batch_size={batch_size} must be a multiple of the {len(devices)} local devices")
 
-    manifest = {"vocab": vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": vqgan_step,
+    manifest = {"vocab": vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": vqgan_step, "inputs": inputs,
                 "code_grid": model_config.grid_size, "image_size": model_config.image_size, "splits": {}}
     for split in config.tokenize.splits:
         source = open_raw_source(config.raw_data, split, raw_data_dir)

@@ -170,7 +170,7 @@ def saved_config(directory: str, step: int) -> dict:
 
 def require_resumable(config, saved: dict, state_fields: Sequence[str], where: str) -> None:
     """Refuses (ConfigError naming each field) to resume the checkpoint at `where` with other state-fixing values."""
-    differences = config_differences(config, saved, state_fields)
+    differences = config_differences(config, saved, state_fields, only_saved_fields=True)
     if differences:
         listed = "; ".join(f"config.{n}={g!r} but {s!r} in the checkpoint" for n, g, s in differences)
         raise ConfigError(f"{listed}: {where} cannot be resumed with another model shape. Set these back, or train "
