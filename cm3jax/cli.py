@@ -37,7 +37,8 @@ commands:
              (DIR/retrieval; resumable)
   train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint, or from
              --config.train.restore_step=N)
-  pipeline   run every stage in order, skipping those already complete
+  pipeline   run every stage in order, skipping complete ones whose config is unchanged; a preempted stage
+             ends it (the same command resumes)
   generate   generate from the trained model (DIR/samples/<task>-<time>):
                generate image   --prompt=TEXT [--num=N --cfg=S | --cdk --retrieve=K --candidates=N --seed=S]
                generate caption --image=PATH
