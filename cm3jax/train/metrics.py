@@ -8,6 +8,8 @@ from typing import Mapping
 import jax
 from absl import logging
 
+from cm3jax.stages import atomic_write_text
+
 # Dense bf16 peak TFLOP/s per device (vendor figures), for MFU when config.train.peak_tflops_per_device is -1.
 _PEAK_TFLOPS = (
     ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
@@ -73,12 +75,8 @@ def _drop_rows_after(path: str, step: int) -> None:
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     kept = [line for line in lines if line.strip() and _row_step(line) <= step]
-    if len(kept) == len(lines):
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def _row_step(line: str) -> float:
