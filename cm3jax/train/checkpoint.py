@@ -60,6 +60,7 @@ class Checkpointer:
         files cannot be read raises DamagedCheckpointError."""
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, shardings)
+        hooks = _quiet_background_reports()
         try:
             _require_index_files(os.path.join(self.directory, str(step)))
             restored = self._manager.restore(
@@ -67,8 +68,8 @@ class Checkpointer:
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
             )
         except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
-            _silence_failed_read_leftovers()
-            raise damaged(self.directory, step, e) from e
+            raise damaged(self.directory, step, e) from e  # the reports stay quiet: the run ends here
+        sys.unraisablehook, threading.excepthook = hooks
         if not isinstance(restored.data, dict):
             raise damaged(self.directory, step, ValueError("the data item is empty"))
         return restored.state, restored.data
@@ -103,17 +104,16 @@ def select_process_state(saved: dict) -> dict:
     return saved["processes"][jax.process_index()]
 
 
-def _silence_failed_read_leftovers() -> None:
-    """After one array read fails, orbax's other reads still finish into its closed event loop or are collected
-    unawaited, each printing a traceback that says nothing about the damage; from here on (the run is ending with
-    the damaged-checkpoint error) those are not printed."""
-    def leftover(error) -> bool:
-        return isinstance(error, RuntimeError) and "Event loop is closed" in str(error) or "reading array" in str(
-            error)
-
-    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
-    sys.unraisablehook = lambda u: None if leftover(u.exc_value) else previous_unraisable(u)
-    threading.excepthook = lambda a: None if leftover(a.exc_value) else previous_thread(a)
+def _quiet_background_reports() -> tuple:
+    """Stops printing of background reports (unraisable exceptions, exceptions in threads) and returns the hooks to
+    put back. While a restore runs, and after it fails: once one array read fails, orbax's other reads still finish
+    into its closed event loop or are collected unawaited, each printing a traceback that says nothing about the
+    damage, some of them before the failure reaches this module; the run then ends with the damaged-checkpoint
+    error."""
+    previous = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    return previous
 
 
 # Files a readable checkpoint has, whole. Checked before orbax opens them: an empty manifest makes tensorstore fail
