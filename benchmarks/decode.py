@@ -14,7 +14,7 @@ generated 32x32 images are averaged down to 8x8 ink levels for it. Its accuracy 
 their VQ-GAN reconstructions bounds what generation can reach.
 
     python benchmarks/decode.py                                   # both parts
-    python benchmarks/decode.py --parts=speed --models=demo       # on a GPU: --models=demo,cm3leon_350m
+    python benchmarks/decode.py --parts=speed --models=demo       # on a GPU: --models=demo,cm3leon:350m
 
 Each part prints a table, then one JSON line.
 """
@@ -25,20 +25,17 @@ import json
 import os
 import platform
 import re
-import sys
 
 import numpy as np
+from timing import best_time  # benchmarks/ is on the path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from timing import best_time  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="speed,quality")
-    p.add_argument("--models", default="demo,cm3leon_350m")
+    p.add_argument("--models", default="demo,cm3leon:350m")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdir", "demo"))
@@ -56,24 +53,24 @@ def compiled_best_time(jitted, args: tuple, repeats: int) -> float:
 
 
 def speed_row(name: str, args) -> dict:
-    import importlib
 
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from cm3jax import vocab as vocab_lib
-    from cm3jax.inference.decode import SamplingOptions, Schedule, left_pad, make_decoder
+    from cm3jax.config import load_recipe
+    from cm3jax.inference.decode import GREEDY, SamplingOptions, Schedule, left_pad, make_decoder
     from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
 
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = load_recipe(name)
     config.model.max_seq_len = args.context + 64
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     cfg = DecoderConfig.from_config(config.model, vocab.padded_size)
     params = jax.jit(lambda r: nn.unbox(CM3LeonDecoder(cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.key(0))
     rng = np.random.default_rng(0)
-    greedy = SamplingOptions(temperature=0.0)
+    greedy = GREEDY
 
     def prompt(length):
         return np.concatenate([[vocab_lib.EOS], vocab.text_ids(rng.integers(0, vocab.text_size, length - 1))])
@@ -185,7 +182,7 @@ def quality_part(args) -> None:
                 classifier.predict(ink_8x8(reconstructed)) == labels))}]
     g = config.generate
     t = args.temperature
-    settings = [("no guidance", SamplingOptions(temperature=t))]
+    settings = [("no guidance", SamplingOptions(temperature=t, guidance="none"))]
     settings += [(f"CFG {float(scale):g}", SamplingOptions(temperature=t, guidance="cfg", cfg_scale=float(scale)))
                  for scale in args.cfg.split(",")]
     settings += [(f"CD-K (alpha {float(alpha):g}, k {g.cdk_k})",

@@ -19,12 +19,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args():
@@ -140,7 +138,8 @@ def main():
           f"batch {config.train.global_batch_size} x seq {config.train.seq_len})")
     print(f"{'':28s}{'batches/s':>11s}{'examples/s':>12s}{'tokens/s':>11s}{'x trainer':>11s}{'real tokens':>13s}")
     for p in pipelines:
-        print(f"{'pipeline, ' + str(p['workers']) + ' workers':28s}{p['batches_per_s']:11.1f}{p['examples_per_s']:12.0f}"
+        name = f"pipeline, {p['workers']} workers"
+        print(f"{name:28s}{p['batches_per_s']:11.1f}{p['examples_per_s']:12.0f}"
               f"{p['tokens_per_s']:11.0f}{p['tokens_per_s'] / trainer['tokens_per_s']:11.1f}"
               f"{p['real_token_share']:13.1%}")
     print(f"{'demo trainer (' + trainer['device_kind'] + ')':28s}{1 / trainer['step_time_s']:11.2f}{'':12s}"

@@ -23,13 +23,11 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args():
@@ -76,8 +74,8 @@ def measure_bank(args, bank: np.ndarray, queries: np.ndarray) -> list[dict]:
                 for reorder in args.reorder.split(",")]
     for leaves, reorder in settings:
         options = IndexOptions(kind="scann", leaves_to_search=leaves, reorder=reorder)
-        index, build_s = timed(lambda: ScannIndex.build(bank, options))
-        (_, found), scann_s = timed(lambda: index.search(queries, args.k))
+        index, build_s = timed(lambda options=options: ScannIndex.build(bank, options))
+        (_, found), scann_s = timed(lambda index=index: index.search(queries, args.k))
         recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
         rows.append({"size": len(bank), "index": f"scann (leaves {index.params['leaves_to_search']}/"
                                                  f"{index.params['num_leaves']}, reorder {index.params['reorder']})",
@@ -91,7 +89,8 @@ def index_part(args):
     centres = rng.standard_normal((args.clusters, args.dim), np.float32)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows += measure_bank(args, clustered(n, args.dim, centres, rng), clustered(args.queries, args.dim, centres, rng))
+        bank, queries = clustered(n, args.dim, centres, rng), clustered(args.queries, args.dim, centres, rng)
+        rows += measure_bank(args, bank, queries)
 
     print(f"\nmemory-bank search ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), dim "
           f"{args.dim}, {args.clusters} clusters, {args.queries} queries, k={args.k}")
@@ -129,18 +128,18 @@ def held_out_losses(config, state, num_retrieved: int) -> dict:
 
 
 def lm_part(args):
-    from cm3jax import cli, stages
+    from cm3jax.stages import STAGES
     from cm3jax.train.lm import train_language_model
+    from cm3jax.workdir import Workdir
     from configs import demo
 
-    config = demo.get_config()
-    workdir = args.lm_workdir
-    for name, stage in cli.STAGES:
-        if name == "lm":
+    workdir = Workdir(args.lm_workdir)
+    config = workdir.resolve(demo.get_config())
+    for stage in STAGES:
+        if stage.name == "lm":
             break
-        if not stages.is_complete(os.path.join(workdir, name)):
-            stage(config, workdir)
-    config.data.update(token_dir=os.path.join(workdir, "tokens"), neighbours_dir=os.path.join(workdir, "retrieval"))
+        if not workdir.stage(stage.name).is_complete():
+            stage.run(config, workdir)
     config.train.update(eval_every=0)
     if args.lm_steps:
         config.train.steps = args.lm_steps
@@ -148,7 +147,7 @@ def lm_part(args):
     for mode in ("none", "neighbours"):
         trained = config.copy_and_resolve_references()
         trained.data.retrieval = mode
-        stage_dir = os.path.join(workdir, "benchmark", f"lm-retrieval-{mode}")
+        stage_dir = str(workdir.stage("benchmark") / f"lm-retrieval-{mode}")
         shutil.rmtree(stage_dir, ignore_errors=True)  # a fresh run each time, never a resumed one
         start = time.perf_counter()
         result = train_language_model(trained, stage_dir)

@@ -16,8 +16,8 @@ settings, for a like-for-like comparison.
 
     python benchmarks/train_step.py                       # CPU: d=512, 8 layers, seq 512, batch 8
     python benchmarks/train_step.py --torch_retain_host_memory   # both with the same malloc settings
-    python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8   # an accelerator, paper shape
-    python benchmarks/train_step.py --config=configs/cm3leon_350m.py --batch=8 --remat=none --attention=cudnn
+    python benchmarks/train_step.py --config=configs/cm3leon.py:350m --batch=8   # an accelerator, paper shape
+    python benchmarks/train_step.py --config=configs/cm3leon.py:350m --batch=8 --remat=none --attention=cudnn
 
 Prints a table, then one JSON line.
 """
@@ -29,11 +29,9 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args():
@@ -44,7 +42,8 @@ def parse_args():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: the recipe's with --config, else 8192)")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="vocabulary size (default: the recipe's with --config, else 8192)")
     p.add_argument("--remat", default="", help="override model.remat_policy (none | full | dots | dots_no_batch)")
     p.add_argument("--attention", default="", help="override model.attention (xla | cudnn | splash)")
     p.add_argument("--steps", type=int, default=8, help="timed steps of each implementation")
@@ -57,14 +56,11 @@ def parse_args():
 
 
 def load_model_config(args):
-    from cm3jax.config import base_config
+    from cm3jax.config import base_config, load_recipe
     from cm3jax.vocab import UnifiedVocab
 
     if args.config:
-        spec = importlib.util.spec_from_file_location("recipe", args.config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
+        config = load_recipe(args.config)
         args.d_model, args.layers, args.heads = config.model.d_model, config.model.num_layers, config.model.num_heads
         args.seq = config.train.seq_len
         args.vocab = args.vocab or UnifiedVocab.from_config(config.vocab).size
@@ -127,6 +123,7 @@ def torch_sync(result, device: str):
 
 def cm3jax_step(config, args, vocab_size: int):
     """A closure that runs one cm3jax train step (AdamW, clipping) and waits for it."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -135,7 +132,6 @@ def cm3jax_step(config, args, vocab_size: int):
     from cm3jax.train.lm import make_train_step
     from cm3jax.train.optim import make_optimizer
     from cm3jax.train.state import TrainState
-    import flax.linen as nn
 
     decoder_config = DecoderConfig.from_config(config.model, vocab_size)
     model = CM3LeonDecoder(decoder_config)

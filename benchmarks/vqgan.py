@@ -13,12 +13,10 @@ import argparse
 import json
 import os
 import platform
-import sys
+
+from timing import best_time  # benchmarks/ is on the path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from timing import best_time  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 
 def parse_args():
@@ -30,18 +28,18 @@ def parse_args():
     return p.parse_args()
 
 
-def recipe(name: str):
-    import importlib
+def recipe(spec: str):
+    from cm3jax.config import load_recipe
 
-    return importlib.import_module(f"configs.{name}").get_config()
+    return load_recipe(spec)
 
 
 def throughput(config, batch: int, repeats: int) -> dict:
     import jax
 
-    from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
+    from cm3jax.models.vqgan import VQGAN, VQGANConfig
 
-    model_config = VQGANConfig.from_config(config.vqgan, codebook_size=int(config.vocab.image_codebook_size))
+    model_config = VQGANConfig.from_config(config)
     model = VQGAN(model_config)
     images = jax.random.uniform(jax.random.key(0), (batch, model_config.image_size, model_config.image_size, 3),
                                 minval=-1, maxval=1)
@@ -64,25 +62,26 @@ def held_out_quality(workdir: str) -> dict | None:
     import numpy as np
 
     from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
-    from cm3jax.tokenizers.tokenize import restore_vqgan_params
-    from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
+    from cm3jax.models.vqgan import VQGAN, pixels_from_uint8
+    from cm3jax.tokenizers.image import ImageTokenizer
     from cm3jax.train.vqgan import code_statistics, load_lpips, psnr
+    from cm3jax.workdir import Workdir
 
-    config = recipe("demo")
-    if not os.path.isdir(os.path.join(workdir, "vqgan", "checkpoints")):
+    config, workdir = recipe("demo"), Workdir(workdir)
+    if not workdir.vqgan.checkpoints.is_dir():
         return None
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    params, step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
-    model = VQGAN(VQGANConfig.from_config(config.vqgan, codebook_size=int(config.vocab.image_codebook_size)))
+    tokenizer = ImageTokenizer.load(config, workdir)
+    params, step, model = tokenizer.params, tokenizer.step, VQGAN(tokenizer.model_config)
     lpips_model, lpips_params = load_lpips("vgg16")
-    source = open_raw_source(config.raw_data, "validation", os.path.join(workdir, "data"))
+    source = open_raw_source(config.raw_data, "validation", str(workdir.data))
     images = np.stack([e.image for e in read_examples(source, config.vqgan.image_size, SkipCounts())])
-    images = jnp.asarray(images.astype(np.float32) / 127.5 - 1.0)
+    images = jnp.asarray(pixels_from_uint8(images))
     reconstructions, codes, _, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
     perceptual = jax.jit(lambda p, a, b: lpips_model.apply({"params": p}, a, b))(
         lpips_params, jnp.clip(reconstructions, -1, 1), images)
     stats = code_statistics(codes, model.config.codebook_size, jnp.ones(images.shape[0]))
-    return {"vqgan_step": step, "images": int(images.shape[0]), "psnr_db": float(jnp.mean(psnr(reconstructions, images))),
+    return {"vqgan_step": step, "images": int(images.shape[0]),
+            "psnr_db": float(jnp.mean(psnr(reconstructions, images))),
             "lpips_vgg16": float(jnp.mean(perceptual)), "codebook_usage": float(stats["codebook_usage"]),
             "code_perplexity": float(stats["code_perplexity"])}
 
@@ -90,7 +89,7 @@ def held_out_quality(workdir: str) -> dict | None:
 def main():
     args = parse_args()
     rows = {"demo": throughput(recipe("demo"), args.demo_batch, args.repeats),
-            "paper (cm3leon_350m)": throughput(recipe("cm3leon_350m"), args.paper_batch, args.repeats)}
+            "paper (cm3leon_350m)": throughput(recipe("cm3leon:350m"), args.paper_batch, args.repeats)}
     quality = held_out_quality(args.workdir)
     print(f"\nVQ-GAN ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     print(f"{'config':22s}{'image':>7s}{'tokens':>8s}{'params':>9s}{'batch':>7s}{'encode img/s':>14s}"

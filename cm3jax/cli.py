@@ -1,17 +1,21 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
-The only module that wires stages together; USAGE lists the commands.
+Parses the flags and dispatches: a stage's command to its `run` (cm3jax/stages/), `pipeline` to every stage in
+order, `generate <task>` to one request. User errors end here as one line and exit code 2.
 """
 from __future__ import annotations
 
 import os
 import sys
+import textwrap
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cm3jax.config_validation import ConfigError
 from cm3jax.errors import UserError
+from cm3jax.inference.command import GENERATE_TASKS
+from cm3jax.stages import STAGES, by_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py or configs/tiny.py:arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: every stage writes under it.")
@@ -27,18 +31,15 @@ _CANDIDATES = flags.DEFINE_integer("candidates", None, "generate image: draw thi
                                                        "retriever's score.")
 _SEED = flags.DEFINE_integer("seed", None, "generate: sampling seed (default generate.seed).")
 
-USAGE = """usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]
+
+def usage() -> str:
+    stage_lines = "".join(textwrap.fill(stage.summary, 116, initial_indent=f"  {stage.command:<10} ",
+                                        subsequent_indent=" " * 13) + "\n" for stage in STAGES)
+    return f"""usage: cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]
 
 commands:
-  data       build the embedded dataset (DIR/data) or check the configured raw source; print a summary
-  vqgan      train the VQ-GAN image tokenizer on the raw images (DIR/vqgan; resumes)
-  tokenize   text tokenizer (trained when absent) + VQ-GAN codes -> token shards in DIR/tokens (resumable)
-  retrieve   train the dual-encoder retriever, index the train documents, write every document's neighbours
-             (DIR/retrieval; resumable)
-  train      train the CM3leon language model (DIR/lm; resumes from its latest checkpoint, or from
-             --config.train.restore_step=N)
-  pipeline   run every stage in order, skipping complete ones whose config is unchanged; a preempted stage
-             ends it (the same command resumes)
+{stage_lines}  pipeline   run every stage in order ({", ".join(s.name for s in STAGES)}), skipping complete ones whose
+             config is unchanged; a preempted stage ends it (the same command resumes)
   generate   generate from the trained model (DIR/samples/<task>-<time>):
                generate image   --prompt=TEXT [--num=N --cfg=S | --cdk --retrieve=K --candidates=N --seed=S]
                generate caption --image=PATH
@@ -50,276 +51,32 @@ A user error (a config value, a path, a damaged checkpoint) is one line on stder
 `cm3jax generate image --config=configs/demo.py --workdir=workdir/demo --prompt="a handwritten seven"`.
 """
 
+
 EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
 
 
-def prepare_data(config, workdir: str) -> bool:
-    import json
-
-    from cm3jax import stages
-    from cm3jax.data.prepare import prepare_raw_data
-
-    stage_dir = stages.prepare_stage(workdir, "data", config)
-    summary = prepare_raw_data(config.raw_data, stage_dir)
-    stages.mark_complete(stage_dir, {"dataset": config.raw_data.dataset, "splits": summary})
-    print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
-    return True
+def _generate_flags() -> dict:
+    return {"prompt": _PROMPT.value, "image": _IMAGE.value, "question": _QUESTION.value, "box": _BOX.value,
+            "num": _NUM.value, "cfg": _CFG.value, "cdk": _CDK.value, "retrieve": _RETRIEVE.value,
+            "candidates": _CANDIDATES.value, "seed": _SEED.value}
 
 
-def train_vqgan(config, workdir: str) -> bool:
-    from cm3jax import stages
+def dispatch(config, workdir, argv: list[str]) -> bool:
+    """Runs the command argv[1:] names; False when a stage was preempted."""
+    from cm3jax.inference.command import generate_request, run_generate
     from cm3jax.parallel.mesh import initialize_distributed
-    from cm3jax.train.vqgan import train_vqgan as train
+    from cm3jax.pipeline import run_pipeline
 
     initialize_distributed(config.distributed)
-    stage_dir = os.path.join(workdir, "vqgan")
-    result = train(config, stage_dir, raw_data_dir=os.path.join(workdir, "data"),
-                   on_start=lambda: stages.prepare_stage(workdir, "vqgan", config))
-    if not result.preempted:
-        stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
-        print(f"vqgan: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, reconstructions in "
-              f"{stage_dir}/samples", flush=True)
-    return not result.preempted
-
-
-def tokenize(config, workdir: str) -> bool:
-    import json
-
-    from cm3jax import stages
-    from cm3jax.parallel.mesh import initialize_distributed
-    from cm3jax.tokenizers.tokenize import tokenize_dataset
-
-    initialize_distributed(config.distributed)
-    stage_dir = stages.prepare_stage(workdir, "tokens", config)
-    manifest = tokenize_dataset(config, workdir)
-    stages.mark_complete(stage_dir, manifest)
-    print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)
-    return True
-
-
-def retrieve(config, workdir: str) -> bool:
-    import json
-
-    from cm3jax import stages
-    from cm3jax.parallel.mesh import initialize_distributed
-    from cm3jax.retrieval.stage import run_retrieval_stage
-
-    initialize_distributed(config.distributed)
-    stage_dir = stages.prepare_stage(workdir, "retrieval", config)
-    summary = run_retrieval_stage(config, workdir)
-    if not summary.get("preempted"):
-        stages.mark_complete(stage_dir, summary)
-        print(f"retrieval: {json.dumps(summary)}; neighbours in {stage_dir}", flush=True)
-    return not summary.get("preempted")
-
-
-def fill_run_paths(config, workdir: str) -> None:
-    """The LM's inputs default to this workdir's token shards and neighbour files."""
-    if not config.data.token_dir:
-        config.data.token_dir = os.path.join(workdir, "tokens")
-    if not config.data.neighbours_dir:
-        config.data.neighbours_dir = os.path.join(workdir, "retrieval")
-
-
-def train_lm(config, workdir: str) -> bool:
-    from cm3jax import stages
-    from cm3jax.parallel.mesh import initialize_distributed
-    from cm3jax.train.lm import train_language_model
-
-    initialize_distributed(config.distributed)
-    fill_run_paths(config, workdir)
-    stage_dir = os.path.join(workdir, "lm")
-    result = train_language_model(config, stage_dir, on_start=lambda: stages.prepare_stage(workdir, "lm", config))
-    if not result.preempted:
-        stages.mark_complete(stage_dir, {"step": result.step, **result.last_metrics})
-        print(f"lm: trained to step {result.step}; checkpoints in {stage_dir}/checkpoints, "
-              f"logs in {stage_dir}/logs", flush=True)
-    return not result.preempted
-
-
-class GenerateInputError(UserError, ValueError):
-    """A generate request that cannot run: reported in one line."""
-
-
-def _generate_settings(config, task: str) -> dict:
-    """The request from the flags (falling back to config.generate), checked before any model is loaded."""
-    g = config.generate
-    if _NUM.value is not None:
-        g.num = _NUM.value
-    if _SEED.value is not None:
-        g.seed = _SEED.value
-    if _RETRIEVE.value is not None:
-        g.retrieve = _RETRIEVE.value
-    if _CANDIDATES.value is not None:
-        g.rerank_candidates = _CANDIDATES.value
-    if _CDK.value:
-        g.guidance = "cdk"
-    elif _CFG.value is not None:
-        g.guidance, g.cfg_scale = "cfg", _CFG.value
-    settings = {"task": task}
-    if task == "image":
-        if not (_PROMPT.value or "").strip():
-            raise GenerateInputError("generate image needs a non-empty --prompt")
-        settings["prompt"] = _PROMPT.value
-    else:
-        if not _IMAGE.value or not os.path.isfile(_IMAGE.value):
-            raise GenerateInputError(f"generate {task} needs --image PATH of an existing image file, got "
-                                     f"{_IMAGE.value!r}")
-        settings["image"] = os.path.abspath(_IMAGE.value)
-    if task == "vqa":
-        if not (_QUESTION.value or "").strip():
-            raise GenerateInputError("generate vqa needs a non-empty --question")
-        settings["question"] = _QUESTION.value
-    if task == "infill":
-        try:
-            box = tuple(int(v) for v in (_BOX.value or "").split(","))
-        except ValueError:
-            box = ()
-        if len(box) != 4:
-            raise GenerateInputError(f"generate infill needs --box x0,y0,x1,y1 (pixels), got {_BOX.value!r}")
-        settings["box"] = box
-    return settings
-
-
-def generate(config, workdir: str, task: str) -> None:
-    import json
-    import time
-
-    import PIL.Image
-
-    from cm3jax import stages
-    from cm3jax.config_validation import validate_generate_config
-    from cm3jax.inference.decode import SamplingOptions
-    from cm3jax.inference.generate import Generator, contact_sheet
-
-    settings = _generate_settings(config, task)
-    validate_generate_config(config)
-    g = config.generate
-    options = SamplingOptions.from_config(g)
-    generator = Generator.load(config, workdir)
-    out_dir = os.path.join(workdir, "samples", f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out_dir, exist_ok=True)
-    if task == "caption":
-        settings["caption"] = generator.caption(settings["image"], seed=g.seed)
-    elif task == "vqa":
-        settings["answer"] = generator.answer(settings["image"], settings["question"], seed=g.seed)
-    else:
-        if task == "image":
-            images, _ = generator.images(settings["prompt"], int(g.num), options, int(g.seed), int(g.retrieve),
-                                         int(g.rerank_candidates))
-        else:
-            images = generator.infill(settings["image"], settings["box"], options, num=int(g.num), seed=int(g.seed))
-        for i, image in enumerate(images):
-            PIL.Image.fromarray(image).save(os.path.join(out_dir, f"{i:03d}.png"))
-        PIL.Image.fromarray(contact_sheet(images, columns=min(len(images), 8))).save(
-            os.path.join(out_dir, "sheet.png"))
-        settings["images"] = len(images)
-    settings.update(lm_step=generator.step, generate=g.to_dict())
-    stages.atomic_write_text(os.path.join(out_dir, "settings.json"), json.dumps(settings, indent=2, default=str))
-    for key in ("caption", "answer"):
-        if key in settings:
-            print(f"{key}: {settings[key]}", flush=True)
-    print(f"generate {task}: written to {out_dir}", flush=True)
-
-
-def generate_samples(config, workdir: str) -> bool:
-    """The pipeline's last stage: images for generate.sample_prompts and captions of held-out images."""
-    import json
-
-    from cm3jax import stages
-    from cm3jax.inference.samples import write_samples
-
-    stage_dir = stages.prepare_stage(workdir, "samples", config)
-    summary = write_samples(config, workdir, stage_dir)
-    stages.mark_complete(stage_dir, summary)
-    print(f"samples: {json.dumps(summary)}", flush=True)
-    return True
-
-
-STAGES = (("data", prepare_data), ("vqgan", train_vqgan), ("tokens", tokenize), ("retrieval", retrieve),
-          ("lm", train_lm), ("samples", generate_samples))
-
-
-# What each stage's outputs depend on in the config: a complete stage given other values there is not skipped
-# silently. Changes to RESUMABLE fields of a training stage continue it from its last checkpoint.
-STAGE_CONFIG_FIELDS = {
-    "data": ("raw_data",),
-    "vqgan": ("raw_data", "vqgan", "vocab.image_codebook_size"),
-    "tokens": ("tokenize", "vocab"),
-    "retrieval": ("retrieval", "retriever"),
-    "lm": ("vocab", "model", "train", "optim", "data"),
-    "samples": ("generate",),
-}
-RESUMABLE = {"vqgan": ("vqgan.train.steps",), "retrieval": ("retriever.train.steps",), "lm": ("train.steps",)}
-RUNTIME_ONLY = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                "async_checkpointing", "peak_tflops_per_device", "restore_step", "num_workers", "worker_buffer_size",
-                "scan_unroll", "remat_policy", "attention", "restore_iterator",
-                "token_dir", "neighbours_dir")  # where the inputs are; what they are is checked by their digests
-
-
-def _complete_stage_changes(config, workdir: str, name: str) -> list[tuple[str, object, object]]:
-    """Fields that differ between `config` and the config the complete stage `name` ran with (runtime-only
-    settings, which do not change its outputs, and fields newer than the run left out)."""
-    import json
-
-    from cm3jax.config import config_differences
-
-    path = os.path.join(workdir, name, "config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    return [d for d in config_differences(config, saved, STAGE_CONFIG_FIELDS[name], only_saved_fields=True)
-            if d[0].rsplit(".", 1)[-1] not in RUNTIME_ONLY]
-
-
-def _continues(name: str, changes: list) -> bool:
-    """Only a larger step count of a training stage changed: rerunning it trains on from its last checkpoint."""
-    return bool(changes) and all(field in RESUMABLE.get(name, ()) and isinstance(given, int) and
-                                 isinstance(saved, int) and given > saved for field, given, saved in changes)
-
-
-def run_pipeline(config, workdir: str) -> bool:
-    """Runs the stages in order; a complete stage is skipped when its config is unchanged, continued when only its
-    step count grew, and refused (ConfigError naming the fields) otherwise; once a stage has run, the complete
-    stages after it run again, each checking its inputs (a rerun of unchanged work resumes and finds it done). A
-    preempted stage ends the pipeline (the same command resumes it), so no later stage runs on its unfinished
-    outputs."""
-    from cm3jax import stages
-
-    fill_run_paths(config, workdir)
-    earlier_stage_ran = False
-    for name, stage in STAGES:
-        if name == "retrieval" and config.data.retrieval == "none":
-            print("retrieval: skipped (data.retrieval='none')", flush=True)
-            continue
-        if name == "samples" and not config.generate.sample_prompts and not config.generate.sample_captions:
-            continue
-        if stages.is_complete(os.path.join(workdir, name)):
-            changes = _complete_stage_changes(config, workdir, name)
-            listed = "; ".join(f"config.{f}={g!r} (it ran with {s!r})" for f, g, s in changes)
-            if not changes and not earlier_stage_ran:
-                print(f"{name}: complete, skipped", flush=True)
-                continue
-            if not changes:
-                print(f"{name}: complete, run again to check it against the stage before, which ran", flush=True)
-            elif not _continues(name, changes):
-                raise ConfigError(f"{name} is complete but its config differs from the one it ran with: {listed}. "
-                                  f"Run with the values it ran with, or use a new --workdir (or move "
-                                  f"{os.path.join(workdir, name)} and the stages after it away) to redo it")
-            else:
-                print(f"{name}: complete, but {listed}: training on from its last checkpoint", flush=True)
-        earlier_stage_ran = True
-        if not stage(config, workdir):
-            print(f"pipeline: stopped, {name} was preempted (its checkpoint is saved); rerun the same command to "
-                  f"resume", flush=True)
-            return False
-    return True
-
-
-GENERATE_TASKS = ("image", "caption", "vqa", "infill")
-COMMANDS = {"data": prepare_data, "vqgan": train_vqgan, "tokenize": tokenize, "retrieve": retrieve,
-            "train": train_lm, "pipeline": run_pipeline}
+    config = workdir.resolve(config)
+    if argv[1] == "generate":
+        run_generate(config, workdir, generate_request(config, argv[2], _generate_flags()))
+        return True
+    if argv[1] == "pipeline":
+        return run_pipeline(config, workdir)
+    stage = by_command(argv[1])
+    stage.validate(config)
+    return stage.run(config, workdir)
 
 
 # Library warnings that ask nothing of a cm3jax user: TFDS suggesting OpenCV for images cm3jax decodes itself, and
@@ -364,7 +121,7 @@ def _config_file_problem(argv: list[str]) -> str | None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with cm3jax's usage for --help and one-line errors for bad flags and config overrides."""
     if any(arg in ("-h", "--help", "--helpshort", "-?") for arg in argv[1:]):
-        sys.stdout.write(USAGE)
+        sys.stdout.write(usage())
         sys.exit(0)
     try:
         remaining = flags.FLAGS(argv)
@@ -381,39 +138,34 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
+def _is_command(argv: list[str]) -> bool:
+    if len(argv) == 3 and argv[1] == "generate":
+        return argv[2] in GENERATE_TASKS
+    return len(argv) == 2 and (argv[1] == "pipeline" or by_command(argv[1]) is not None)
+
+
 def main(argv: list[str]) -> None:
-    from cm3jax.stages import check_workdir
     from cm3jax.train.loop import TrainingDivergedError
+    from cm3jax.workdir import Workdir
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpoint I/O) only with -v 0 or higher
         logging.get_absl_logger().addFilter(_drop_library_advice)
-
-    is_generate = len(argv) == 3 and argv[1] == "generate" and argv[2] in GENERATE_TASKS
-    if not is_generate and (len(argv) != 2 or argv[1] not in COMMANDS):
-        sys.stderr.write(USAGE)
+    if not _is_command(argv):
+        sys.stderr.write(usage())
         sys.exit(EXIT_CONFIG_ERROR)
     if _CONFIG.value is None or not _WORKDIR.value:
-        sys.stderr.write("cm3jax: --config and --workdir are required\n" + USAGE)
+        sys.stderr.write("cm3jax: --config and --workdir are required\n" + usage())
         sys.exit(EXIT_CONFIG_ERROR)
     from cm3jax.host_memory import apply_runtime_config
 
-    verbose = flags.FLAGS.verbosity >= 1
     apply_runtime_config(_CONFIG.value.runtime)
+    workdir = Workdir(_WORKDIR.value)
     try:
-        check_workdir(_WORKDIR.value)
-        if is_generate:
-            try:
-                generate(_CONFIG.value, _WORKDIR.value, argv[2])
-            except (FileNotFoundError, ValueError) as e:  # bad input or a missing stage: one line
-                if verbose or isinstance(e, UserError):
-                    raise
-                sys.stderr.write(f"cm3jax: {e}\n")
-                sys.exit(EXIT_CONFIG_ERROR)
-        else:
-            COMMANDS[argv[1]](_CONFIG.value, _WORKDIR.value)
+        workdir.check()
+        dispatch(_CONFIG.value, workdir, argv)
     except UserError as e:
-        if verbose:
+        if flags.FLAGS.verbosity >= 1:
             raise
         kind = "invalid config: " if isinstance(e, ConfigError) else ""
         sys.stderr.write(f"cm3jax: {kind}{e}\n")

@@ -1,11 +1,14 @@
 """Default values of every config section; recipes in configs/ start from `base_config()` and override.
 
-Where the CM3leon paper is silent the default is our choice and says so (see ../shared/REFERENCE.md §3).
+Where the CM3leon paper is silent the default is our choice and says so (see docs/paper.md §3).
 """
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, Sequence
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -87,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
             seed=0,
             shuffle=True,
             image_first_probability=0.5,  # caption-image pairs put image-first (captioning); unstated in the paper
-            cm3_poisson_lambda=1.0,  # spans per document ~ Poisson(lambda), clamped to [min, max] (REFERENCE §2)
+            cm3_poisson_lambda=1.0,  # spans per document ~ Poisson(lambda), clamped to [min, max] (docs/paper.md §2)
             cm3_min_spans=1,
             cm3_max_spans=16,  # <= vocab.num_masks
             # Share of documents whose whole (first) caption is one of the spans; not in the paper (cm3jax/data/cm3.py).
@@ -124,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # The VQ-GAN image tokenizer (REFERENCE §1, §7); its codebook size is vocab.image_codebook_size.
+    # The VQ-GAN image tokenizer (docs/paper.md §1, §7); its codebook size is vocab.image_codebook_size.
     c.vqgan = ml_collections.ConfigDict(
         dict(
             image_size=256,  # paper: 256x256 -> 32x32 = 1024 codes (f=8)
@@ -178,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
             # (e.g. CLIP), a path with {split} and {part} (text | image), e.g. /data/clip/{split}-{part}.npy, each
             # [documents of the split, dim] in token-shard order (rows of a part a document lacks are ignored).
             embeddings="",
-            # The retrieval strategy (cm3jax/retrieval/neighbours.py, REFERENCE §4).
+            # The retrieval strategy (cm3jax/retrieval/neighbours.py, docs/paper.md §4).
             num_neighbours=3,  # kept per document (CM3leon: 3 per caption-image pair)
             candidates=32,  # searched per query before filtering
             duplicate_threshold=0.9,  # skip candidates scoring above this with the query or a chosen neighbour
@@ -222,13 +225,13 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Decoding (`cm3jax generate`, cm3jax/inference/, REFERENCE §5).
+    # Decoding (`cm3jax generate`, cm3jax/inference/, docs/paper.md §5).
     c.generate = ml_collections.ConfigDict(
         dict(
             temperature=1.0,  # 0: greedy
             top_k=0,  # 0: off
             top_p=1.0,  # 1: off
-            guidance="cfg",  # none | cfg | cdk (contrastive decoding TopK) for text -> image
+            guidance="cfg",  # none | cfg | cdk (contrastive decoding TopK) | edit (three streams, editing prompts)
             cfg_scale=3.0,  # CM3leon sweeps 1..7
             cdk_alpha=0.1,  # unstated in the paper
             cdk_k=10,  # unstated in the paper
@@ -332,3 +335,27 @@ def config_differences(config: ml_collections.ConfigDict, saved: dict, fields: S
     names = sorted(n for n in (set(saved_flat) if only_saved_fields else set(given_flat) | set(saved_flat))
                    if selected(n))
     return [(n, given_flat.get(n), saved_flat.get(n)) for n in names if given_flat.get(n) != saved_flat.get(n)]
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+    """A recipe's config from `name[:arg]` or `configs/name.py[:arg]` (e.g. `cm3leon:350m`, `demo`), as
+    `--config=configs/name.py:arg` gives it on the command line."""
+    import importlib
+
+    name, _, arg = spec.partition(":")
+    module = importlib.import_module(f"configs.{os.path.splitext(os.path.basename(name))[0]}")
+    return module.get_config(arg or None)
+
+
+@functools.cache
+def _defaults() -> ml_collections.ConfigDict:
+    return base_config()
+
+
+def default(field: str) -> Any:
+    """The default of one config field (e.g. "generate.cfg_scale"): the option dataclasses that mirror a section take
+    their defaults from here, so each default is written once, in base_config."""
+    value = _defaults()
+    for key in field.split("."):
+        value = value[key]
+    return value

@@ -1,13 +1,10 @@
 """Checks that a config can run before any compilation starts; every error names the offending field."""
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from cm3jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -20,7 +17,6 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg16", "alexnet")
 INDEX_KINDS = ("auto", "exact", "scann")
 RETRIEVAL_MODES = ("none", "neighbours")
-GUIDANCES = ("none", "cfg", "cdk")
 CAPTION_STYLES = ("infill", "continue")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
@@ -29,29 +25,9 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot run; the message starts with the field name."""
 
 
-def _require(condition: bool, field: str, message: str) -> None:
+def require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{field}: {message}")
-
-
-def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int, num_slices: int) -> tuple[dict, dict]:
-    """Fills the -1 entries of mesh.ici / mesh.dcn; returns ({axis: ici}, {axis: dcn})."""
-    resolved = []
-    for group, total in (("ici", num_devices // num_slices), ("dcn", num_slices)):
-        sizes = {axis: int(config.mesh[group][axis]) for axis in MESH_AXES}
-        fill = [axis for axis, size in sizes.items() if size == -1]
-        _require(len(fill) <= 1, f"mesh.{group}", f"at most one axis may be -1, got {fill}")
-        for axis, size in sizes.items():
-            _require(size == -1 or size >= 1, f"mesh.{group}.{axis}", f"must be >= 1 or -1, got {size}")
-        known = math.prod(size for size in sizes.values() if size != -1)
-        if fill:
-            _require(total % known == 0, f"mesh.{group}",
-                     f"fixed axes multiply to {known}, which does not divide the {total} {group} devices")
-            sizes[fill[0]] = total // known
-        _require(math.prod(sizes.values()) == total, f"mesh.{group}",
-                 f"{sizes} multiplies to {math.prod(sizes.values())}, but there are {total} {group} devices")
-        resolved.append(sizes)
-    return resolved[0], resolved[1]
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1,
@@ -59,48 +35,50 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     """Raises ConfigError naming the field when the config cannot run on `num_devices` devices."""
     m, t, o = config.model, config.train, config.optim
     for field in ("num_layers", "d_model", "num_heads", "max_seq_len"):
-        _require(int(m[field]) >= 1, f"model.{field}", f"must be >= 1, got {m[field]}")
-    _require(m.head_dim == -1 or m.head_dim >= 1, "model.head_dim", f"must be >= 1 or -1, got {m.head_dim}")
-    _require(m.ffn_dim == -1 or m.ffn_dim >= 1, "model.ffn_dim", f"must be >= 1 or -1, got {m.ffn_dim}")
+        require(int(m[field]) >= 1, f"model.{field}", f"must be >= 1, got {m[field]}")
+    require(m.head_dim == -1 or m.head_dim >= 1, "model.head_dim", f"must be >= 1 or -1, got {m.head_dim}")
+    require(m.ffn_dim == -1 or m.ffn_dim >= 1, "model.ffn_dim", f"must be >= 1 or -1, got {m.ffn_dim}")
     if m.head_dim == -1:
-        _require(m.d_model % m.num_heads == 0, "model.num_heads",
-                 f"{m.num_heads} heads do not divide d_model={m.d_model} (or set model.head_dim)")
-    _require(m.activation in ACTIVATIONS, "model.activation", f"{m.activation!r} not in {ACTIVATIONS}")
-    _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
-             f"{m.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
-    _require(m.attention_block_size >= 1, "model.attention_block_size", f"must be >= 1, got {m.attention_block_size}")
-    _require(1 <= m.scan_unroll <= m.num_layers, "model.scan_unroll",
-             f"must be between 1 and num_layers={m.num_layers}, got {m.scan_unroll}")
-    _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"{m.remat_policy!r} not in {REMAT_POLICIES}")
-    _require(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
-    _require(m.compute_dtype in DTYPES + ("auto",), "model.compute_dtype", f"{m.compute_dtype!r} not valid")
+        require(m.d_model % m.num_heads == 0, "model.num_heads",
+                f"{m.num_heads} heads do not divide d_model={m.d_model} (or set model.head_dim)")
+    require(m.activation in ACTIVATIONS, "model.activation", f"{m.activation!r} not in {ACTIVATIONS}")
+    require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+            f"{m.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+    require(m.attention_block_size >= 1, "model.attention_block_size", f"must be >= 1, got {m.attention_block_size}")
+    require(1 <= m.scan_unroll <= m.num_layers, "model.scan_unroll",
+            f"must be between 1 and num_layers={m.num_layers}, got {m.scan_unroll}")
+    require(m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"{m.remat_policy!r} not in {REMAT_POLICIES}")
+    require(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
+    require(m.compute_dtype in DTYPES + ("auto",), "model.compute_dtype", f"{m.compute_dtype!r} not valid")
 
-    _require(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
-    _require(t.seq_len <= m.max_seq_len, "train.seq_len",
-             f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the learned position table)")
+    require(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+    require(t.seq_len <= m.max_seq_len, "train.seq_len",
+            f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the learned position table)")
     for field in ("global_batch_size", "steps", "grad_accum_steps", "log_every", "checkpoint_every",
                   "keep_checkpoints", "eval_batches"):
-        _require(int(t[field]) >= 1, f"train.{field}", f"must be >= 1, got {t[field]}")
-    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
-    _require(t.global_batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
-             f"{t.grad_accum_steps} does not divide train.global_batch_size={t.global_batch_size}")
+        require(int(t[field]) >= 1, f"train.{field}", f"must be >= 1, got {t[field]}")
+    require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
+    require(t.global_batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+            f"{t.grad_accum_steps} does not divide train.global_batch_size={t.global_batch_size}")
+
+    from cm3jax.parallel.mesh import resolve_mesh_shape
 
     ici, dcn = resolve_mesh_shape(config, num_devices, num_slices)
     batch_shards = ici["data"] * ici["fsdp"] * dcn["data"] * dcn["fsdp"]
     micro_batch = t.global_batch_size // t.grad_accum_steps
-    _require(micro_batch % batch_shards == 0, "train.global_batch_size",
-             f"micro-batch {micro_batch} (global_batch_size / grad_accum_steps) is not divisible by the "
-             f"{batch_shards} data-parallel shards (mesh data x fsdp)")
+    require(micro_batch % batch_shards == 0, "train.global_batch_size",
+            f"micro-batch {micro_batch} (global_batch_size / grad_accum_steps) is not divisible by the "
+            f"{batch_shards} data-parallel shards (mesh data x fsdp)")
     tensor = ici["tensor"] * dcn["tensor"]
-    _require(m.num_heads % tensor == 0, "mesh.ici.tensor",
-             f"tensor parallelism {tensor} does not divide model.num_heads={m.num_heads}")
+    require(m.num_heads % tensor == 0, "mesh.ici.tensor",
+            f"tensor parallelism {tensor} does not divide model.num_heads={m.num_heads}")
 
-    _require(o.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {o.peak_lr}")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(o.decay in LR_DECAYS, "optim.decay", f"{o.decay!r} not in {LR_DECAYS}")
-    _require(0.0 <= o.end_lr_ratio <= 1.0, "optim.end_lr_ratio", "must be in [0, 1]")
-    _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must be in [0, 1)")
-    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    require(o.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {o.peak_lr}")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(o.decay in LR_DECAYS, "optim.decay", f"{o.decay!r} not in {LR_DECAYS}")
+    require(0.0 <= o.end_lr_ratio <= 1.0, "optim.end_lr_ratio", "must be in [0, 1]")
+    require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must be in [0, 1)")
+    require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
     validate_data_config(config, num_processes)
 
 
@@ -110,100 +88,107 @@ def resolve_num_streams(config: ml_collections.ConfigDict, num_processes: int) -
     return num_processes if streams == -1 else streams
 
 
+def validate_vocab_config(config: ml_collections.ConfigDict) -> None:
+    v = config.vocab
+    require(v.text_size >= MIN_TEXT_VOCAB, "vocab.text_size",
+            f"must be >= {MIN_TEXT_VOCAB}: the byte-fallback SentencePiece tokenizer needs 256 byte pieces, <unk> and "
+            f"the corpus's characters, got {v.text_size}")
+
+
 def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) -> None:
     d, t, v = config.data, config.train, config.vocab
-    _require(v.text_size >= MIN_TEXT_VOCAB, "vocab.text_size",
-             f"must be >= {MIN_TEXT_VOCAB}: the byte-fallback SentencePiece tokenizer needs 256 byte pieces, <unk> and "
-             f"the corpus's characters, got {v.text_size}")
-    _require(d.source in DATA_SOURCES, "data.source", f"{d.source!r} not in {DATA_SOURCES}")
-    _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
-    _require(0.0 <= d.image_first_probability <= 1.0, "data.image_first_probability", "must be in [0, 1]")
-    _require(0.0 <= d.cm3_whole_text_probability <= 1.0, "data.cm3_whole_text_probability", "must be in [0, 1]")
-    _require(d.cm3_poisson_lambda >= 0, "data.cm3_poisson_lambda", f"must be >= 0, got {d.cm3_poisson_lambda}")
-    _require(0 <= d.cm3_min_spans <= d.cm3_max_spans, "data.cm3_min_spans",
-             f"need 0 <= cm3_min_spans <= cm3_max_spans, got {d.cm3_min_spans} and {d.cm3_max_spans}")
-    _require(d.cm3_max_spans <= v.num_masks, "data.cm3_max_spans",
-             f"{d.cm3_max_spans} spans need as many <mask:i> tokens, but vocab.num_masks={v.num_masks}")
-    _require(t.seq_len > 3 * d.cm3_max_spans + 2, "data.cm3_max_spans",
-             f"{d.cm3_max_spans} spans add up to {3 * d.cm3_max_spans} tokens: too many for train.seq_len={t.seq_len}")
+    validate_vocab_config(config)
+    require(d.source in DATA_SOURCES, "data.source", f"{d.source!r} not in {DATA_SOURCES}")
+    require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
+    require(0.0 <= d.image_first_probability <= 1.0, "data.image_first_probability", "must be in [0, 1]")
+    require(0.0 <= d.cm3_whole_text_probability <= 1.0, "data.cm3_whole_text_probability", "must be in [0, 1]")
+    require(d.cm3_poisson_lambda >= 0, "data.cm3_poisson_lambda", f"must be >= 0, got {d.cm3_poisson_lambda}")
+    require(0 <= d.cm3_min_spans <= d.cm3_max_spans, "data.cm3_min_spans",
+            f"need 0 <= cm3_min_spans <= cm3_max_spans, got {d.cm3_min_spans} and {d.cm3_max_spans}")
+    require(d.cm3_max_spans <= v.num_masks, "data.cm3_max_spans",
+            f"{d.cm3_max_spans} spans need as many <mask:i> tokens, but vocab.num_masks={v.num_masks}")
+    require(t.seq_len > 3 * d.cm3_max_spans + 2, "data.cm3_max_spans",
+            f"{d.cm3_max_spans} spans add up to {3 * d.cm3_max_spans} tokens: too many for train.seq_len={t.seq_len}")
     for field in ("num_workers", "packing_bins", "synthetic_records", "worker_buffer_size"):
-        _require(int(d[field]) >= 0, f"data.{field}", f"must be >= 0, got {d[field]}")
-    _require(d.num_streams == -1 or d.num_streams >= 1, "data.num_streams", f"must be >= 1 or -1, got {d.num_streams}")
+        require(int(d[field]) >= 0, f"data.{field}", f"must be >= 0, got {d[field]}")
+    require(d.num_streams == -1 or d.num_streams >= 1, "data.num_streams", f"must be >= 1 or -1, got {d.num_streams}")
     streams = resolve_num_streams(config, num_processes)
-    _require(t.global_batch_size % streams == 0, "data.num_streams",
-             f"{streams} streams do not divide train.global_batch_size={t.global_batch_size}")
-    _require(streams % num_processes == 0, "data.num_streams",
-             f"{streams} streams cannot be split evenly over {num_processes} processes")
-    _require(d.retrieval in RETRIEVAL_MODES, "data.retrieval", f"{d.retrieval!r} not in {RETRIEVAL_MODES}")
+    require(t.global_batch_size % streams == 0, "data.num_streams",
+            f"{streams} streams do not divide train.global_batch_size={t.global_batch_size}")
+    require(streams % num_processes == 0, "data.num_streams",
+            f"{streams} streams cannot be split evenly over {num_processes} processes")
+    require(d.retrieval in RETRIEVAL_MODES, "data.retrieval", f"{d.retrieval!r} not in {RETRIEVAL_MODES}")
     probs = [float(p) for p in d.num_retrieved_probs]
-    _require(all(p >= 0 for p in probs) and abs(sum(probs) - 1) < 1e-6, "data.num_retrieved_probs",
-             f"must be probabilities of K = 0, 1, ... summing to 1, got {probs}")
-    _require(d.eval_num_retrieved >= 0, "data.eval_num_retrieved", f"must be >= 0, got {d.eval_num_retrieved}")
-    _require(d.retrieved_loss_weight >= 0, "data.retrieved_loss_weight", f"must be >= 0, got {d.retrieved_loss_weight}")
-    _require(config.raw_data.dataset in RAW_DATASETS, "raw_data.dataset",
-             f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
-    _require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")
-    validate_vqgan_config(config)
-    validate_retrieval_config(config)
-    validate_generate_config(config)
+    require(all(p >= 0 for p in probs) and abs(sum(probs) - 1) < 1e-6, "data.num_retrieved_probs",
+            f"must be probabilities of K = 0, 1, ... summing to 1, got {probs}")
+    require(d.eval_num_retrieved >= 0, "data.eval_num_retrieved", f"must be >= 0, got {d.eval_num_retrieved}")
+    require(d.retrieved_loss_weight >= 0, "data.retrieved_loss_weight", f"must be >= 0, got {d.retrieved_loss_weight}")
+
+
+def validate_raw_data_config(config: ml_collections.ConfigDict) -> None:
+    require(config.raw_data.dataset in RAW_DATASETS, "raw_data.dataset",
+            f"{config.raw_data.dataset!r} not in {RAW_DATASETS}")
+    require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")
 
 
 def validate_generate_config(config: ml_collections.ConfigDict) -> None:
     g = config.generate
-    _require(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0: greedy), got {g.temperature}")
-    _require(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0: off), got {g.top_k}")
-    _require(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
-    _require(g.guidance in GUIDANCES, "generate.guidance", f"{g.guidance!r} not in {GUIDANCES}")
-    _require(0 < g.cdk_alpha <= 1 and g.cdk_k >= 1, "generate.cdk_alpha",
-             f"need 0 < cdk_alpha <= 1 and cdk_k >= 1, got {g.cdk_alpha} and {g.cdk_k}")
-    _require(g.caption_style in CAPTION_STYLES, "generate.caption_style",
-             f"{g.caption_style!r} not in {CAPTION_STYLES}")
+    require(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0: greedy), got {g.temperature}")
+    require(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0: off), got {g.top_k}")
+    require(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
+    from cm3jax.inference.decode import GUIDANCE_STREAMS
+
+    require(g.guidance in GUIDANCE_STREAMS, "generate.guidance", f"{g.guidance!r} not in {tuple(GUIDANCE_STREAMS)}")
+    require(0 < g.cdk_alpha <= 1 and g.cdk_k >= 1, "generate.cdk_alpha",
+            f"need 0 < cdk_alpha <= 1 and cdk_k >= 1, got {g.cdk_alpha} and {g.cdk_k}")
+    require(g.caption_style in CAPTION_STYLES, "generate.caption_style",
+            f"{g.caption_style!r} not in {CAPTION_STYLES}")
     for field in ("num", "max_text_tokens"):
-        _require(int(g[field]) >= 1, f"generate.{field}", f"must be >= 1, got {g[field]}")
+        require(int(g[field]) >= 1, f"generate.{field}", f"must be >= 1, got {g[field]}")
     for field in ("retrieve", "rerank_candidates", "sample_captions"):
-        _require(int(g[field]) >= 0, f"generate.{field}", f"must be >= 0, got {g[field]}")
+        require(int(g[field]) >= 0, f"generate.{field}", f"must be >= 0, got {g[field]}")
 
 
 def validate_retrieval_config(config: ml_collections.ConfigDict) -> None:
     r, q = config.retrieval, config.retriever
-    _require(r.index_kind in INDEX_KINDS, "retrieval.index_kind", f"{r.index_kind!r} not in {INDEX_KINDS}")
-    _require(r.num_neighbours >= 1, "retrieval.num_neighbours", f"must be >= 1, got {r.num_neighbours}")
-    _require(r.candidates >= r.num_neighbours, "retrieval.candidates",
-             f"{r.candidates} candidates cannot give retrieval.num_neighbours={r.num_neighbours} neighbours")
-    _require(len(config.data.num_retrieved_probs) - 1 <= r.num_neighbours, "data.num_retrieved_probs",
-             f"allows K up to {len(config.data.num_retrieved_probs) - 1} but retrieval.num_neighbours="
-             f"{r.num_neighbours}")
-    _require(-1.0 < r.duplicate_threshold <= 1.0, "retrieval.duplicate_threshold",
-             f"must be a cosine similarity in (-1, 1], got {r.duplicate_threshold}")
-    _require(0.0 <= r.query_dropout < 1.0, "retrieval.query_dropout", f"must be in [0, 1), got {r.query_dropout}")
-    _require(r.chunk_size >= 1, "retrieval.chunk_size", f"must be >= 1, got {r.chunk_size}")
-    _require(r.index_training_threads >= 0, "retrieval.index_training_threads",
-             f"must be >= 0 (0: every core), got {r.index_training_threads}")
-    _require(r.seed >= 0, "retrieval.seed", f"must be >= 0, got {r.seed}")
-    _require(not r.embeddings or ("{split}" in r.embeddings and "{part}" in r.embeddings), "retrieval.embeddings",
-             f"must be a path with {{split}} and {{part}} (e.g. /data/clip/{{split}}-{{part}}.npy), got "
-             f"{r.embeddings!r}")
+    require(r.index_kind in INDEX_KINDS, "retrieval.index_kind", f"{r.index_kind!r} not in {INDEX_KINDS}")
+    require(r.num_neighbours >= 1, "retrieval.num_neighbours", f"must be >= 1, got {r.num_neighbours}")
+    require(r.candidates >= r.num_neighbours, "retrieval.candidates",
+            f"{r.candidates} candidates cannot give retrieval.num_neighbours={r.num_neighbours} neighbours")
+    require(len(config.data.num_retrieved_probs) - 1 <= r.num_neighbours, "data.num_retrieved_probs",
+            f"allows K up to {len(config.data.num_retrieved_probs) - 1} but retrieval.num_neighbours="
+            f"{r.num_neighbours}")
+    require(-1.0 < r.duplicate_threshold <= 1.0, "retrieval.duplicate_threshold",
+            f"must be a cosine similarity in (-1, 1], got {r.duplicate_threshold}")
+    require(0.0 <= r.query_dropout < 1.0, "retrieval.query_dropout", f"must be in [0, 1), got {r.query_dropout}")
+    require(r.chunk_size >= 1, "retrieval.chunk_size", f"must be >= 1, got {r.chunk_size}")
+    require(r.index_training_threads >= 0, "retrieval.index_training_threads",
+            f"must be >= 0 (0: every core), got {r.index_training_threads}")
+    require(r.seed >= 0, "retrieval.seed", f"must be >= 0, got {r.seed}")
+    require(not r.embeddings or ("{split}" in r.embeddings and "{part}" in r.embeddings), "retrieval.embeddings",
+            f"must be a path with {{split}} and {{part}} (e.g. /data/clip/{{split}}-{{part}}.npy), got "
+            f"{r.embeddings!r}")
     for field in ("embed_dim", "text_len", "num_layers", "d_model", "num_heads", "embed_batch_size"):
-        _require(int(q[field]) >= 1, f"retriever.{field}", f"must be >= 1, got {q[field]}")
-    _require(q.d_model % q.num_heads == 0, "retriever.num_heads",
-             f"{q.num_heads} heads do not divide retriever.d_model={q.d_model}")
-    _require(q.temperature_init > 0 and q.max_logit_scale > 0, "retriever.temperature_init",
-             "temperature_init and max_logit_scale must be > 0")
-    _require(q.compute_dtype in DTYPES + ("auto",), "retriever.compute_dtype", f"{q.compute_dtype!r} not valid")
+        require(int(q[field]) >= 1, f"retriever.{field}", f"must be >= 1, got {q[field]}")
+    require(q.d_model % q.num_heads == 0, "retriever.num_heads",
+            f"{q.num_heads} heads do not divide retriever.d_model={q.d_model}")
+    require(q.temperature_init > 0 and q.max_logit_scale > 0, "retriever.temperature_init",
+            "temperature_init and max_logit_scale must be > 0")
+    require(q.compute_dtype in DTYPES + ("auto",), "retriever.compute_dtype", f"{q.compute_dtype!r} not valid")
 
 
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
     v = config.vqgan
     factor = 2 ** (len(v.channel_multipliers) - 1)
-    _require(v.image_size >= 32, "vqgan.image_size", f"must be >= 32 (LPIPS needs it), got {v.image_size}")
-    _require(v.image_size % factor == 0, "vqgan.channel_multipliers",
-             f"{len(v.channel_multipliers)} resolutions downsample by {factor}, which does not divide "
-             f"vqgan.image_size={v.image_size}")
-    _require(v.reconstruction_loss in RECONSTRUCTION_LOSSES, "vqgan.reconstruction_loss",
-             f"{v.reconstruction_loss!r} not in {RECONSTRUCTION_LOSSES}")
-    _require(v.lpips_net in LPIPS_NETS, "vqgan.lpips_net", f"{v.lpips_net!r} not in {LPIPS_NETS}")
-    _require(v.code_dim >= 1 and v.channels >= 4, "vqgan.code_dim", "code_dim must be >= 1 and channels >= 4")
-    _require(0 <= v.dead_code_threshold < 1, "vqgan.dead_code_threshold",
-             f"must be in [0, 1) (a share of uniform code use; 0 disables restarts), got {v.dead_code_threshold}")
-    _require(0 <= v.code_usage_decay < 1, "vqgan.code_usage_decay",
-             f"must be in [0, 1), got {v.code_usage_decay}")
+    require(v.image_size >= 32, "vqgan.image_size", f"must be >= 32 (LPIPS needs it), got {v.image_size}")
+    require(v.image_size % factor == 0, "vqgan.channel_multipliers",
+            f"{len(v.channel_multipliers)} resolutions downsample by {factor}, which does not divide "
+            f"vqgan.image_size={v.image_size}")
+    require(v.reconstruction_loss in RECONSTRUCTION_LOSSES, "vqgan.reconstruction_loss",
+            f"{v.reconstruction_loss!r} not in {RECONSTRUCTION_LOSSES}")
+    require(v.lpips_net in LPIPS_NETS, "vqgan.lpips_net", f"{v.lpips_net!r} not in {LPIPS_NETS}")
+    require(v.code_dim >= 1 and v.channels >= 4, "vqgan.code_dim", "code_dim must be >= 1 and channels >= 4")
+    require(0 <= v.dead_code_threshold < 1, "vqgan.dead_code_threshold",
+            f"must be in [0, 1) (a share of uniform code use; 0 disables restarts), got {v.dead_code_threshold}")
+    require(0 <= v.code_usage_decay < 1, "vqgan.code_usage_decay",
+            f"must be in [0, 1), got {v.code_usage_decay}")

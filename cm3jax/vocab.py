@@ -51,7 +51,7 @@ class UnifiedVocab:
                 raise ValueError(f"vocab.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def from_config(cls, vocab_config) -> "UnifiedVocab":
+    def from_config(cls, vocab_config) -> UnifiedVocab:
         return cls(
             text_size=int(vocab_config.text_size),
             image_codebook_size=int(vocab_config.image_codebook_size),
@@ -76,13 +76,13 @@ class UnifiedVocab:
         return path
 
     @classmethod
-    def load(cls, folder: str) -> "UnifiedVocab":
+    def load(cls, folder: str) -> UnifiedVocab:
         path = os.path.join(folder, VOCAB_FILE)
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         return cls(**{name: int(saved[name]) for name in _SIZE_FIELDS})
 
-    def require_same(self, saved: "UnifiedVocab", where: str) -> None:
+    def require_same(self, saved: UnifiedVocab, where: str) -> None:
         """Raises VocabMismatchError naming every vocab.* field where this (configured) layout differs from saved."""
         diffs = [f"vocab.{name}={getattr(self, name)} but {getattr(saved, name)} there" for name in _SIZE_FIELDS
                  if getattr(self, name) != getattr(saved, name)]

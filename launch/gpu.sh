@@ -16,7 +16,7 @@ overlap communication and compute. Logs go to the console and to runs/gpu-<time>
 Environment: DRY_RUN=1 prints the commands instead of running them.
 
 example:
-  launch/gpu.sh --install -- cm3jax train --config=configs/cm3leon_350m.py --workdir=runs/350m \
+  launch/gpu.sh --install -- cm3jax train --config=configs/cm3leon.py:350m --workdir=runs/350m \
       --config.train.global_batch_size=64
 USAGE
 }

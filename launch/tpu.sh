@@ -25,7 +25,7 @@ queries still run).
 
 example:
   launch/tpu.sh --name=cm3leon --zone=us-central2-b --accelerator=v4-32 -- \
-      cm3jax train --config=configs/cm3leon_350m.py --workdir=gs://BUCKET/cm3leon_350m
+      cm3jax train --config=configs/cm3leon.py:350m --workdir=gs://BUCKET/cm3leon_350m
 USAGE
 }
 

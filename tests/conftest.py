@@ -16,3 +16,21 @@ def tiny_config():
     from configs import tiny
 
     return tiny.get_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_vqgan_run(tmp_path_factory):
+    """DIR with the digits dataset (DIR/data) and a tiny VQ-GAN trained for 2 steps on two devices (DIR/vqgan), built
+    once per session; tests that change it work on a copy (helpers.copy_run)."""
+    import jax
+
+    from cm3jax.data.embedded import build_embedded
+    from cm3jax.train.vqgan import train_vqgan
+    from configs import tiny
+
+    workdir = tmp_path_factory.mktemp("tiny_vqgan_run")
+    build_embedded("digits", str(workdir / "data"))
+    config = tiny.get_config()
+    config.vqgan.train.steps = 2
+    train_vqgan(config, str(workdir / "vqgan"), str(workdir / "data"), jax.devices()[:2])
+    return workdir

@@ -60,3 +60,11 @@ def launch_command(command_and_flags, workdir, num_processes, devices_per_proces
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     return outputs
+
+
+def copy_run(source, to):
+    """A copy of a (session-wide) run folder that a test may change."""
+    import shutil
+
+    shutil.copytree(source, to, symlinks=True)
+    return to

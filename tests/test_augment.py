@@ -6,8 +6,13 @@ import pytest
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
 from cm3jax.data.augment import NeighbourRetrieval, NoRetrieval, assemble_sample
-from cm3jax.data.documents import (decode_document_record, encode_document_record, image_segment, serialize_document,
-                                   text_segment)
+from cm3jax.data.documents import (
+    decode_document_record,
+    encode_document_record,
+    image_segment,
+    serialize_document,
+    text_segment,
+)
 from cm3jax.data.pipeline import DocumentToExample, PipelineOptions
 
 VOCAB = vocab_lib.UnifiedVocab(text_size=96, image_codebook_size=64, num_masks=8)

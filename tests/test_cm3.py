@@ -6,8 +6,15 @@ import pytest
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
-from cm3jax.data.documents import (decode_document_record, encode_document_record, fit_to_budget, image_segment,
-                                   rotate_caption_image, serialize_document, text_segment)
+from cm3jax.data.documents import (
+    decode_document_record,
+    encode_document_record,
+    fit_to_budget,
+    image_segment,
+    rotate_caption_image,
+    serialize_document,
+    text_segment,
+)
 
 VOCAB = vocab_lib.UnifiedVocab(text_size=100, image_codebook_size=50, num_masks=16)
 

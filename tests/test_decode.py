@@ -8,8 +8,16 @@ import pytest
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.inference import processors
-from cm3jax.inference.decode import (FREE, SAMPLE_IMAGE, SamplingOptions, Schedule, decode, left_pad,
-                                     make_decoder)
+from cm3jax.inference.decode import (
+    FREE,
+    GREEDY,
+    SAMPLE_IMAGE,
+    SamplingOptions,
+    Schedule,
+    decode,
+    left_pad,
+    make_decoder,
+)
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
 
 VOCAB = vocab_lib.UnifiedVocab(text_size=40, image_codebook_size=16, num_masks=4, pad_to_multiple=8)
@@ -37,7 +45,7 @@ def full_forward_scores(params, sequence):
 
 
 def test_kv_cache_decoding_equals_full_recompute_at_every_step(params):
-    greedy = SamplingOptions(temperature=0.0)
+    greedy = GREEDY
     tokens, mask = left_pad([prompt(3, 4, 5)])
     generated, lengths = make_decoder(CFG, VOCAB, Schedule.image(12), greedy)(params, tokens, mask,
                                                                                 jax.random.key(0))
@@ -52,7 +60,7 @@ def test_kv_cache_decoding_equals_full_recompute_at_every_step(params):
 
 
 def test_left_padded_prompts_decode_like_unpadded_ones(params):
-    greedy = SamplingOptions(temperature=0.0)
+    greedy = GREEDY
     run = make_decoder(CFG, VOCAB, Schedule.text(6), greedy)
     short, long = prompt(7), prompt(3, 4, 5, 6, 8)
     together, _ = run(params, *left_pad([short, long]), jax.random.key(0))
@@ -61,7 +69,7 @@ def test_left_padded_prompts_decode_like_unpadded_ones(params):
 
 
 def test_image_spans_have_exactly_grid_squared_codes_and_text_has_none(params):
-    sampled = SamplingOptions(temperature=1.0)
+    sampled = SamplingOptions(temperature=1.0, guidance="none")
     tokens, mask = left_pad([prompt(1, 2)] * 4)
     image, lengths = make_decoder(CFG, VOCAB, Schedule.image(16), sampled)(params, tokens, mask, jax.random.key(3))
     assert np.all(VOCAB.modality(np.asarray(image)) == vocab_lib.MODALITY_IMAGE) and np.all(lengths == 16)
@@ -79,14 +87,15 @@ def test_forced_positions_are_emitted_as_scheduled(params):
     forced = np.array([FREE, FREE, vocab_lib.EOSS, VOCAB.mask_id(1), FREE, vocab_lib.EOSS], np.int32)
     schedule = Schedule(forced, np.full(6, SAMPLE_IMAGE, np.int32))
     tokens, mask = left_pad([prompt(5)])
-    out, _ = make_decoder(CFG, VOCAB, schedule, SamplingOptions())(params, tokens, mask, jax.random.key(0))
+    plain = SamplingOptions(guidance="none")
+    out, _ = make_decoder(CFG, VOCAB, schedule, plain)(params, tokens, mask, jax.random.key(0))
     out = np.asarray(out[0])
     assert list(out[[2, 3, 5]]) == [vocab_lib.EOSS, VOCAB.mask_id(1), vocab_lib.EOSS]
     assert np.all(VOCAB.modality(out[[0, 1, 4]]) == vocab_lib.MODALITY_IMAGE)
 
 
 def test_same_seed_same_output_and_another_seed_differs(params):
-    run = make_decoder(CFG, VOCAB, Schedule.image(16), SamplingOptions(temperature=1.0, top_k=8))
+    run = make_decoder(CFG, VOCAB, Schedule.image(16), SamplingOptions(temperature=1.0, top_k=8, guidance="none"))
     tokens, mask = left_pad([prompt(1, 2)] * 2)
     first, _ = run(params, tokens, mask, jax.random.key(5))
     again, _ = run(params, tokens, mask, jax.random.key(5))
@@ -97,7 +106,7 @@ def test_same_seed_same_output_and_another_seed_differs(params):
 
 def test_guidance_with_scale_one_is_the_conditional_stream(params):
     cond, uncond = prompt(3, 4), np.array([vocab_lib.EOS, VOCAB.mask_id(0), vocab_lib.BREAK], np.int32)
-    greedy = SamplingOptions(temperature=0.0)
+    greedy = GREEDY
     plain, _ = make_decoder(CFG, VOCAB, Schedule.image(8), greedy)(params, *left_pad([cond]), jax.random.key(0))
     guided_options = SamplingOptions(temperature=0.0, guidance="cfg", cfg_scale=1.0)
     guided, _ = make_decoder(CFG, VOCAB, Schedule.image(8), guided_options)(params, *left_pad([cond, uncond]),

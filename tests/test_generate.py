@@ -12,22 +12,26 @@ import pytest
 from cm3jax import vocab as vocab_lib
 from cm3jax.inference.decode import SamplingOptions
 
+from helpers import copy_run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(config, workdir) of a tiny run on digits: data, VQ-GAN, tokens, retriever and LM, a few steps each."""
-    from cm3jax import cli
+def run(tmp_path_factory, tiny_vqgan_run):
+    """(config, workdir) of a tiny run on digits: the session's data and VQ-GAN, then tokens, retriever and LM, a few
+    steps each."""
+    from cm3jax.stages import by_name
+    from cm3jax.workdir import Workdir
     from configs import tiny
 
-    workdir = str(tmp_path_factory.mktemp("run"))
+    workdir = str(copy_run(tiny_vqgan_run, tmp_path_factory.mktemp("run") / "run"))
     config = tiny.get_config()
     config.data.source = "token_shards"
     config.train.update(seq_len=48, steps=4, checkpoint_every=4)
     config.model.max_seq_len = 96
-    for stage in (cli.prepare_data, cli.train_vqgan, cli.tokenize, cli.retrieve, cli.train_lm):
-        stage(config, workdir)
+    for name in ("tokens", "retrieval", "lm"):
+        assert by_name(name).run(config, Workdir(workdir))
     return config, workdir
 
 
@@ -80,7 +84,7 @@ def test_text_tasks_return_text_and_never_image_codes(generator, run):
     PIL.Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(image)
     for style in ("infill", "continue"):
         prompt = generator.prompter.caption(generator.encode_image(image), style, 12)
-        out, lengths = generator.run(prompt, 2, SamplingOptions(temperature=1.0), seed=0)
+        out, lengths = generator.run(prompt, 2, SamplingOptions(temperature=1.0, guidance="none"), seed=0)
         for row, n in zip(out, lengths):
             assert not np.any(generator.vocab.modality(row[:n]) == vocab_lib.MODALITY_IMAGE)
     assert isinstance(generator.caption(image), str)
@@ -94,7 +98,7 @@ def test_infill_regenerates_only_the_box(generator):
     codes = generator.encode_image(image)
     box = (1, 0, 3, 2)  # code rows 1-2, columns 0-1 of the 4x4 grid
     prompt = generator.prompter.infill(codes, box)
-    out, _ = generator.run(prompt, 3, SamplingOptions(temperature=1.0), seed=1)
+    out, _ = generator.run(prompt, 3, SamplingOptions(temperature=1.0, guidance="none"), seed=1)
     v = generator.vocab
     for row in out:
         # <mask:0> is in the prompt; then 2 codes <eoss> <mask:1> 2 codes <eoss>.
@@ -103,11 +107,11 @@ def test_infill_regenerates_only_the_box(generator):
         outside = np.ones_like(codes, bool)
         outside[1:3, 0:2] = False
         np.testing.assert_array_equal(filled[outside], codes[outside])
-    assert generator.infill(image, (0, 8, 16, 24), SamplingOptions(), num=2).shape == (2, 32, 32, 3)
+    assert generator.infill(image, (0, 8, 16, 24), SamplingOptions(guidance="none"), num=2).shape == (2, 32, 32, 3)
 
 
 def test_retrieval_augmented_prompt_and_reranking_keep_the_best_candidates(generator):
-    options = SamplingOptions(temperature=1.0)
+    options = SamplingOptions(temperature=1.0, guidance="none")
     caption = "a handwritten three"
     _, candidates = generator.images(caption, 4, options, seed=3)
     _, kept = generator.images(caption, 2, options, seed=3, candidates=4)

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = ["cm3jax", "train", "--config=configs/cm3leon_350m.py", "--workdir=gs://bucket/run"]
+TRAIN = ["cm3jax", "train", "--config=configs/cm3leon.py:350m", "--workdir=gs://bucket/run"]
 
 
 def _fake_tools(tmp_path, tpu_exists: bool):

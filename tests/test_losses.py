@@ -5,6 +5,7 @@ import numpy as np
 
 from cm3jax import vocab
 from cm3jax.train.lm import loss_sums, means_from_sums
+
 from helpers import train_steps
 
 
@@ -39,7 +40,7 @@ def test_zero_weight_tokens_do_not_affect_the_loss_or_its_gradient():
     logits = jnp.asarray(rng.normal(size=(2, 6, 11)).astype(np.float32))
     batch = _batch(rng)
     other = dict(batch, targets=jnp.where(batch["loss_weights"] > 0, batch["targets"], 0))
-    grad = jax.grad(lambda l, b: loss_sums(l, b, 1e-4)[0])
+    grad = jax.grad(lambda x, b: loss_sums(x, b, 1e-4)[0])
     np.testing.assert_allclose(loss_sums(logits, batch, 1e-4)[0], loss_sums(logits, other, 1e-4)[0], rtol=1e-6)
     g = grad(logits, batch)
     assert not np.any(np.asarray(g)[np.asarray(batch["loss_weights"]) == 0])

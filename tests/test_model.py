@@ -24,7 +24,8 @@ def _tokens(shape, seed=2):
     return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
 
 
-@pytest.mark.parametrize("activation,qk_norm,tie", [("relu", False, False), ("swiglu", True, True), ("gelu", False, True)])
+@pytest.mark.parametrize("activation,qk_norm,tie",
+                         [("relu", False, False), ("swiglu", True, True), ("gelu", False, True)])
 def test_future_tokens_never_change_earlier_logits(activation, qk_norm, tie):
     cfg = DecoderConfig(**{**CFG.__dict__, "activation": activation, "qk_norm": qk_norm, "tie_embeddings": tie})
     model, params = CM3LeonDecoder(cfg), _params(cfg)

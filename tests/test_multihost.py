@@ -7,13 +7,13 @@ import shutil
 import jax
 import numpy as np
 
-from helpers import launch_command
-
 from cm3jax.parallel.mesh import create_mesh
 from cm3jax.parallel.sharding import logical_axis_rules
 from cm3jax.train import loop
 from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task
+
+from helpers import launch_command
 
 # Float32 sums are reduced in another order across 2 processes than on 4 local devices; 5 AdamW steps agree to 1e-4.
 PARAM_ATOL = 1e-4

@@ -5,8 +5,14 @@ import pytest
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import image_segment, text_segment
 from cm3jax.retrieval.index import ExactIndex
-from cm3jax.retrieval.neighbours import (StrategyOptions, Query, document_query, find_neighbours, query_modality,
-                                         select_neighbours)
+from cm3jax.retrieval.neighbours import (
+    Query,
+    StrategyOptions,
+    document_query,
+    find_neighbours,
+    query_modality,
+    select_neighbours,
+)
 
 VOCAB = vocab_lib.UnifiedVocab(text_size=64, image_codebook_size=64, num_masks=4)
 OPTIONS = StrategyOptions(num_neighbours=3, candidates=16)
@@ -33,7 +39,7 @@ def test_selection_skips_self_near_copies_and_redundant_candidates_and_puts_mult
 
 def test_selection_properties_on_random_banks():
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _ in range(30):
         bank = rng.normal(size=(300, 6)).astype(np.float32)
         bank[rng.integers(0, 300, 40)] = bank[rng.integers(0, 300, 40)]  # exact duplicates
         bank /= np.linalg.norm(bank, axis=1, keepdims=True)

@@ -9,15 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import launch_command
-
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import decode_document_record, encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import write_token_shards
 from cm3jax.models.retriever import DualEncoder, RetrieverConfig, tower_input
 from cm3jax.retrieval.memory import MemoryBank, prepend_retrieved
-from cm3jax.retrieval.stage import run_retrieval_stage
+from cm3jax.stages.retrieval import build_retrieval
 from cm3jax.train.retriever import contrastive_sums
+from cm3jax.workdir import Workdir
+
+from helpers import launch_command
 
 LABELS, TRAIN, VALIDATION = 10, 320, 80
 LABEL_PIECE = 300  # caption piece 300 + label names the label; the other pieces are noise
@@ -66,7 +67,7 @@ def workdir(tmp_path_factory, config):
     vocab.save(token_dir)
     write_token_shards(labelled_documents(vocab, image_tokens, TRAIN, 0), token_dir, "train", 2)
     write_token_shards(labelled_documents(vocab, image_tokens, VALIDATION, 1), token_dir, "validation", 1)
-    workdir_summary = run_retrieval_stage(config, root)
+    workdir_summary = build_retrieval(config, Workdir(root))
     return root, workdir_summary
 
 
@@ -96,14 +97,15 @@ def test_an_interrupted_stage_recomputes_only_missing_chunks(workdir, config):
     kept = {p: os.path.getmtime(os.path.join(folder, p)) for p in os.listdir(folder) if p != "train-00001.npy"}
     os.remove(os.path.join(folder, "train-00001.npy"))
     os.remove(os.path.join(root, "retrieval", "neighbours-train.npy"))
-    run_retrieval_stage(config, root)
+    build_retrieval(config, Workdir(root))
     np.testing.assert_array_equal(np.load(os.path.join(root, "retrieval", "neighbours-train.npy")), before)
     assert {p: os.path.getmtime(os.path.join(folder, p)) for p in kept} == kept
 
 
 def _retrieval_outputs(root):
     folder = os.path.join(root, "retrieval")
-    bank = [np.load(os.path.join(folder, "bank", p))["vectors"] for p in sorted(os.listdir(os.path.join(folder, "bank")))]
+    chunks = sorted(os.listdir(os.path.join(folder, "bank")))
+    bank = [np.load(os.path.join(folder, "bank", p))["vectors"] for p in chunks]
     return {"bank": np.concatenate(bank),
             **{split: np.load(os.path.join(folder, f"neighbours-{split}.npy")) for split in ("train", "validation")}}
 
@@ -121,19 +123,19 @@ def test_neighbours_do_not_depend_on_chunks_processes_or_resumption(workdir, con
     root, _ = workdir
     one_chunk = config.copy_and_resolve_references()
     one_chunk.retrieval.update(chunk_size=10_000, index_kind=kind)
-    run_retrieval_stage(one_chunk, _copy_trained_retriever(root, tmp_path / "one"))
+    build_retrieval(one_chunk, Workdir(_copy_trained_retriever(root, tmp_path / "one")))
     reference = _retrieval_outputs(str(tmp_path / "one"))
 
     chunked = config.copy_and_resolve_references()
     chunked.retrieval.update(chunk_size=24, index_kind=kind)
     many = _copy_trained_retriever(root, tmp_path / "many")
-    run_retrieval_stage(chunked, many)
+    build_retrieval(chunked, Workdir(many))
     folder = os.path.join(many, "retrieval")
     for lost in ("bank/train-00003.npz", "neighbours/train-00000.npy", "neighbours/train-00005.npy",
                  "neighbours/validation-00002.npy", "neighbours-train.npy", "neighbours-validation.npy"):
         os.remove(os.path.join(folder, lost))
     shutil.rmtree(os.path.join(folder, "index"))
-    run_retrieval_stage(chunked, many)
+    build_retrieval(chunked, Workdir(many))
 
     two = _copy_trained_retriever(root, tmp_path / "two")
     t = config.retriever.train
@@ -185,13 +187,13 @@ def test_embeddings_computed_elsewhere_replace_the_retriever(workdir, config, tm
     external = config.copy_and_resolve_references()
     external.retrieval.embeddings = str(tmp_path / "{split}-{part}.npy")
     external.retrieval.duplicate_threshold = 0.99
-    summary = run_retrieval_stage(external, str(tmp_path))
+    summary = build_retrieval(external, Workdir(tmp_path))
     assert summary["first_neighbour_same_label"] > 0.8 and "retriever_step" not in summary
     np.save(tmp_path / "validation-image.npy", np.ones((VALIDATION + 1, 16), np.float32))
     os.remove(tmp_path / "retrieval" / "neighbours-validation.npy")
     shutil.rmtree(tmp_path / "retrieval" / "neighbours")
     with pytest.raises(ValueError, match="81 rows but the split has 80 documents"):
-        run_retrieval_stage(external, str(tmp_path))
+        build_retrieval(external, Workdir(tmp_path))
 
 
 def test_towers_read_only_the_masked_tokens_and_return_unit_vectors(config):

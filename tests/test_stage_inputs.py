@@ -8,11 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from cm3jax import cli, stages
+from cm3jax import stages
 from cm3jax.config_validation import ConfigError
+from cm3jax.pipeline import run_pipeline
 from cm3jax.train import loop
+from cm3jax.workdir import ChangedInputsError, Workdir
 
-STAGE_ORDER = ("data", "vqgan", "tokens", "retrieval", "lm", "samples")
+STAGE_ORDER = tuple(stage.name for stage in stages.STAGES)
 
 
 def pipeline_config():
@@ -46,7 +48,7 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("unbroken"))
-    assert cli.run_pipeline(pipeline_config(), workdir)
+    assert run_pipeline(pipeline_config(), Workdir(workdir))
     return workdir
 
 
@@ -95,11 +97,11 @@ def test_a_preempted_stage_ends_the_pipeline_and_the_rerun_matches_an_unbroken_r
     workdir = _copy_stages_before(unbroken, tmp_path / "run", stage)
     with monkeypatch.context() as patch:
         _preempt(patch, task)
-        assert not cli.run_pipeline(pipeline_config(), workdir)
-    assert not stages.is_complete(os.path.join(workdir, stage))
+        assert not run_pipeline(pipeline_config(), Workdir(workdir))
+    assert not Workdir(workdir).stage(stage).is_complete()
     if next_stage:
         assert not os.path.exists(os.path.join(workdir, next_stage))  # nothing ran on the unfinished stage
-    assert cli.run_pipeline(pipeline_config(), workdir)
+    assert run_pipeline(pipeline_config(), Workdir(workdir))
 
     assert _shards(os.path.join(workdir, "tokens")) == _shards(os.path.join(unbroken, "tokens"))
     for split in ("train", "validation"):
@@ -112,15 +114,15 @@ def test_tokens_and_the_lm_refuse_inputs_they_were_not_made_from(unbroken, tmp_p
     workdir = _copy_stages_before(unbroken, tmp_path / "run", "samples")
     config = pipeline_config()
     config.vqgan.train.steps = 5  # the VQ-GAN trains on after the tokens were made
-    with pytest.raises(stages.ChangedInputsError, match="vqgan_step: 4 then, 5 now"):
-        cli.run_pipeline(config, workdir)  # continues the VQ-GAN, then the tokens stage refuses it
+    with pytest.raises(ChangedInputsError, match="vqgan_step: 4 then, 5 now"):
+        run_pipeline(config, Workdir(workdir))  # continues the VQ-GAN, then the tokens stage refuses it
     with open(os.path.join(workdir, "retrieval", "neighbours-train.npy"), "r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(np.int64(0).tobytes())  # the neighbours change under a trained LM
     config = pipeline_config()
     config.train.steps = 6
-    with pytest.raises(stages.ChangedInputsError, match="neighbours"):
-        cli.train_lm(config, workdir)
+    with pytest.raises(ChangedInputsError, match="neighbours"):
+        stages.by_command("train").run(config, Workdir(workdir))
 
 
 def test_a_complete_stage_given_another_config_continues_or_is_refused(unbroken, tmp_path, capsys):
@@ -128,11 +130,11 @@ def test_a_complete_stage_given_another_config_continues_or_is_refused(unbroken,
     config = pipeline_config()
     config.model.num_layers = 3
     with pytest.raises(ConfigError, match=r"lm is complete .*config.model.num_layers=3 \(it ran with 2\)"):
-        cli.run_pipeline(config, workdir)
+        run_pipeline(config, Workdir(workdir))
     config = pipeline_config()
     config.train.steps = 6
     config.generate.sample_captions = 2
-    assert cli.run_pipeline(config, workdir)
+    assert run_pipeline(config, Workdir(workdir))
     out = capsys.readouterr().out
     assert "lm: complete, but config.train.steps=6 (it ran with 4): training on" in out
     assert [s for s, _ in _train_losses(os.path.join(workdir, "lm"))] == [1, 2, 3, 4, 5, 6]

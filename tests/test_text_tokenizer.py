@@ -26,7 +26,7 @@ def test_round_trip_is_exact(tokenizer, text):
 
 def test_size_bound_learned_pieces_and_save_load(tokenizer, tmp_path):
     assert 256 < tokenizer.vocab_size <= 512  # byte pieces plus what the corpus taught
-    assert len(tokenizer.encode("a handwritten seven")) < len("a handwritten seven".encode())
+    assert len(tokenizer.encode("a handwritten seven")) < len(b"a handwritten seven")
     tokenizer.save(str(tmp_path / "text.model"))
     loaded = TextTokenizer.load(str(tmp_path / "text.model"))
     assert loaded.encode("a handwritten seven").tolist() == tokenizer.encode("a handwritten seven").tolist()

@@ -12,6 +12,7 @@ import pytest
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import write_token_shards
+from cm3jax.stages import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +60,8 @@ def test_usage_lists_every_command_and_generate_task():
         result = cm3jax(*args)
         text = result.stdout + result.stderr
         assert result.returncode == (0 if args else 2)
-        for command in ("data", "vqgan", "tokenize", "retrieve", "train", "pipeline", "generate image",
-                        "generate caption", "generate vqa", "generate infill", "restore_step"):
+        for command in [f"  {stage.command} " for stage in STAGES] + [
+                "  pipeline ", "generate image", "generate caption", "generate vqa", "generate infill", "restore_step"]:
             assert command in text, (command, text)
 
 
@@ -105,7 +106,7 @@ def test_a_damaged_checkpoint_is_named_and_an_older_one_resumes(trained, tmp_pat
     if damage == "truncated_array":
         # Known defect: orbax's other in-flight reads can still print a background traceback next to the line.
         assert result.returncode == 2
-        (line,) = [l for l in result.stderr.splitlines() if l.startswith("cm3jax: ")]
+        (line,) = [text for text in result.stderr.splitlines() if text.startswith("cm3jax: ")]
         assert f"{step_dir} is damaged" in line and "--config.train.restore_step=3" in line
     else:
         assert_one_line_error(result, f"{step_dir} is damaged", "--config.train.restore_step=3")

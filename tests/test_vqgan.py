@@ -1,28 +1,27 @@
-"""The VQ-GAN tokenizer: shapes, code range, straight-through gradients, learning, and its trainer stage."""
+"""The VQ-GAN: shapes, code range, straight-through gradients, learning, the adaptive GAN weight, and its trainer
+stage."""
 import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from cm3jax.data.embedded import build_embedded
 from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
-from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
+from cm3jax.models.vqgan import VQGAN, VQGANConfig, pixels_from_uint8
 from cm3jax.train.vqgan import VQGANTrainOptions, VQGANTrainState, load_lpips, make_vqgan_steps, train_vqgan
+
+from helpers import copy_run
 
 SMALL = VQGANConfig(image_size=32, channels=16, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1,
                     attention_at_lowest=True, z_channels=32, codebook_size=32, code_dim=8)
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("data"))
-    build_embedded("digits", data_dir)
-    return data_dir
+@pytest.fixture
+def digits_dir(tiny_vqgan_run):
+    return str(tiny_vqgan_run / "data")
 
 
 def digit_images(data_dir, n):
@@ -30,7 +29,7 @@ def digit_images(data_dir, n):
 
     source = open_raw_source(base_config().raw_data, "train", data_dir)
     examples = list(read_examples(source, 32, SkipCounts(), range(n)))
-    return jnp.asarray(np.stack([e.image for e in examples]).astype(np.float32) / 127.5 - 1.0)
+    return jnp.asarray(pixels_from_uint8(np.stack([e.image for e in examples])))
 
 
 def test_encode_decode_shapes_and_code_range():
@@ -69,7 +68,7 @@ def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     lpips_model, lpips_params = load_lpips("alexnet")
     train_step, eval_step = make_vqgan_steps(SMALL, options, lpips_model, optimizer)
     model = VQGAN(SMALL)
-    from cm3jax.tokenizers.vqgan import PatchDiscriminator
+    from cm3jax.models.vqgan import PatchDiscriminator
 
     params = {"vqgan": model.init(jax.random.key(0), images)["params"],
               "discriminator": PatchDiscriminator(SMALL).init(jax.random.key(1), images)["params"]}
@@ -88,20 +87,8 @@ def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     assert usage >= 0.5, usage  # 256 code slots over a 32-code codebook
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-    """DIR with the digits dataset and a tiny VQ-GAN trained for 2 steps (DIR/vqgan)."""
-    from configs import tiny
-
-    workdir = tmp_path_factory.mktemp("workdir")
-    build_embedded("digits", str(workdir / "data"))
-    config = tiny.get_config()
-    config.vqgan.train.steps = 2
-    train_vqgan(config, str(workdir / "vqgan"), str(workdir / "data"), jax.devices()[:2])
-    return workdir
-
-
-def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, trained_workdir):
+def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, tiny_vqgan_run, tmp_path):
+    trained_workdir = copy_run(tiny_vqgan_run, tmp_path / "run")
     tmp_path = trained_workdir / "vqgan"  # trained to step 2 on two devices (data parallel)
     tiny_config.vqgan.train.steps = 4  # resumes from step 2; the GAN switches on at step 2
     result = train_vqgan(tiny_config, str(tmp_path), str(trained_workdir / "data"), jax.devices()[:2])
@@ -115,46 +102,6 @@ def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, train
     assert os.path.exists(tmp_path / "samples" / "reconstructions_0000004.png")
 
 
-def test_tokenize_writes_documents_that_round_trip(tiny_config, trained_workdir):
-    from cm3jax import vocab as vocab_lib
-    from cm3jax.data.documents import decode_document_record, validate_document
-    from cm3jax.data.shards import open_token_shards
-    from cm3jax.tokenizers.tokenize import restore_vqgan_params, tokenize_dataset
-    from cm3jax.tokenizers.text import TextTokenizer
-
-    tiny_config.tokenize.update(splits=("validation",), batch_size=16, shard_size=120)
-    manifest = tokenize_dataset(tiny_config, str(trained_workdir), jax.devices()[:2])
-    assert manifest["splits"]["validation"] == {"raw_examples": 200, "documents_written_now": 200, "skipped": {},
-                                                "shards": 2}
-    assert manifest["code_grid"] == 4 and json.load(open(trained_workdir / "tokens" / "manifest.json")) == manifest
-    again = tokenize_dataset(tiny_config, str(trained_workdir), jax.devices()[:2])  # resumes: both shards kept
-    assert again["splits"]["validation"]["documents_written_now"] == 0
-    vocab = vocab_lib.UnifiedVocab.from_config(tiny_config.vocab)
-    assert vocab_lib.UnifiedVocab.load(str(trained_workdir / "tokens")) == vocab
-    changed = ml_collections.ConfigDict(tiny_config.to_dict())
-    changed.vocab.image_codebook_size *= 2
-    with pytest.raises(vocab_lib.VocabMismatchError, match="vocab.image_codebook_size"):
-        tokenize_dataset(changed, str(trained_workdir), jax.devices()[:2])  # would mix two id layouts
-
-    text = TextTokenizer.load(str(trained_workdir / "text_tokenizer" / "text.model"))
-    assert text.vocab_size <= vocab.text_size
-    records = open_token_shards(str(trained_workdir / "tokens"), "validation")
-    raw = open_raw_source(tiny_config.raw_data, "validation", str(trained_workdir / "data"))
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    params, _ = restore_vqgan_params(tiny_config, str(trained_workdir / "vqgan"), mesh)
-    model = VQGAN(VQGANConfig.from_config(tiny_config.vqgan, codebook_size=vocab.image_codebook_size))
-    for i in (0, 57, 199):
-        document, meta = decode_document_record(records[i])
-        validate_document(document, vocab)  # ids inside their modality's range
-        example = next(read_examples(raw, 32, SkipCounts(), [meta["index"]]))
-        assert text.decode(vocab.text_pieces(document[0].tokens)) == example.caption
-        codes = vocab.image_codes(document[1].tokens).reshape(1, 4, 4)
-        image = jnp.asarray(example.image[None].astype(np.float32) / 127.5 - 1.0)
-        reconstruction = model.apply({"params": params}, image)[0]
-        np.testing.assert_allclose(model.apply({"params": params}, codes, method=model.decode), reconstruction,
-                                   atol=1e-4)  # decode(shard codes) is the VQ-GAN's reconstruction of the image
-
-
 def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_layer(digits_dir):
     images = digit_images(digits_dir, 4)
     options = VQGANTrainOptions(reconstruction="l1", lpips_weight=0.0, gan_weight=0.5, disc_start=0,
@@ -162,7 +109,7 @@ def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_laye
     optimizer = optax.sgd(0.0)
     lpips_model, lpips_params = load_lpips("alexnet")
     train_step, _ = make_vqgan_steps(SMALL, options, lpips_model, optimizer)
-    from cm3jax.tokenizers.vqgan import PatchDiscriminator
+    from cm3jax.models.vqgan import PatchDiscriminator
 
     model, discriminator = VQGAN(SMALL), PatchDiscriminator(SMALL)
     params = {"vqgan": model.init(jax.random.key(0), images)["params"],
@@ -186,17 +133,3 @@ def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_laye
         jnp.linalg.norm(last_layer_grad(adversarial)) + 1e-4)
     np.testing.assert_allclose(float(metrics["gan_weight"]), float(expected), rtol=1e-4)
     assert float(metrics["gan_weight"]) != 0.5  # not the fixed weight
-
-
-def test_tokenize_summary_counts_every_kind_of_bad_record(tiny_config, trained_workdir, tmp_path):
-    from test_sources import write_bad_corpus
-
-    from cm3jax.tokenizers.tokenize import tokenize_dataset
-
-    expected = write_bad_corpus(tmp_path / "corpus")
-    os.symlink(trained_workdir / "vqgan", tmp_path / "vqgan")
-    tiny_config.raw_data.update(dataset="image_folder", paths=str(tmp_path / "corpus"))
-    tiny_config.tokenize.update(splits=("train",), batch_size=4, shard_size=4)
-    manifest = tokenize_dataset(tiny_config, str(tmp_path), jax.devices()[:1])
-    assert manifest["splits"]["train"] == {"raw_examples": 9, "documents_written_now": 3, "skipped": expected,
-                                           "shards": 3}

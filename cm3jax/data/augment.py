@@ -8,7 +8,8 @@ each one, fits the sample to the sequence budget with `assemble_sample` and seri
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 

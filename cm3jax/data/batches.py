@@ -1,7 +1,7 @@
 """The iterator both input pipelines hand to the training loop: grain batches plus running counters, checkpointable."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

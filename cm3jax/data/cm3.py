@@ -1,4 +1,4 @@
-"""The causally masked (CM3) objective, REFERENCE §2, with CM3leon's rule that a span never crosses `<break>`.
+"""The causally masked (CM3) objective, docs/paper.md §2, with CM3leon's rule that a span never crosses `<break>`.
 
 Per document: n ~ Poisson(lambda) clamped to [min_spans, max_spans]. Candidate spans are drawn n^2 times and kept
 greedily while they do not overlap, until n are kept (metaseq's procedure). A candidate picks a segment with probability
@@ -23,6 +23,7 @@ import dataclasses
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.config import default
 from cm3jax.data.documents import Document
 
 # Each span adds three tokens: the in-place <mask:i>, and <mask:i> ... <eoss> at the end.
@@ -31,13 +32,13 @@ TOKENS_ADDED_PER_SPAN = 3
 
 @dataclasses.dataclass(frozen=True)
 class CM3Options:
-    poisson_lambda: float = 1.0
-    min_spans: int = 1  # CM3leon clamps the span count to [1, 16]; metaseq to [0, 511]
-    max_spans: int = 16
-    whole_text_probability: float = 0.0
+    poisson_lambda: float = default("data.cm3_poisson_lambda")
+    min_spans: int = default("data.cm3_min_spans")  # CM3leon clamps the span count to [1, 16]; metaseq to [0, 511]
+    max_spans: int = default("data.cm3_max_spans")
+    whole_text_probability: float = default("data.cm3_whole_text_probability")
 
     @classmethod
-    def from_config(cls, data_config) -> "CM3Options":
+    def from_config(cls, data_config) -> CM3Options:
         return cls(float(data_config.cm3_poisson_lambda), int(data_config.cm3_min_spans),
                    int(data_config.cm3_max_spans), float(data_config.cm3_whole_text_probability))
 

@@ -4,7 +4,7 @@ into one token stream per the vocabulary contract.
 A document is `[Segment, ...]` whose tokens are already unified ids (vocab.py). Serialised, it reads
 `<eos> seg_0 <break> seg_1 ... <eos>`: `<break>` at every switch between segments and `<eos>` at both ends. The leading
 `<eos>` lets the first real token be predicted and makes `<eos> caption <break>` the zero-shot text-to-image prompt
-(REFERENCE §1).
+(docs/paper.md §1).
 
 Records in token shards (one ArrayRecord record per document) are msgpack maps
 `{"segments": [[modality, int32 little-endian bytes], ...], "meta": {...}}`; `meta` carries what later stages need

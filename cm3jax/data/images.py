@@ -11,6 +11,7 @@ import numpy as np
 
 from cm3jax.data.batches import CountingBatches
 from cm3jax.data.sources import RawSource, decode_image
+from cm3jax.models.vqgan import pixels_from_uint8
 
 
 class DecodeImage:
@@ -25,7 +26,7 @@ class DecodeImage:
         except Exception:  # noqa: BLE001 - a bad record or image is data, not a bug: counted, never fatal
             return {"images": np.zeros((self.image_size, self.image_size, 3), np.float32), "valid": np.float32(0.0),
                     "skipped_images": np.int64(1)}
-        return {"images": image.astype(np.float32) / 127.5 - 1.0, "valid": np.float32(1.0),
+        return {"images": pixels_from_uint8(image), "valid": np.float32(1.0),
                 "skipped_images": np.int64(0)}
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.config import default
 from cm3jax.data import cm3
 from cm3jax.data.augment import NeighbourRetrieval, NoRetrieval, RetrievalAugmenter, assemble_sample
 from cm3jax.data.batches import CountingBatches
@@ -30,6 +32,7 @@ from cm3jax.data.documents import decode_document_record, rotate_caption_image
 from cm3jax.data.shards import open_token_shards
 from cm3jax.data.synthetic import SyntheticDocumentSource
 from cm3jax.errors import BadInputError, MissingInputError
+from cm3jax.workdir import neighbours_file
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions", "modality")
 COUNTER_KEYS = ("text_tokens_cut", "segments_dropped", "retrieved_dropped")
@@ -41,18 +44,18 @@ class PipelineOptions:
     seq_len: int
     global_batch_size: int
     num_streams: int
-    seed: int = 0
-    shuffle: bool = True
-    image_first_probability: float = 0.5
+    seed: int = default("data.seed")
+    shuffle: bool = default("data.shuffle")
+    image_first_probability: float = default("data.image_first_probability")
     cm3: cm3.CM3Options = cm3.CM3Options()
-    packing: str = "first_fit"  # first_fit | pad
-    packing_bins: int = 0  # 0: rows per stream
-    num_workers: int = 0
-    worker_buffer_size: int = 2
-    retrieved_loss_weight: float = 1.0  # on the retrieved documents' tokens (CM3leon: 1, no extra query weight)
+    packing: str = default("data.packing")  # first_fit | pad
+    packing_bins: int = default("data.packing_bins")  # 0: rows per stream
+    num_workers: int = default("data.num_workers")
+    worker_buffer_size: int = default("data.worker_buffer_size")
+    retrieved_loss_weight: float = default("data.retrieved_loss_weight")
 
     @classmethod
-    def from_config(cls, config, num_streams: int) -> "PipelineOptions":
+    def from_config(cls, config, num_streams: int) -> PipelineOptions:
         d, t = config.data, config.train
         return cls(seq_len=int(t.seq_len), global_batch_size=int(t.global_batch_size), num_streams=num_streams,
                    seed=int(d.seed), shuffle=bool(d.shuffle), image_first_probability=float(d.image_first_probability),
@@ -85,7 +88,7 @@ def open_retrieval(data_config, vocab: vocab_lib.UnifiedVocab, split: str, evalu
     d = data_config
     if d.retrieval == "none":
         return NoRetrieval()
-    path = os.path.join(d.neighbours_dir, f"neighbours-{split}.npy")
+    path = str(neighbours_file(d.neighbours_dir, split))
     if not os.path.exists(path):
         raise MissingInputError(f"{path} not found: data.retrieval='neighbours' reads the neighbours that the "
                                 f"retrieval stage writes (set data.neighbours_dir, or data.retrieval='none')")
@@ -136,7 +139,8 @@ class DocumentToExample:
 
 
 class PackedToBatchRow:
-    """Packed (or padded) example -> the batch contract's row (DESIGN.md), counters summed over packed examples."""
+    """Packed (or padded) example -> the batch contract's row (docs/design.md, Contracts), counters summed over
+    packed examples."""
 
     def __init__(self, vocab: vocab_lib.UnifiedVocab, packed: bool):
         self.vocab = vocab

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
-from array_record.python import array_record_module
 import grain
+from array_record.python import array_record_module
 
 from cm3jax.errors import MissingInputError
 

@@ -16,7 +16,8 @@ import glob
 import io
 import json
 import os
-from typing import Any, Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -175,7 +176,7 @@ class TfdsSource:
         self.caption_key = caption_key
 
     @classmethod
-    def open(cls, name: str, data_dir: str, split: str, image_key: str, caption_key: str) -> "TfdsSource":
+    def open(cls, name: str, data_dir: str, split: str, image_key: str, caption_key: str) -> TfdsSource:
         import tensorflow_datasets as tfds
 
         try:

@@ -1,7 +1,7 @@
 """Batched, jitted incremental decoding with the decoder's KV cache: the prompt is prefilled in one call, then one
 token per step inside a `jax.lax.while_loop`.
 
-Guidance runs several prompt streams as one batch (REFERENCE §5): row s * B + b is stream s of example b; every
+Guidance runs several prompt streams as one batch (docs/paper.md §5): row s * B + b is stream s of example b; every
 stream is fed the token sampled for its example, and the streams' next-token log-probabilities are combined
 (`cm3jax.inference.processors`) before sampling. Prompts are left-padded: padding is segment 0, which real tokens
 never attend to, and positions count real tokens only, so a padded prompt decodes exactly like an unpadded one.
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.config import default
 from cm3jax.inference import processors
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
 
@@ -27,28 +28,36 @@ FREE = -1  # schedule entry: sample this position (under its modality constraint
 SAMPLE_IMAGE, SAMPLE_TEXT = 0, 1
 
 
+# Guidance kinds and the prompt streams each decodes (the full condition first).
+GUIDANCE_STREAMS = {"none": 1, "cfg": 2, "cdk": 2, "edit": 3}
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    guidance: str = "none"  # none | cfg | cdk | edit (three streams)
-    cfg_scale: float = 3.0  # cfg: uncond + scale * (cond - uncond)
-    cdk_alpha: float = 0.1  # cdk: keep tokens with p_cond >= alpha * (k-th largest p_cond)
-    cdk_k: int = 10
-    image_scale: float = 1.5  # edit: Chameleon's image guidance
-    text_scale: float = 7.5  # edit: text guidance
+    temperature: float = default("generate.temperature")  # 0: greedy
+    top_k: int = default("generate.top_k")  # 0: off
+    top_p: float = default("generate.top_p")  # 1: off
+    guidance: str = default("generate.guidance")  # none | cfg | cdk | edit (three streams)
+    cfg_scale: float = default("generate.cfg_scale")  # cfg: uncond + scale * (cond - uncond)
+    cdk_alpha: float = default("generate.cdk_alpha")  # cdk: keep tokens with p_cond >= alpha * (k-th largest p_cond)
+    cdk_k: int = default("generate.cdk_k")
+    image_scale: float = default("generate.image_scale")  # edit: Chameleon's image guidance
+    text_scale: float = default("generate.text_scale")  # edit: text guidance
 
     @property
     def num_streams(self) -> int:
-        return {"none": 1, "cfg": 2, "cdk": 2, "edit": 3}[self.guidance]
+        return GUIDANCE_STREAMS[self.guidance]
 
     @classmethod
-    def from_config(cls, c) -> "SamplingOptions":
+    def from_config(cls, c) -> SamplingOptions:
         """From the config's generate section."""
         return cls(temperature=float(c.temperature), top_k=int(c.top_k), top_p=float(c.top_p),
                    guidance=str(c.guidance), cfg_scale=float(c.cfg_scale), cdk_alpha=float(c.cdk_alpha),
                    cdk_k=int(c.cdk_k), image_scale=float(c.image_scale), text_scale=float(c.text_scale))
+
+
+# Deterministic decoding of one stream: captions and answers.
+GREEDY = SamplingOptions(temperature=0.0, guidance="none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +70,13 @@ class Schedule:
     stop_tokens: tuple[int, ...] = (vocab_lib.EOS, vocab_lib.BREAK, vocab_lib.EOSS)
 
     @classmethod
-    def image(cls, num_codes: int) -> "Schedule":
+    def image(cls, num_codes: int) -> Schedule:
         """Exactly `num_codes` image codes (a whole image span)."""
         return cls(np.full(num_codes, FREE, np.int32), np.full(num_codes, SAMPLE_IMAGE, np.int32))
 
     @classmethod
     def text(cls, max_tokens: int, stop_tokens: tuple[int, ...] = (vocab_lib.EOS, vocab_lib.BREAK,
-                                                                   vocab_lib.EOSS)) -> "Schedule":
+                                                                   vocab_lib.EOSS)) -> Schedule:
         """Up to `max_tokens` text tokens, ending at a stop token (which is kept)."""
         return cls(np.full(max_tokens, FREE, np.int32), np.full(max_tokens, SAMPLE_TEXT, np.int32), stop_tokens)
 

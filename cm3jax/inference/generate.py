@@ -9,7 +9,6 @@ retrieval-augmented prompts and the retriever for re-ranking.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,71 +17,60 @@ import ml_collections
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.errors import MissingInputError
-from cm3jax.inference.decode import SamplingOptions, left_pad, make_decoder
+from cm3jax.errors import BadInputError, MissingInputError
+from cm3jax.inference.decode import GREEDY, SamplingOptions, left_pad, make_decoder
 from cm3jax.inference.tasks import TaskPrompt, TaskPrompter
+from cm3jax.tokenizers.image import ImageTokenizer
+from cm3jax.workdir import INPUTS_FILE, ChangedInputsError, StageDir, Workdir
 
 
 class Generator:
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh, params: Any, decoder_config,
-                 vocab: vocab_lib.UnifiedVocab, text, vqgan_params: Any, step: int):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Workdir, mesh, params: Any, decoder_config,
+                 vocab: vocab_lib.UnifiedVocab, text, image_tokenizer: ImageTokenizer, step: int):
         from cm3jax.parallel.sharding import logical_axis_rules
-        from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
 
         self.config, self.workdir, self.mesh, self.params = config, workdir, mesh, params
         self.decoder_config, self.vocab, self.text, self.step = decoder_config, vocab, text, step
         self.rules = logical_axis_rules(config)
-        vqgan_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
-        vqgan = VQGAN(vqgan_config)
-        self.image_size, self.grid = vqgan_config.image_size, vqgan_config.grid_size
-        self._vqgan_params = vqgan_params
-        self._encode = jax.jit(lambda p, x: vqgan.apply({"params": p}, x, method=vqgan.encode))
-        self._decode_codes = jax.jit(lambda p, c: vqgan.apply({"params": p}, c, method=vqgan.decode))
+        self.image_tokenizer = image_tokenizer
+        self.image_size, self.grid = image_tokenizer.image_size, image_tokenizer.grid
         self.prompter = TaskPrompter(vocab, text.encode, self.grid)
         self._decoders: dict = {}
         self._memory = None
 
     @classmethod
-    def load(cls, config: ml_collections.ConfigDict, workdir: str, devices=None) -> "Generator":
+    def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str, devices=None) -> Generator:
         from cm3jax.parallel.mesh import create_mesh
         from cm3jax.tokenizers.text import TextTokenizer
-        from cm3jax.tokenizers.tokenize import TEXT_TOKENIZER_FILE, restore_vqgan_params
         from cm3jax.train.lm import lm_state_init
         from cm3jax.train.loop import restore_latest_state
 
+        workdir = Workdir.of(workdir)
+        config = workdir.resolve(config)
         vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-        lm_dir = os.path.join(workdir, "lm")
-        if not os.path.isdir(os.path.join(lm_dir, "checkpoints")):
+        lm_dir = workdir.lm
+        if not lm_dir.checkpoints.is_dir():
             raise MissingInputError(f"no trained LM under {lm_dir}: run `cm3jax train` on this workdir first")
-        vocab_lib.require_saved_vocab(vocab, lm_dir)
-        tokenizer_path = os.path.join(workdir, "text_tokenizer", TEXT_TOKENIZER_FILE)
-        if not os.path.exists(tokenizer_path):
-            raise MissingInputError(f"{tokenizer_path} not found: run `cm3jax tokenize` on this workdir first")
+        vocab_lib.require_saved_vocab(vocab, str(lm_dir))
+        if not workdir.text_tokenizer.exists():
+            raise MissingInputError(f"{workdir.text_tokenizer} not found: run `cm3jax tokenize` on this workdir first")
         mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
         init_state, decoder_config, _, _ = lm_state_init(config)
-        state, step = restore_latest_state(init_state, config, mesh, lm_dir, "`cm3jax train`")
-        vqgan_params, vqgan_step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
-        require_tokens_vqgan(os.path.join(workdir, "tokens"), vqgan_step, vqgan_params)
+        state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`")
+        image_tokenizer = ImageTokenizer.load(config, workdir, mesh)
+        require_tokens_vqgan(workdir.tokens, image_tokenizer)
         return cls(config, workdir, mesh, state.params, decoder_config, vocab,
-                   TextTokenizer.load(tokenizer_path), vqgan_params, step)
+                   TextTokenizer.load(str(workdir.text_tokenizer)), image_tokenizer, step)
 
     # -- codes and pixels ------------------------------------------------------------------------------------------
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         """Any image (bytes / path / array) -> its [grid, grid] code grid."""
-        from cm3jax.data.sources import decode_image
-
-        try:
-            pixels = decode_image(image, self.image_size).astype(np.float32) / 127.5 - 1.0
-        except Exception as e:  # noqa: BLE001 - any unreadable input becomes one clear error
-            raise ValueError(f"cannot read the image {image if isinstance(image, str) else ''}: {e}") from e
-        return np.asarray(self._encode(self._vqgan_params, pixels[None]))[0]
+        return self.image_tokenizer.encode_image(image)
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """[n, grid, grid] codes -> [n, size, size, 3] uint8 images."""
-        pixels = np.asarray(self._decode_codes(self._vqgan_params, np.asarray(codes).reshape(-1, self.grid,
-                                                                                              self.grid)))
-        return np.clip((pixels + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        return self.image_tokenizer.decode(codes)
 
     # -- decoding --------------------------------------------------------------------------------------------------
 
@@ -90,7 +78,7 @@ class Generator:
         """`num` samples of one task prompt: (generated [num, T], lengths [num]). The prompt's first
         options.num_streams streams are decoded (one without guidance)."""
         if len(prompt.streams) < options.num_streams:
-            raise ValueError(f"guidance {options.guidance!r} needs {options.num_streams} prompt streams, this task "
+            raise BadInputError(f"guidance {options.guidance!r} needs {options.num_streams} prompt streams, this task "
                              f"has {len(prompt.streams)}")
         streams = prompt.streams[:options.num_streams]  # stream 0 is the full condition; guidance adds the rest
         key = (prompt.schedule.forced.tobytes(), prompt.schedule.modality.tobytes(), prompt.schedule.stop_tokens,
@@ -131,12 +119,12 @@ class Generator:
                 seed: int = 0) -> str:
         g = self.config.generate
         prompt = self.prompter.caption(self.encode_image(image), style or g.caption_style, int(g.max_text_tokens))
-        out, lengths = self.run(prompt, 1, options or SamplingOptions(temperature=0.0), seed)
+        out, lengths = self.run(prompt, 1, options or GREEDY, seed)
         return self.decode_text(out[0, :lengths[0]])
 
     def answer(self, image: Any, question: str, options: SamplingOptions | None = None, seed: int = 0) -> str:
         prompt = self.prompter.vqa(self.encode_image(image), question, int(self.config.generate.max_text_tokens))
-        out, lengths = self.run(prompt, 1, options or SamplingOptions(temperature=0.0), seed)
+        out, lengths = self.run(prompt, 1, options or GREEDY, seed)
         return self.decode_text(out[0, :lengths[0]])
 
     def infill(self, image: Any, box_pixels: tuple[int, int, int, int], options: SamplingOptions,
@@ -164,7 +152,7 @@ class Generator:
 
         encoder = self.memory().encoder
         if encoder is None:
-            raise ValueError("re-ranking needs the trained retriever (retrieval.embeddings is set)")
+            raise BadInputError("re-ranking needs the trained retriever (retrieval.embeddings is set)")
         text = self.prompter.text(caption)
         queries = [Query(0, vocab_lib.MODALITY_TEXT, text, np.ones(len(text), bool))]
         for grid in codes:
@@ -178,7 +166,7 @@ def pixel_box_to_cells(box: tuple[int, int, int, int], image_size: int, grid: in
     """(x0, y0, x1, y1) in pixels -> (row0, col0, row1, col1) code cells covering it."""
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size):
-        raise ValueError(f"box {box} must satisfy 0 <= x0 < x1 <= {image_size} and 0 <= y0 < y1 <= {image_size}")
+        raise BadInputError(f"box {box} must satisfy 0 <= x0 < x1 <= {image_size} and 0 <= y0 < y1 <= {image_size}")
     cell = image_size / grid
     return int(y0 // cell), int(x0 // cell), int(-(-y1 // cell)), int(-(-x1 // cell))
 
@@ -194,17 +182,14 @@ def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
     return sheet
 
 
-def require_tokens_vqgan(token_dir: str, vqgan_step: int, vqgan_params) -> None:
+def require_tokens_vqgan(tokens: StageDir, image_tokenizer: ImageTokenizer) -> None:
     """The LM speaks the codes of the VQ-GAN its token shards were made with; decoding them with another one (e.g.
     trained further after tokenizing) would draw the wrong pictures, so that is refused."""
-    from cm3jax import stages
-
-    path = os.path.join(token_dir, stages.INPUTS_FILE)
-    if not os.path.exists(path):
+    path = tokens / INPUTS_FILE
+    if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        made_with = json.load(f)
-    if made_with.get("vqgan_params_sha256") != stages.arrays_digest(vqgan_params):
-        raise stages.ChangedInputsError(
-            f"the VQ-GAN in this workdir (step {vqgan_step}) is not the one {token_dir} was made with (step "
+    made_with = json.loads(path.read_text())
+    if made_with.get("vqgan_params_sha256") != image_tokenizer.digest():
+        raise ChangedInputsError(
+            f"the VQ-GAN in this workdir (step {image_tokenizer.step}) is not the one {tokens} was made with (step "
             f"{made_with.get('vqgan_step')}): re-tokenize and retrain the LM, or restore that VQ-GAN checkpoint")

@@ -1,4 +1,4 @@
-"""Logits processors for decoding, composable pure functions on [batch, vocab] scores (REFERENCE §5).
+"""Logits processors for decoding, composable pure functions on [batch, vocab] scores (docs/paper.md §5).
 
 Guidance combines the streams' log-probabilities: classifier-free guidance `u + s (c - u)`, contrastive decoding
 TopK `log p_c - log p_u` on V = {t : p_c(t) >= alpha * (k-th largest p_c)} (-inf elsewhere), and three-stream editing

@@ -1,4 +1,4 @@
-"""Prompts for every generation task, as token streams plus the decoding schedule (REFERENCE §5, §6).
+"""Prompts for every generation task, as token streams plus the decoding schedule (docs/paper.md §5, §6).
 
 Each builder returns a `TaskPrompt`: one prompt per guidance stream (stream 0 the full condition) and the schedule of
 what is generated. Serialisation follows the training data: `<eos> segment <break> segment ...`, CM3 infilling puts

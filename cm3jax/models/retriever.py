@@ -1,7 +1,7 @@
 """The dual-encoder retriever: a text tower over a document's SentencePiece pieces and an image tower over its VQ-GAN
 codes, each a bidirectional transformer (the decoder's blocks with `causal=False`), mean-pooled over the tokens it
 reads and projected to `embed_dim`, l2-normalised. Trained with a symmetric InfoNCE loss at a learned temperature
-(CLIP), so inner products of the two towers' outputs rank matching text and images first (REFERENCE §4).
+(CLIP), so inner products of the two towers' outputs rank matching text and images first (docs/paper.md §4).
 
 Tower inputs are tower-local ids (text piece / code numbers, not unified ids) with a mask of the tokens to read:
 padding and dropped query tokens are masked out while every kept token keeps its position.
@@ -19,7 +19,7 @@ import numpy as np
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.models.transformer import DecoderConfig, layer_stack, logical_param, truncated_normal
-from cm3jax.tokenizers.vqgan import VQGANConfig
+from cm3jax.models.vqgan import VQGANConfig
 
 Array = jax.Array
 
@@ -33,11 +33,11 @@ class RetrieverConfig:
     max_logit_scale: float = 100.0
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, platform: str | None = None) -> "RetrieverConfig":
+    def from_config(cls, config: ml_collections.ConfigDict, platform: str | None = None) -> RetrieverConfig:
         """From config.retriever, with the vocabulary's sizes and the VQ-GAN's code grid."""
         r = config.retriever
         vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-        image_tokens = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size).tokens_per_image
+        image_tokens = VQGANConfig.from_config(config).tokens_per_image
         platform = platform or jax.default_backend()
         compute = r.compute_dtype if r.compute_dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
 

@@ -1,28 +1,29 @@
 """The CM3leon decoder: an OPT-style, decoder-only transformer over the unified token stream.
 
-Exactly as the paper describes (../shared/REFERENCE.md §3): pre-LayerNorm, LayerNorm without learnable parameters, no bias
+Exactly as the paper describes (docs/paper.md §3): pre-LayerNorm, LayerNorm without learnable parameters, no bias
 terms, no dropout, learned absolute positional embedding (truncated normal, std 0.0002), every other weight truncated
-normal with std 0.006 cut at 3 sigma. "Output layers initialised to 0" is read as the two projections that write into the
-residual stream in every block (attention output and FFN output): at initialisation every block is the identity, while
-the LM head keeps the ordinary init so the first logits are not all equal.
+normal with std 0.006 cut at 3 sigma. "Output layers initialised to 0" is read as the two projections that write into
+the residual stream in every block (attention output and FFN output): at initialisation every block is the identity,
+while the LM head keeps the ordinary init so the first logits are not all equal.
 
 Options beyond the paper: activation (relu as OPT, gelu, swiglu), tied input/output embeddings, QK-norm (Chameleon),
-and the z-loss lives in the loss. Layers are stacked on a leading `layers` axis and run with `nn.scan`, so compile time
-does not grow with depth; each layer is rematerialised by the configured policy.
+and the z-loss lives in the loss. Layers are stacked on a leading `layers` axis and run with `nn.scan`, so compile
+time does not grow with depth; each layer is rematerialised by the configured policy.
 
-Packed sequences: `segment_ids` (0 = padding, 1.. = documents) stop attention across documents, and `positions` restart
-at every document. Decoding: with `decode=True` each layer keeps a KV cache in the `cache` collection (allocated by
-`init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index.
+Packed sequences: `segment_ids` (0 = padding, 1.. = documents) stop attention across documents, and `positions`
+restart at every document. Decoding: with `decode=True` each layer keeps a KV cache in the `cache` collection
+(allocated by `init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
+from cm3jax.config import default
 from cm3jax.models.block_attention import block_causal_attention
 
 Array = jax.Array
@@ -45,22 +46,22 @@ class DecoderConfig:
     head_dim: int
     ffn_dim: int
     max_seq_len: int
-    activation: str = "relu"
-    tie_embeddings: bool = False
-    qk_norm: bool = False
-    init_std: float = 0.006
-    position_init_std: float = 0.0002
-    layer_norm_epsilon: float = 1e-5
+    activation: str = default("model.activation")
+    tie_embeddings: bool = default("model.tie_embeddings")
+    qk_norm: bool = default("model.qk_norm")
+    init_std: float = default("model.init_std")
+    position_init_std: float = default("model.position_init_std")
+    layer_norm_epsilon: float = default("model.layer_norm_epsilon")
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     attention: str = "xla"  # resolved implementation: xla | cudnn | splash
-    attention_block_size: int = 128  # query block of the XLA block-causal attention
-    scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop)
-    remat_policy: str = "full"
+    attention_block_size: int = default("model.attention_block_size")  # query block of the XLA block-causal attention
+    scan_unroll: int = default("model.scan_unroll")  # layers per iteration of the layer scan (num_layers: no loop)
+    remat_policy: str = default("model.remat_policy")
     causal: bool = True  # False: bidirectional attention (the retriever's encoder towers)
 
     @classmethod
-    def from_config(cls, model_config, vocab_size: int, platform: str | None = None) -> "DecoderConfig":
+    def from_config(cls, model_config, vocab_size: int, platform: str | None = None) -> DecoderConfig:
         """`platform` (cpu / gpu / tpu, default: jax's backend) resolves the `auto` dtype and attention choices."""
         platform = platform or jax.default_backend()
         m = model_config

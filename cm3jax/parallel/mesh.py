@@ -1,6 +1,7 @@
 """Distributed start-up and the named device mesh (axes data, fsdp, tensor; in-slice ici x cross-slice dcn)."""
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -10,7 +11,30 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from cm3jax.config_validation import MESH_AXES, resolve_mesh_shape
+from cm3jax.config_validation import require
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int, num_slices: int) -> tuple[dict, dict]:
+    """Fills the -1 entries of mesh.ici / mesh.dcn; returns ({axis: ici}, {axis: dcn})."""
+    resolved = []
+    for group, total in (("ici", num_devices // num_slices), ("dcn", num_slices)):
+        sizes = {axis: int(config.mesh[group][axis]) for axis in MESH_AXES}
+        fill = [axis for axis, size in sizes.items() if size == -1]
+        require(len(fill) <= 1, f"mesh.{group}", f"at most one axis may be -1, got {fill}")
+        for axis, size in sizes.items():
+            require(size == -1 or size >= 1, f"mesh.{group}.{axis}", f"must be >= 1 or -1, got {size}")
+        known = math.prod(size for size in sizes.values() if size != -1)
+        if fill:
+            require(total % known == 0, f"mesh.{group}",
+                    f"fixed axes multiply to {known}, which does not divide the {total} {group} devices")
+            sizes[fill[0]] = total // known
+        require(math.prod(sizes.values()) == total, f"mesh.{group}",
+                f"{sizes} multiplies to {math.prod(sizes.values())}, but there are {total} {group} devices")
+        resolved.append(sizes)
+    return resolved[0], resolved[1]
+
 
 def _expects_several_processes() -> bool:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
@@ -67,3 +91,10 @@ def create_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     else:
         device_array = np.asarray(devices).reshape(ici_shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_mesh(devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with every one of `devices` (default: this process's) on the data axis, for
+    models that are copied whole to each device (e.g. the VQ-GAN while it tokenizes)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    return Mesh(np.asarray(devices).reshape(-1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -2,13 +2,14 @@
 trained dual encoder or embeddings computed elsewhere (e.g. CLIP) read from .npy files, and the combination of a
 document's text and image embeddings.
 
-A document's embedding is the l2-normalised average of its l2-normalised text and image embeddings (REFERENCE §4);
+A document's embedding is the l2-normalised average of its l2-normalised text and image embeddings (docs/paper.md §4);
 a document with one modality is that modality's normalised embedding.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -7,7 +7,7 @@ the shapes involved (one query at a time rounds otherwise than a batch of sixty)
 depend on which other queries share its search; float64 sums differ only far below float32's last bit, and the
 rounded scores do not depend on the batch, the chunking, the process count or a resumption. Results are ordered by
 score, ties by id, so the exact index and the sharded exact index agree element for element. ScaNN
-(tree partitioning + asymmetric hashing + exact re-scoring of the best candidates, REFERENCE §8) is chosen for banks
+(tree partitioning + asymmetric hashing + exact re-scoring of the best candidates, docs/paper.md §8) is chosen for banks
 of `exact_below` vectors or more; its parameters come from IndexOptions, and those left at 0 are chosen by size
 (num_leaves ~ sqrt(N)).
 
@@ -22,10 +22,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
+from cm3jax.config import default
 from cm3jax.config_validation import INDEX_KINDS
 from cm3jax.errors import MissingInputError
 
@@ -34,23 +36,23 @@ INDEX_FILE = "index.json"
 
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
-    kind: str = "auto"  # auto: exact below exact_below vectors, ScaNN from there
-    exact_below: int = 20_000
-    num_leaves: int = 0  # ScaNN tree partitions; 0: ~sqrt(N)
-    leaves_to_search: int = 0  # partitions scanned per query; 0: num_leaves / 32
-    dims_per_block: int = 2  # asymmetric hashing: dimensions per 4-bit code
-    anisotropic_threshold: float = 0.2
-    reorder: int = 0  # candidates re-scored exactly; 0: 1000
-    training_sample_size: int = 100_000  # vectors the tree and the hashing are trained on
-    training_threads: int = 1  # ScaNN build threads; 1 (with `seed`) makes every build of a bank the same index
-    seed: int = 0
+    kind: str = default("retrieval.index_kind")  # auto: exact below exact_below vectors, ScaNN from there
+    exact_below: int = default("retrieval.exact_below")
+    num_leaves: int = default("retrieval.num_leaves")  # ScaNN tree partitions; 0: ~sqrt(N)
+    leaves_to_search: int = default("retrieval.leaves_to_search")  # partitions scanned per query; 0: num_leaves / 32
+    dims_per_block: int = default("retrieval.dims_per_block")  # asymmetric hashing: dimensions per 4-bit code
+    anisotropic_threshold: float = default("retrieval.anisotropic_threshold")
+    reorder: int = default("retrieval.reorder")  # candidates re-scored exactly; 0: 1000
+    training_sample_size: int = default("retrieval.training_sample_size")
+    training_threads: int = default("retrieval.index_training_threads")
+    seed: int = default("retrieval.seed")
 
     def __post_init__(self):
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"retrieval.index_kind={self.kind!r} not in {INDEX_KINDS}")
 
     @classmethod
-    def from_config(cls, c) -> "IndexOptions":
+    def from_config(cls, c) -> IndexOptions:
         """From the config's retrieval section."""
         return cls(kind=str(c.index_kind), exact_below=int(c.exact_below), num_leaves=int(c.num_leaves),
                    leaves_to_search=int(c.leaves_to_search), dims_per_block=int(c.dims_per_block),
@@ -164,7 +166,7 @@ class ScannIndex:
         self.params = params
 
     @classmethod
-    def build(cls, vectors: np.ndarray, options: IndexOptions, ids: np.ndarray | None = None) -> "ScannIndex":
+    def build(cls, vectors: np.ndarray, options: IndexOptions, ids: np.ndarray | None = None) -> ScannIndex:
         import scann
 
         vectors = _check_vectors(vectors, "index vectors")

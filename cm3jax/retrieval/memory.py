@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -27,6 +27,7 @@ from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.retrieval.embeddings import RetrieverEncoder, embed_documents, l2_normalize
 from cm3jax.retrieval.index import VectorIndex, load_index
 from cm3jax.retrieval.neighbours import StrategyOptions, select_neighbours
+from cm3jax.workdir import StageDir, Workdir
 
 Prompt = str | np.ndarray | Document
 
@@ -41,26 +42,28 @@ class MemoryBank:
         self.options, self.encoder, self.prompt_document = options, encoder, prompt_document
 
     @classmethod
-    def load(cls, config: ml_collections.ConfigDict, workdir: str) -> "MemoryBank":
+    def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str) -> MemoryBank:
         """The bank, index and retriever that `cm3jax retrieve` wrote under DIR/retrieval, with the run's text
         tokenizer and VQ-GAN to read prompts."""
-        stage_dir = os.path.join(workdir, "retrieval")
-        chunks = sorted(glob.glob(os.path.join(stage_dir, "bank", f"{config.data.train_split}-*.npz")))
-        if not chunks or not os.path.isdir(os.path.join(stage_dir, "index")):
+        workdir = Workdir.of(workdir)
+        config = workdir.resolve(config)
+        stage_dir = workdir.retrieval
+        chunks = sorted(glob.glob(os.path.join(stage_dir.bank, f"{config.data.train_split}-*.npz")))
+        if not chunks or not stage_dir.index.is_dir():
             raise MissingInputError(f"no memory bank under {stage_dir}: run `cm3jax retrieve` first")
         loaded = [np.load(p) for p in chunks]
         vectors = np.concatenate([c["vectors"] for c in loaded]).astype(np.float32)
         multimodal = np.concatenate([c["multimodal"] for c in loaded])
-        token_dir = config.data.token_dir or os.path.join(workdir, "tokens")
+        token_dir = config.data.token_dir
         records = open_token_shards(token_dir, config.data.train_split)
         if len(records) != len(vectors):
             raise BadInputError(f"{stage_dir}/bank holds {len(vectors)} embeddings but {token_dir} has {len(records)} "
                              f"train documents: rerun `cm3jax retrieve` on this workdir")
         encoder, reader = None, None
         if not config.retrieval.embeddings:
-            encoder = _restore_encoder(config, stage_dir)
+            encoder = _restore_encoder(config, stage_dir.retriever)
             reader = PromptReader(config, workdir)
-        return cls(load_index(os.path.join(stage_dir, "index")), records, vectors, multimodal,
+        return cls(load_index(str(stage_dir.index)), records, vectors, multimodal,
                    StrategyOptions.from_config(config.retrieval), encoder, reader)
 
     def query_vector(self, prompt: Prompt) -> np.ndarray:
@@ -98,10 +101,10 @@ class PromptReader:
     """Caption -> text document (the run's SentencePiece model); RGB image -> image document (the run's VQ-GAN,
     loaded on first use)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Workdir):
         self.config, self.workdir = config, workdir
         self.vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-        self._text, self._encode_image = None, None
+        self._text, self._image_tokenizer = None, None
 
     def __call__(self, prompt: str | np.ndarray) -> Document:
         if isinstance(prompt, str):
@@ -110,40 +113,27 @@ class PromptReader:
 
     def text_pieces(self, caption: str) -> np.ndarray:
         from cm3jax.tokenizers.text import TextTokenizer
-        from cm3jax.tokenizers.tokenize import TEXT_TOKENIZER_FILE
 
         if self._text is None:
-            self._text = TextTokenizer.load(os.path.join(self.workdir, "text_tokenizer", TEXT_TOKENIZER_FILE))
+            self._text = TextTokenizer.load(str(self.workdir.text_tokenizer))
         return self._text.encode(caption)
 
     def image_codes(self, image: np.ndarray) -> np.ndarray:
-        from cm3jax.data.sources import decode_image
-        from cm3jax.tokenizers.tokenize import restore_vqgan_params
-        from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
+        from cm3jax.tokenizers.image import ImageTokenizer
 
-        size = int(self.config.vqgan.image_size)
-        if self._encode_image is None:
-            params, _ = restore_vqgan_params(self.config, os.path.join(self.workdir, "vqgan"), _local_mesh())
-            model = VQGAN(VQGANConfig.from_config(self.config.vqgan, codebook_size=self.vocab.image_codebook_size))
-            encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
-            self._encode_image = lambda x: np.asarray(encode(params, x))
-        pixels = decode_image(np.asarray(image), size).astype(np.float32) / 127.5 - 1.0
-        return self._encode_image(pixels[None])[0].reshape(-1)
+        if self._image_tokenizer is None:
+            self._image_tokenizer = ImageTokenizer.load(self.config, self.workdir)
+        return self._image_tokenizer.encode_image(np.asarray(image)).reshape(-1)
 
 
-def _local_mesh():
-    from jax.sharding import Mesh
-
-    return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-
-
-def _restore_encoder(config: ml_collections.ConfigDict, stage_dir: str) -> RetrieverEncoder:
+def _restore_encoder(config: ml_collections.ConfigDict, retriever_dir: StageDir) -> RetrieverEncoder:
     from cm3jax.models.retriever import RetrieverConfig
+    from cm3jax.parallel.mesh import data_parallel_mesh
     from cm3jax.train.loop import restore_latest_state
     from cm3jax.train.retriever import retriever_stage_config, retriever_state_init
 
     stage = retriever_stage_config(config)
-    state, _ = restore_latest_state(retriever_state_init(stage)[0], stage, _local_mesh(),
-                                    os.path.join(stage_dir, "retriever"), "`cm3jax retrieve`")
+    state, _ = restore_latest_state(retriever_state_init(stage)[0], stage, data_parallel_mesh(jax.local_devices()[:1]),
+                                    str(retriever_dir), "`cm3jax retrieve`")
     return RetrieverEncoder(jax.device_get(state.params), RetrieverConfig.from_config(config),
                             vocab_lib.UnifiedVocab.from_config(config.vocab), int(config.retriever.embed_batch_size))

@@ -1,4 +1,4 @@
-"""The CM3leon retrieval strategy (REFERENCE §4): which memory-bank documents become a training document's
+"""The CM3leon retrieval strategy (docs/paper.md §4): which memory-bank documents become a training document's
 neighbours.
 
 For each training document the query is its text part or its image part, never both (so the retrieved documents
@@ -10,11 +10,12 @@ order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.config import default
 from cm3jax.data.documents import Document
 from cm3jax.retrieval.index import VectorIndex
 
@@ -23,14 +24,14 @@ QUERY_MODALITIES = (vocab_lib.MODALITY_TEXT, vocab_lib.MODALITY_IMAGE)
 
 @dataclasses.dataclass(frozen=True)
 class StrategyOptions:
-    num_neighbours: int = 3  # kept per document (CM3leon: 3 per caption-image pair)
-    candidates: int = 32  # searched per query before filtering
-    duplicate_threshold: float = 0.9
-    query_dropout: float = 0.2
-    seed: int = 0
+    num_neighbours: int = default("retrieval.num_neighbours")  # kept per document (CM3leon: 3 per caption-image pair)
+    candidates: int = default("retrieval.candidates")  # searched per query before filtering
+    duplicate_threshold: float = default("retrieval.duplicate_threshold")
+    query_dropout: float = default("retrieval.query_dropout")
+    seed: int = default("retrieval.seed")
 
     @classmethod
-    def from_config(cls, c) -> "StrategyOptions":
+    def from_config(cls, c) -> StrategyOptions:
         """From the config's retrieval section."""
         return cls(num_neighbours=int(c.num_neighbours), candidates=int(c.candidates),
                    duplicate_threshold=float(c.duplicate_threshold), query_dropout=float(c.query_dropout),

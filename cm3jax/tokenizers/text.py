@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import sentencepiece as spm
@@ -23,7 +23,7 @@ class TextTokenizer:
         self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def load(cls, path: str) -> "TextTokenizer":
+    def load(cls, path: str) -> TextTokenizer:
         with open(path, "rb") as f:
             return cls(f.read())
 
@@ -35,7 +35,7 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, sentences: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
-              max_sentences: int = 1_000_000, seed_sentencepiece_size: int = 1_000_000) -> "TextTokenizer":
+              max_sentences: int = 1_000_000, seed_sentencepiece_size: int = 1_000_000) -> TextTokenizer:
         """Trains on `sentences`. `vocab_size` is an upper bound: a small corpus yields fewer pieces (never more)."""
         if model_type not in MODEL_TYPES:
             raise ValueError(f"text tokenizer model_type {model_type!r} not in {MODEL_TYPES}")
@@ -46,7 +46,8 @@ class TextTokenizer:
         try:
             _train_sentencepiece(sentences, model, vocab_size, model_type, max_sentences, seed_sentencepiece_size)
         except RuntimeError as e:
-            raise ValueError(f"SentencePiece training failed with vocab_size={vocab_size} (vocab.text_size): {e}") from e
+            raise ValueError(f"SentencePiece training failed with vocab_size={vocab_size} (vocab.text_size): "
+                             f"{e}") from e
         tokenizer = cls(model.getvalue())
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(f"SentencePiece produced {tokenizer.vocab_size} pieces, more than {vocab_size}")

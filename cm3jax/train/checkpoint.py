@@ -15,7 +15,8 @@ import shutil
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -177,12 +178,11 @@ def require_resumable(config, saved: dict, state_fields: Sequence[str], where: s
                           f"in a new --workdir")
 
 
-def set_aside_checkpoints_after(directory: str, step: int) -> None:
-    """Moves the checkpoints after `step` to a sibling `checkpoints_set_aside/<step>-<time>` (process 0), so the run
-    continues from `step` and nothing is deleted."""
+def set_aside_checkpoints_after(directory: str, step: int, aside: str) -> None:
+    """Moves the checkpoints after `step` to `aside/<step>-<time>` (process 0), so the run continues from `step`
+    and nothing is deleted."""
     later = [s for s in checkpoint_steps(directory) if s > step]
     if later and jax.process_index() == 0:
-        aside = os.path.join(os.path.dirname(directory.rstrip("/")), "checkpoints_set_aside")
         os.makedirs(aside, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for s in later:

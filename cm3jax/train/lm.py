@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
-from cm3jax import stages
 from cm3jax import vocab as vocab_lib
 from cm3jax.config_validation import resolve_num_streams, validate_config
 from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source, open_retrieval
@@ -24,6 +25,7 @@ from cm3jax.train import loop
 from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.optim import make_optimizer
 from cm3jax.train.state import TrainState
+from cm3jax.workdir import StageDir, files_digest, neighbours_file
 
 Batch = dict[str, jax.Array]
 
@@ -182,10 +184,10 @@ LM_STATE_FIELDS = ("vocab", "model.num_layers", "model.d_model", "model.num_head
 def lm_inputs(config: ml_collections.ConfigDict) -> dict:
     """The identity of what the LM trains on: the token shards and, with retrieval, the neighbour files."""
     d = config.data
-    inputs = {"tokens": stages.stage_identity(d.token_dir) if d.source == "token_shards" else d.source}
+    inputs = {"tokens": StageDir(epath.Path(d.token_dir)).identity() if d.source == "token_shards" else d.source}
     if d.retrieval == "neighbours":
-        inputs["neighbours"] = stages.files_digest(
-            *(os.path.join(d.neighbours_dir, f"neighbours-{split}.npy") for split in (d.train_split, d.eval_split)))
+        inputs["neighbours"] = files_digest(
+            *(neighbours_file(d.neighbours_dir, split) for split in (d.train_split, d.eval_split)))
     return inputs
 
 
@@ -203,13 +205,14 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
     if os.path.exists(os.path.join(stage_dir, vocab_lib.VOCAB_FILE)):
         vocab_lib.require_saved_vocab(vocab, stage_dir)
     inputs = lm_inputs(config)
-    stages.check_inputs(stage_dir, inputs)  # a run resumes on the token shards and neighbours it started with
+    # A run resumes on the token shards and neighbours it started with.
+    StageDir(epath.Path(stage_dir)).check_inputs(inputs)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
 
     def start() -> None:
         vocab_lib.check_or_save_vocab(vocab, stage_dir, write=jax.process_index() == 0)
-        stages.record_inputs(stage_dir, inputs)
+        StageDir(epath.Path(stage_dir)).record_inputs(inputs)
         if on_start is not None:
             on_start()
 

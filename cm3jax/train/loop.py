@@ -6,7 +6,8 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -14,15 +15,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm3jax.config import config_to_json
 from cm3jax.errors import MissingInputError
 from cm3jax.parallel import sharding
-from cm3jax.train.checkpoint import (Checkpointer, gather_process_states, require_resumable, resume_step,
-                                     saved_config, select_process_state, set_aside_checkpoints_after)
+from cm3jax.train.checkpoint import (
+    Checkpointer,
+    gather_process_states,
+    require_resumable,
+    resume_step,
+    saved_config,
+    select_process_state,
+    set_aside_checkpoints_after,
+)
 from cm3jax.train.metrics import MetricsWriter, peak_flops_per_device
+from cm3jax.workdir import StageDir
 
 
 class TrainingDivergedError(RuntimeError):
@@ -165,12 +175,13 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
     if jax.process_index() == 0:
         print(f"{task.name}: {num_params / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}", flush=True)
-    checkpoint_dir = f"{workdir}/checkpoints"
+    stage_dir = StageDir(epath.Path(workdir))
+    checkpoint_dir = str(stage_dir.checkpoints)
     restore_step = resume_step(checkpoint_dir, int(t.get("restore_step", -1)))
     if restore_step is not None:
         require_resumable(config, saved_config(checkpoint_dir, restore_step), task.state_fields,
                           f"{checkpoint_dir}/{restore_step}")
-        set_aside_checkpoints_after(checkpoint_dir, restore_step)
+        set_aside_checkpoints_after(checkpoint_dir, restore_step, str(stage_dir.checkpoints_set_aside))
     checkpointer = Checkpointer(checkpoint_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     if restore_step is not None:
         try:
@@ -195,7 +206,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
         eval_step = jit_eval_step(task, mesh, shardings) if task.eval_step else None
 
     step = int(jax.device_get(state.step))
-    writer = MetricsWriter(f"{workdir}/logs", resumed_step=step, total_steps=int(t.steps))
+    writer = MetricsWriter(str(stage_dir.logs), resumed_step=step, total_steps=int(t.steps))
     preemption = _PreemptionFlag()
     peak = peak_flops_per_device(jax.devices()[0].device_kind, t.peak_tflops_per_device)
     last_saved = restore_step

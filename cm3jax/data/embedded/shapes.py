@@ -170,7 +170,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     @classmethod
-    def make(cls, num_train: int = 20000, image_size: int = 64, seed: int = 0) -> "ShapesConfig":
+    def make(cls, num_train: int = 20000, image_size: int = 64, seed: int = 0) -> ShapesConfig:
         return cls(name=f"train{num_train}_size{image_size}_seed{seed}", num_train=num_train, image_size=image_size,
                    seed=seed)
 

@@ -3,9 +3,9 @@
 Encoder and decoder follow taming-transformers: conv stem, residual blocks (GroupNorm, swish, 3x3 convs) per
 resolution with stride-2 downsampling (nearest-neighbour upsampling in the decoder), an optional self-attention block
 at the lowest resolution, and a 1x1 projection to and from the code space. The codebook is factorised and
-l2-normalised (ViT-VQGAN / LlamaGen, REFERENCE §7): the encoder output is projected to `code_dim` (e.g. 8), both it and
-the codebook rows are l2-normalised, and the nearest code by cosine similarity is chosen; this keeps a large codebook in
-use where plain VQ collapses. Gradients pass the quantiser straight through. The PatchGAN discriminator is
+l2-normalised (ViT-VQGAN / LlamaGen, docs/paper.md §7): the encoder output is projected to `code_dim` (e.g. 8), both
+it and the codebook rows are l2-normalised, and the nearest code by cosine similarity is chosen; this keeps a large
+codebook in use where plain VQ collapses. Gradients pass the quantiser straight through. The PatchGAN discriminator is
 taming's NLayerDiscriminator with GroupNorm in place of BatchNorm (no mutable batch statistics under jit/sharding).
 
 Images are float [-1, 1], NHWC.
@@ -13,36 +13,51 @@ Images are float [-1, 1], NHWC.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from cm3jax.config import default
+
+
+def pixels_from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] images -> the float32 [-1, 1] the VQ-GAN reads."""
+    return np.asarray(images).astype(np.float32) / 127.5 - 1.0
+
+
+def uint8_from_pixels(pixels) -> np.ndarray:
+    """The VQ-GAN's float [-1, 1] output -> uint8 [0, 255] images (clipped)."""
+    return np.clip((np.asarray(pixels, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
-    image_size: int = 256
-    channels: int = 128
-    channel_multipliers: Sequence[int] = (1, 1, 2, 4)  # one entry per resolution: f = 2 ** (len - 1)
-    num_res_blocks: int = 2
-    attention_at_lowest: bool = True
-    z_channels: int = 256
-    codebook_size: int = 8192
-    code_dim: int = 8
-    commitment_beta: float = 0.25
-    disc_channels: int = 64
-    disc_layers: int = 3
+    image_size: int = default("vqgan.image_size")
+    channels: int = default("vqgan.channels")
+    channel_multipliers: Sequence[int] = default("vqgan.channel_multipliers")
+    num_res_blocks: int = default("vqgan.num_res_blocks")
+    attention_at_lowest: bool = default("vqgan.attention_at_lowest")
+    z_channels: int = default("vqgan.z_channels")
+    codebook_size: int = default("vocab.image_codebook_size")
+    code_dim: int = default("vqgan.code_dim")
+    commitment_beta: float = default("vqgan.commitment_beta")
+    disc_channels: int = default("vqgan.disc_channels")
+    disc_layers: int = default("vqgan.disc_layers")
 
     @classmethod
-    def from_config(cls, c, codebook_size: int) -> "VQGANConfig":
-        """From the config's vqgan section; the codebook size is the vocabulary's (vocab.image_codebook_size)."""
+    def from_config(cls, config) -> VQGANConfig:
+        """From a run config: its vqgan section, with the vocabulary's codebook size (vocab.image_codebook_size)."""
+        c = config.vqgan
         return cls(image_size=int(c.image_size), channels=int(c.channels),
                    channel_multipliers=tuple(int(m) for m in c.channel_multipliers),
                    num_res_blocks=int(c.num_res_blocks), attention_at_lowest=bool(c.attention_at_lowest),
-                   z_channels=int(c.z_channels), codebook_size=codebook_size, code_dim=int(c.code_dim),
-                   commitment_beta=float(c.commitment_beta), disc_channels=int(c.disc_channels),
-                   disc_layers=int(c.disc_layers))
+                   z_channels=int(c.z_channels), codebook_size=int(config.vocab.image_codebook_size),
+                   code_dim=int(c.code_dim), commitment_beta=float(c.commitment_beta),
+                   disc_channels=int(c.disc_channels), disc_layers=int(c.disc_layers))
 
     @property
     def downsample_factor(self) -> int:

@@ -1,4 +1,4 @@
-"""`cm3jax tokenize`: raw image-caption pairs -> token shards the data pipeline reads.
+"""`cm3jax tokenize`: raw image-caption pairs -> token shards the data pipeline reads (DIR/tokens).
 
 Text goes through the SentencePiece tokenizer (trained on the train captions first when DIR/text_tokenizer has none),
 images through the trained VQ-GAN (DIR/vqgan, latest checkpoint) in jitted batches split over this process's devices.
@@ -14,34 +14,31 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cm3jax import stages
 from cm3jax import vocab as vocab_lib
+from cm3jax.config_validation import validate_raw_data_config, validate_vocab_config
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.shards import shard_path, write_token_shard
-from cm3jax.data.sources import (SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions,
-                                 read_examples)
+from cm3jax.data.sources import SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions, read_examples
 from cm3jax.errors import BadInputError
+from cm3jax.parallel.mesh import data_parallel_mesh
 from cm3jax.progress import Progress
+from cm3jax.stages.stage import Stage
+from cm3jax.tokenizers.image import ImageTokenizer
 from cm3jax.tokenizers.text import TextTokenizer
-from cm3jax.tokenizers.vqgan import VQGAN, VQGANConfig
-
-TEXT_TOKENIZER_FILE = "text.model"
+from cm3jax.workdir import Workdir, atomic_write_text, files_digest
 
 
-def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_dir: str,
-                                 raw_data_dir: str) -> TextTokenizer:
+def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, workdir: Workdir) -> TextTokenizer:
     """DIR/text_tokenizer/text.model; when absent, process 0 trains it on the train captions while the others wait
     (the workdir is a filesystem every process sees)."""
-    path = os.path.join(tokenizer_dir, TEXT_TOKENIZER_FILE)
+    path = str(workdir.text_tokenizer)
     if not os.path.exists(path) and jax.process_index() == 0:
-        source = open_raw_source(config.raw_data, "train", raw_data_dir)
+        source = open_raw_source(config.raw_data, "train", str(workdir.data))
         counts = open_counts(source)
         captions = list(read_captions(source, counts))
         counts.log("text tokenizer captions")
@@ -50,59 +47,47 @@ def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, tokenizer_di
                              f"caption to train the text tokenizer on")
         tokenizer = TextTokenizer.train(captions, vocab_size=int(config.vocab.text_size),
                                         model_type=str(config.tokenize.text_model_type))
-        os.makedirs(tokenizer_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tokenizer.save(path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("cm3jax: text tokenizer ready")
     return TextTokenizer.load(path)
 
 
-def restore_vqgan_params(config: ml_collections.ConfigDict, vqgan_dir: str, mesh: Mesh):
-    """(VQ-GAN parameters of the latest checkpoint under vqgan_dir, its step)."""
-    from cm3jax.train.loop import restore_latest_state
-    from cm3jax.train.vqgan import vqgan_state_init, vqgan_stage_config
-
-    stage = vqgan_stage_config(config)
-    state, step = restore_latest_state(vqgan_state_init(stage)[0], stage, mesh, vqgan_dir, "`cm3jax vqgan`")
-    return state.params["vqgan"], step
-
-
-def tokens_inputs(vqgan_step: int, vqgan_params, text_tokenizer_path: str) -> dict:
+def tokens_inputs(image_tokenizer: ImageTokenizer, workdir: Workdir) -> dict:
     """The identity of what token shards are made from: the VQ-GAN (step and parameters) and the text tokenizer."""
-    return {"vqgan_step": int(vqgan_step), "vqgan_params_sha256": stages.arrays_digest(vqgan_params),
-            "text_tokenizer_sha256": stages.files_digest(text_tokenizer_path)}
+    return {"vqgan_step": int(image_tokenizer.step), "vqgan_params_sha256": image_tokenizer.digest(),
+            "text_tokenizer_sha256": files_digest(workdir.text_tokenizer)}
 
 
-def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, devices=None) -> dict:
     """Writes DIR/tokens/{split}-*.array_record for the train and validation splits; returns the manifest."""
     devices = list(devices if devices is not None else jax.local_devices())
-    mesh = Mesh(np.asarray(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    raw_data_dir = os.path.join(workdir, "data")
-    out_dir = os.path.join(workdir, "tokens")
+    raw_data_dir = str(workdir.data)
+    tokens = workdir.tokens
+    out_dir = str(tokens)
     # A resumed job must not mix two id layouts in one folder (the layout is saved once every check has passed).
     if os.path.exists(os.path.join(out_dir, vocab_lib.VOCAB_FILE)):
         vocab_lib.require_saved_vocab(vocab, out_dir)
-    text = load_or_train_text_tokenizer(config, os.path.join(workdir, "text_tokenizer"), raw_data_dir)
+    text = load_or_train_text_tokenizer(config, workdir)
     if text.vocab_size > vocab.text_size:
         raise vocab_lib.VocabMismatchError(
-            f"the text tokenizer in {workdir}/text_tokenizer has {text.vocab_size} pieces but vocab.text_size="
+            f"the text tokenizer {workdir.text_tokenizer} has {text.vocab_size} pieces but vocab.text_size="
             f"{vocab.text_size}: raise vocab.text_size or train a smaller tokenizer")
-    params, vqgan_step = restore_vqgan_params(config, os.path.join(workdir, "vqgan"), mesh)
+    image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(devices))
     # Shards of one folder come from one VQ-GAN and one text tokenizer, also across interrupted runs.
-    inputs = tokens_inputs(vqgan_step, params, os.path.join(workdir, "text_tokenizer", TEXT_TOKENIZER_FILE))
-    stages.check_inputs(out_dir, inputs)
+    inputs = tokens_inputs(image_tokenizer, workdir)
+    tokens.check_inputs(inputs)
     vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
-    stages.record_inputs(out_dir, inputs)
-    model_config = VQGANConfig.from_config(config.vqgan, codebook_size=vocab.image_codebook_size)
-    model = VQGAN(model_config)
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode), in_shardings=(None, batch_sharding))
+    tokens.record_inputs(inputs)
+    model_config = image_tokenizer.model_config
     batch_size = int(config.tokenize.batch_size)
     if batch_size % len(devices):
         raise ValueError(f"tokenize.batch_size={batch_size} must be a multiple of the {len(devices)} local devices")
 
-    manifest = {"vocab": vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": vqgan_step, "inputs": inputs,
+    manifest = {"vocab": vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": image_tokenizer.step,
+                "inputs": inputs,
                 "code_grid": model_config.grid_size, "image_size": model_config.image_size, "splits": {}}
     for split in config.tokenize.splits:
         source = open_raw_source(config.raw_data, split, raw_data_dir)
@@ -118,7 +103,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
         for shard in todo:
             indices = range(shard * shard_size, min((shard + 1) * shard_size, len(source)))
             records = _encode_examples(read_examples(source, model_config.image_size, counts, indices), text, vocab,
-                                       lambda x: np.asarray(jax.device_get(encode(params, x))), batch_size)
+                                       image_tokenizer.encode, batch_size)
             written = write_token_shard(records, out_dir, split, shard, num_shards)
             documents += written
             progress.advance(f"shard {shard + 1}/{num_shards}: {written} documents")
@@ -127,7 +112,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: str, devices=No
         manifest["splits"][split] = {"raw_examples": len(source), "documents_written_now": documents,
                                      "skipped": skipped, "shards": num_shards}
     if jax.process_index() == 0:
-        stages.atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2))
+        atomic_write_text(tokens / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -141,13 +126,13 @@ def _sum_over_processes(counts: SkipCounts, documents: int) -> tuple[dict, int]:
 
 
 def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVocab, encode_images, batch_size: int):
-    """Yields document records; images are encoded batch_size at a time (the last batch padded)."""
+    """Yields document records; uint8 images are encoded batch_size at a time (the last batch padded)."""
     pending = []
 
     def flush():
-        images = np.stack([e.image for e in pending]).astype(np.float32) / 127.5 - 1.0
-        padded = np.concatenate([images, np.zeros((batch_size - len(pending),) + images.shape[1:], np.float32)])
-        codes = encode_images(jnp.asarray(padded))[:len(pending)]
+        images = np.stack([e.image for e in pending])
+        padded = np.concatenate([images, np.zeros((batch_size - len(pending),) + images.shape[1:], images.dtype)])
+        codes = encode_images(padded)[:len(pending)]
         for example, grid in zip(pending, codes):
             document = [text_segment(vocab.text_ids(text.encode(example.caption))),
                         image_segment(vocab.image_ids(grid.reshape(-1)))]
@@ -160,3 +145,21 @@ def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVoca
             pending = []
     if pending:
         yield from flush()
+
+
+def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
+    stage_dir = workdir.tokens.prepare(config)
+    manifest = tokenize_dataset(config, workdir)
+    stage_dir.mark_complete(manifest)
+    print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)
+    return True
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    validate_raw_data_config(config)
+    validate_vocab_config(config)
+
+
+STAGE = Stage(name="tokens", command="tokenize", run=run, validate=validate, needs=("data", "vqgan"),
+              config_fields=("tokenize", "vocab"),
+              summary="text tokenizer (trained when absent) + VQ-GAN codes -> token shards in DIR/tokens (resumable)")

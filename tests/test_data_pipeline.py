@@ -12,8 +12,14 @@ from cm3jax.config_validation import ConfigError
 from cm3jax.data import cm3
 from cm3jax.data.augment import NoRetrieval
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
-from cm3jax.data.pipeline import (DocumentBatches, DocumentToExample, PipelineOptions, local_streams,
-                                  open_document_source, stream_indices)
+from cm3jax.data.pipeline import (
+    DocumentBatches,
+    DocumentToExample,
+    PipelineOptions,
+    local_streams,
+    open_document_source,
+    stream_indices,
+)
 from cm3jax.data.shards import open_token_shards, write_token_shards
 from cm3jax.data.synthetic import SyntheticDocumentSource
 from cm3jax.train.checkpoint import select_process_state

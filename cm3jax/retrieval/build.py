@@ -1,4 +1,4 @@
-"""`cm3jax retrieve`: the memory bank and every document's neighbours, under DIR/retrieval.
+"""The parts of `cm3jax retrieve` (cm3jax/stages/retrieval.py): the memory bank and every document's neighbours.
 
 1. The encoder: the dual encoder trained on the train token shards (DIR/retrieval/retriever, resumes), or
    embeddings computed elsewhere (retrieval.embeddings).
@@ -18,21 +18,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cm3jax import stages
-from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import Document, decode_document_record
-from cm3jax.data.shards import open_token_shards
 from cm3jax.progress import Progress
-from cm3jax.retrieval.embeddings import PrecomputedEncoder, RetrieverEncoder, embed_documents, part_queries
-from cm3jax.retrieval.index import IndexOptions, INDEX_FILE, build_index, load_index
+from cm3jax.retrieval.embeddings import embed_documents, part_queries
+from cm3jax.retrieval.index import INDEX_FILE, IndexOptions, build_index, load_index
 from cm3jax.retrieval.neighbours import StrategyOptions, find_neighbours
+from cm3jax.workdir import neighbours_file
 
 Encoder = Callable  # queries -> [len(queries), dim] unit vectors, with a `dim` attribute
 
@@ -103,14 +100,14 @@ def open_or_build_index(folder: str, bank_vectors: np.ndarray, options: IndexOpt
 def compute_neighbours(records: Sequence[bytes], split: str, in_bank: bool, encoder: Encoder, index,
                        bank_vectors: np.ndarray, multimodal: np.ndarray, options: StrategyOptions, folder: str,
                        chunk_size: int) -> str:
-    """Writes neighbours-SPLIT.npy next to `folder` (its chunk files inside it); returns its path."""
+    """Writes the split's neighbours file next to `folder` (its chunk files inside it); returns its path."""
     def compute(start: int, stop: int, path: str) -> None:
         neighbours = find_neighbours(_documents(records, start, stop), encoder, index, bank_vectors, multimodal,
                                      options, in_bank=in_bank)
         _atomic_save(path, array=neighbours.astype(np.int64))
 
     paths = _chunked("neighbours", folder, split, len(records), chunk_size, "npy", compute)
-    out = os.path.join(os.path.dirname(folder), f"neighbours-{split}.npy")
+    out = str(neighbours_file(os.path.dirname(folder), split))
     if jax.process_index() == 0:
         _atomic_save(out, array=np.concatenate([np.load(p) for p in paths]))
     _sync(f"neighbours-{split}.npy")
@@ -140,54 +137,3 @@ def retriever_figures(records: Sequence[bytes], encoder: Encoder, bank_records: 
                                      for j in first[found]])
         figures["first_neighbour_same_label"] = float(np.mean(neighbour_labels == labels[found]))
     return figures
-
-
-def run_retrieval_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Builds DIR/retrieval for the LM's train and eval splits; returns the summary."""
-    from cm3jax.models.retriever import RetrieverConfig
-    from cm3jax.train.retriever import host_params, train_retriever
-
-    r = config.retrieval
-    token_dir = config.data.token_dir or os.path.join(workdir, "tokens")
-    stage_dir = os.path.join(workdir, "retrieval")
-    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    vocab_lib.require_saved_vocab(vocab, token_dir)
-    # Bank, index and neighbours of one folder come from one set of token shards, also across interrupted runs.
-    inputs = {"tokens": stages.stage_identity(token_dir)}
-    stages.check_inputs(stage_dir, inputs)
-    stages.record_inputs(stage_dir, inputs)
-    train_split, eval_split = config.data.train_split, config.data.eval_split
-    bank = open_token_shards(token_dir, train_split)
-    chunk_size = int(r.chunk_size)
-    summary: dict = {"bank_documents": len(bank)}
-
-    if r.embeddings:
-        def encoder_for(split: str, count: int) -> Encoder:
-            return PrecomputedEncoder(r.embeddings, split, count)
-        summary["embeddings"] = r.embeddings
-    else:
-        result = train_retriever(config, os.path.join(stage_dir, "retriever"), token_dir)
-        if result.preempted:
-            return {"preempted": True}
-        trained = RetrieverEncoder(host_params(result.state.params), RetrieverConfig.from_config(config), vocab,
-                                   int(config.retriever.embed_batch_size))
-        summary["retriever_step"] = result.step
-
-        def encoder_for(split: str, count: int) -> Encoder:
-            return trained
-
-    bank_vectors, multimodal = embed_bank(bank, encoder_for(train_split, len(bank)), os.path.join(stage_dir, "bank"),
-                                          chunk_size)
-    index = open_or_build_index(os.path.join(stage_dir, "index"), bank_vectors, IndexOptions.from_config(r))
-    options = StrategyOptions.from_config(r)
-    summary.update(index=type(index).__name__, multimodal_share=float(np.mean(multimodal)))
-    for split in dict.fromkeys((train_split, eval_split)):
-        records = bank if split == train_split else open_token_shards(token_dir, split)
-        encoder = encoder_for(split, len(records))
-        path = compute_neighbours(records, split, split == train_split, encoder, index, bank_vectors, multimodal,
-                                  options, os.path.join(stage_dir, "neighbours"), chunk_size)
-        neighbours = np.load(path)
-        summary[f"{split}_with_neighbours"] = float(np.mean(neighbours[:, 0] >= 0))
-        if split == eval_split:
-            summary.update(retriever_figures(records, encoder, bank, neighbours))
-    return summary

@@ -14,6 +14,7 @@ import pytest
 from cm3jax.config_validation import ConfigError, validate_config
 from cm3jax.parallel.mesh import create_mesh
 from cm3jax.parallel.sharding import logical_axis_rules
+from cm3jax.stages import STAGES
 from cm3jax.train import loop
 from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task, train_language_model
@@ -36,7 +37,8 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     assert resumed.step == 6
     jax.tree.map(np.testing.assert_array_equal, _host_params(straight), _host_params(resumed))
     # The restarted run saw exactly the batches of steps 4..6: same logged losses.
-    logs = [[json.loads(line) for line in open(tmp_path / d / "logs" / "metrics.jsonl")] for d in ("straight", "resumed")]
+    logs = [[json.loads(line) for line in open(tmp_path / d / "logs" / "metrics.jsonl")]
+            for d in ("straight", "resumed")]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
 
@@ -168,15 +170,17 @@ def test_config_that_cannot_run_fails_naming_the_field(tiny_config, overrides, f
             target = target[name]
         target[rest[-1]] = value
     with pytest.raises(ConfigError, match=rf"^config\.{field}"):
-        validate_config(tiny_config, num_devices=8)
+        validate_config(tiny_config, num_devices=8)  # what the devices must allow
+        for stage in STAGES:  # each stage's own sections
+            stage.validate(tiny_config)
 
 
 def test_every_recipe_config_is_valid_for_its_intended_size():
-    import importlib
+    from cm3jax.config import load_recipe
 
-    for name, devices in (("tiny", 1), ("demo", 1), ("cm3leon_350m", 256), ("cm3leon_760m", 256),
-                          ("cm3leon_7b", 512)):
-        config = importlib.import_module(f"configs.{name}").get_config()
+    for name, devices in (("tiny", 1), ("demo", 1), ("cm3leon:350m", 256), ("cm3leon:760m", 256),
+                          ("cm3leon:7b", 512)):
+        config = load_recipe(name)
         validate_config(config, num_devices=devices)
         if name.startswith("cm3leon"):  # paper: 8M-token batches of 4096-token sequences
             assert (config.train.global_batch_size, config.train.seq_len) == (2048, 4096)

@@ -1,0 +1,34 @@
+"""`cm3jax train`: train the CM3leon language model on the token shards and their neighbours (DIR/lm)."""
+from __future__ import annotations
+
+import ml_collections
+
+from cm3jax.stages.stage import Stage
+from cm3jax.workdir import Workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
+    from cm3jax.train.lm import train_language_model
+
+    config, stage_dir = workdir.resolve(config), workdir.lm
+    result = train_language_model(config, str(stage_dir), on_start=lambda: stage_dir.prepare(config))
+    if not result.preempted:
+        stage_dir.mark_complete({"step": result.step, **result.last_metrics})
+        print(f"lm: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, logs in {stage_dir.logs}",
+              flush=True)
+    return not result.preempted
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """The data section (the model, training and mesh sections are checked against the devices when it starts)."""
+    import jax
+
+    from cm3jax.config_validation import validate_data_config
+
+    validate_data_config(config, jax.process_count())
+
+
+STAGE = Stage(name="lm", command="train", run=run, validate=validate, needs=("tokens", "retrieval"),
+              config_fields=("vocab", "model", "train", "optim", "data"), resumable=("train.steps",),
+              summary="train the CM3leon language model (DIR/lm; resumes from its latest checkpoint, or from "
+                      "--config.train.restore_step=N)")

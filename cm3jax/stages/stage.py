@@ -1,0 +1,35 @@
+"""What a pipeline stage declares: its folder, its command, what it needs, what in the config it depends on, and
+when it runs."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+
+from cm3jax.workdir import Workdir
+
+
+def always(config: ml_collections.ConfigDict) -> str | None:
+    return None
+
+
+def nothing_to_check(config: ml_collections.ConfigDict) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # its folder under the workdir
+    command: str  # `cm3jax <command>` runs it alone
+    summary: str  # one line of the usage text
+    run: Callable[[ml_collections.ConfigDict, Workdir], bool]  # False: preempted (its checkpoint is saved)
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads
+    # What its outputs depend on in the config: a complete stage given other values there is not skipped silently.
+    config_fields: tuple[str, ...] = ()
+    # Fields of a training stage whose growth continues it from its last checkpoint (e.g. its step count).
+    resumable: tuple[str, ...] = ()
+    # None when the stage runs with this config, else why it is skipped.
+    skipped_because: Callable[[ml_collections.ConfigDict], str | None] = always
+    # Raises ConfigError naming the field when the stage's own sections cannot run (before anything runs).
+    validate: Callable[[ml_collections.ConfigDict], None] = nothing_to_check

@@ -1,0 +1,266 @@
+"""The layout of a run folder, known in one place.
+
+    DIR/
+      data/             the embedded raw dataset (`cm3jax data`)
+      vqgan/            the image tokenizer's checkpoints, logs and reconstructions
+      text_tokenizer/   text.model, the SentencePiece model
+      tokens/           token shards ({split}-NNNNN-of-NNNNN.array_record), manifest.json, vocab.json
+      retrieval/        retriever/, bank/, index/, neighbours/ (chunks), neighbours-{split}.npy
+      lm/               the language model's checkpoints/, logs/
+      samples/          what the finished run generates
+
+Every stage folder holds `config.json` (the resolved config it ran with), `COMPLETE.json` once it has finished, and
+`inputs.json` where its outputs depend on another stage's (the digest later stages record, so no stage runs on,
+or resumes with, inputs that changed). Paths are `etils.epath` paths, so a workdir may be a bucket.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from cm3jax.config import config_to_json
+from cm3jax.errors import UserError, WorkdirError
+
+COMPLETE_MARKER = "COMPLETE.json"
+INPUTS_FILE = "inputs.json"
+CONFIG_FILE = "config.json"
+TEXT_TOKENIZER_FILE = "text.model"
+
+PathLike = str | os.PathLike
+
+
+class ChangedInputsError(UserError):
+    """A stage's inputs are not the ones its existing outputs were made from."""
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the whole new one, never a part."""
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        if hasattr(f, "fileno"):
+            os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def files_digest(*paths: PathLike) -> str | None:
+    """sha256 of the contents of the files among `paths` that exist (None when none does)."""
+    digest, found = hashlib.sha256(), False
+    for path in map(epath.Path, paths):
+        if path.exists():
+            found = True
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest() if found else None
+
+
+def arrays_digest(tree: Any) -> str:
+    """sha256 of every array of a pytree (e.g. a model's parameters), in tree order."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDir:
+    """One stage's folder: its outputs, its saved config, its completion marker and its inputs' identity."""
+    path: epath.Path
+
+    def __str__(self) -> str:
+        return os.fspath(self.path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __truediv__(self, name: str) -> epath.Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> epath.Path:
+        return self.path / "checkpoints"
+
+    @property
+    def logs(self) -> epath.Path:
+        return self.path / "logs"
+
+    @property
+    def samples(self) -> epath.Path:
+        return self.path / "samples"
+
+    @property
+    def checkpoints_set_aside(self) -> epath.Path:
+        """Where `restore_step` moves the checkpoints after the step it resumes from."""
+        return self.path / "checkpoints_set_aside"
+
+    @property
+    def config_file(self) -> epath.Path:
+        return self.path / CONFIG_FILE
+
+    def prepare(self, config: ml_collections.ConfigDict) -> StageDir:
+        """Creates the folder and writes the resolved config there (process 0)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            atomic_write_text(self.config_file, config_to_json(config))
+        return self
+
+    def saved_config(self) -> dict | None:
+        """The config this stage last ran with (None when it has not run)."""
+        if not self.config_file.exists():
+            return None
+        return json.loads(self.config_file.read_text())
+
+    def is_complete(self) -> bool:
+        return (self.path / COMPLETE_MARKER).exists()
+
+    def mark_complete(self, summary: dict) -> None:
+        if jax.process_index() == 0:
+            record = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}
+            atomic_write_text(self.path / COMPLETE_MARKER, json.dumps(record, indent=2, default=float))
+
+    def identity(self) -> str | None:
+        """What later stages record of this stage's outputs: the digest of the inputs it was made from."""
+        return files_digest(self.path / INPUTS_FILE)
+
+    def check_inputs(self, inputs: dict) -> None:
+        """Raises ChangedInputsError when the folder already holds outputs made from other inputs."""
+        path = self.path / INPUTS_FILE
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        changed = [f"{key}: {saved.get(key)} then, {inputs.get(key)} now" for key in sorted(set(saved) | set(inputs))
+                   if saved.get(key) != inputs.get(key)]
+        if changed:
+            raise ChangedInputsError(f"{self} was made from other inputs than the ones in this workdir now "
+                                     f"({'; '.join(changed)}); running on would mix the two. Move {self} away to "
+                                     f"redo it from the current inputs")
+
+    def record_inputs(self, inputs: dict) -> None:
+        if jax.process_index() == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path / INPUTS_FILE, json.dumps(inputs, indent=2, sort_keys=True))
+
+
+def neighbours_file(folder: PathLike, split: str) -> epath.Path:
+    """[documents, num_neighbours] train-record ids of every document of `split`, in a retrieval folder (the
+    workdir's, or data.neighbours_dir)."""
+    return epath.Path(folder) / f"neighbours-{split}.npy"
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalDir(StageDir):
+    """DIR/retrieval: the retriever's run, the memory bank's vectors, the index and the neighbour files."""
+
+    @property
+    def retriever(self) -> StageDir:
+        return StageDir(self.path / "retriever")
+
+    @property
+    def bank(self) -> epath.Path:
+        return self.path / "bank"
+
+    @property
+    def index(self) -> epath.Path:
+        return self.path / "index"
+
+    @property
+    def neighbour_chunks(self) -> epath.Path:
+        return self.path / "neighbours"
+
+    def neighbours(self, split: str) -> epath.Path:
+        return neighbours_file(self.path, split)
+
+
+class Workdir:
+    """Every path of a run, and the defaults of the paths a config may point elsewhere (data.token_dir,
+    data.neighbours_dir)."""
+
+    def __init__(self, root: PathLike):
+        self.root = epath.Path(root)
+
+    @classmethod
+    def of(cls, value: Workdir | PathLike) -> Workdir:
+        return value if isinstance(value, Workdir) else cls(value)
+
+    def __str__(self) -> str:
+        return os.fspath(self.root)
+
+    def __repr__(self) -> str:
+        return f"Workdir({str(self)!r})"
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.root / name)
+
+    @property
+    def data(self) -> StageDir:
+        return self.stage("data")
+
+    @property
+    def vqgan(self) -> StageDir:
+        return self.stage("vqgan")
+
+    @property
+    def tokens(self) -> StageDir:
+        return self.stage("tokens")
+
+    @property
+    def retrieval(self) -> RetrievalDir:
+        return RetrievalDir(self.root / "retrieval")
+
+    @property
+    def lm(self) -> StageDir:
+        return self.stage("lm")
+
+    @property
+    def samples(self) -> StageDir:
+        return self.stage("samples")
+
+    @property
+    def text_tokenizer(self) -> epath.Path:
+        """The SentencePiece model the tokens stage trains (or finds) and generation reads."""
+        return self.root / "text_tokenizer" / TEXT_TOKENIZER_FILE
+
+    def generate_output(self, task: str) -> epath.Path:
+        """A new folder for one `cm3jax generate` request."""
+        return self.samples.path / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def resolve(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """A copy of config whose LM inputs default to this workdir's token shards and neighbour files."""
+        config = config.copy_and_resolve_references()
+        if not config.data.token_dir:
+            config.data.token_dir = str(self.tokens)
+        if not config.data.neighbours_dir:
+            config.data.neighbours_dir = str(self.retrieval)
+        return config
+
+    def check(self) -> None:
+        """Creates the workdir if needed and checks that a file can be written there (remote stores,
+        `scheme://...`, are left to the stages); raises WorkdirError saying what is wrong."""
+        root = str(self)
+        if "://" in root:
+            return
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise WorkdirError(f"--workdir={root} is a file, not a folder")
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"--workdir={root} cannot be created: {e.strerror}") from e
+        try:
+            with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+                pass
+        except OSError as e:
+            raise WorkdirError(f"--workdir={root} is not writable: {e.strerror}") from e

@@ -1,0 +1,68 @@
+"""The tokens stage (`cm3jax tokenize`): documents that round-trip through the shards, resumption, a changed vocabulary
+refused, the image tokenizer's codes, and every kind of bad record counted."""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.documents import decode_document_record, validate_document
+from cm3jax.data.shards import open_token_shards
+from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
+from cm3jax.models.vqgan import VQGAN, pixels_from_uint8, uint8_from_pixels
+from cm3jax.stages.tokens import tokenize_dataset
+from cm3jax.tokenizers.image import ImageTokenizer
+from cm3jax.tokenizers.text import TextTokenizer
+from cm3jax.workdir import Workdir
+
+from helpers import copy_run
+
+
+def test_tokenize_writes_documents_that_round_trip(tiny_config, tiny_vqgan_run, tmp_path):
+    trained_workdir = copy_run(tiny_vqgan_run, tmp_path / "run")
+    tiny_config.tokenize.update(splits=("validation",), batch_size=16, shard_size=120)
+    manifest = tokenize_dataset(tiny_config, Workdir(trained_workdir), jax.devices()[:2])
+    assert manifest["splits"]["validation"] == {"raw_examples": 200, "documents_written_now": 200, "skipped": {},
+                                                "shards": 2}
+    assert manifest["code_grid"] == 4 and json.load(open(trained_workdir / "tokens" / "manifest.json")) == manifest
+    again = tokenize_dataset(tiny_config, Workdir(trained_workdir), jax.devices()[:2])  # resumes: both shards kept
+    assert again["splits"]["validation"]["documents_written_now"] == 0
+    vocab = vocab_lib.UnifiedVocab.from_config(tiny_config.vocab)
+    assert vocab_lib.UnifiedVocab.load(str(trained_workdir / "tokens")) == vocab
+    changed = ml_collections.ConfigDict(tiny_config.to_dict())
+    changed.vocab.image_codebook_size *= 2
+    with pytest.raises(vocab_lib.VocabMismatchError, match="vocab.image_codebook_size"):
+        tokenize_dataset(changed, Workdir(trained_workdir), jax.devices()[:2])  # would mix two id layouts
+
+    text = TextTokenizer.load(str(trained_workdir / "text_tokenizer" / "text.model"))
+    assert text.vocab_size <= vocab.text_size
+    records = open_token_shards(str(trained_workdir / "tokens"), "validation")
+    raw = open_raw_source(tiny_config.raw_data, "validation", str(trained_workdir / "data"))
+    tokenizer = ImageTokenizer.load(tiny_config, Workdir(trained_workdir))
+    params, model = tokenizer.params, VQGAN(tokenizer.model_config)
+    for i in (0, 57, 199):
+        document, meta = decode_document_record(records[i])
+        validate_document(document, vocab)  # ids inside their modality's range
+        example = next(read_examples(raw, 32, SkipCounts(), [meta["index"]]))
+        assert text.decode(vocab.text_pieces(document[0].tokens)) == example.caption
+        codes = vocab.image_codes(document[1].tokens).reshape(1, 4, 4)
+        np.testing.assert_array_equal(tokenizer.encode(example.image[None]), codes)
+        reconstruction = model.apply({"params": params}, pixels_from_uint8(example.image[None]))[0]
+        np.testing.assert_allclose(model.apply({"params": params}, codes, method=model.decode), reconstruction,
+                                   atol=1e-4)  # decode(shard codes) is the VQ-GAN's reconstruction of the image
+        np.testing.assert_array_equal(tokenizer.decode(codes), uint8_from_pixels(reconstruction))
+
+
+def test_tokenize_summary_counts_every_kind_of_bad_record(tiny_config, tiny_vqgan_run, tmp_path):
+    from test_sources import write_bad_corpus
+
+    expected = write_bad_corpus(tmp_path / "corpus")
+    os.symlink(tiny_vqgan_run / "vqgan", tmp_path / "vqgan")
+    tiny_config.raw_data.update(dataset="image_folder", paths=str(tmp_path / "corpus"))
+    tiny_config.tokenize.update(splits=("train",), batch_size=4, shard_size=4)
+    manifest = tokenize_dataset(tiny_config, Workdir(tmp_path), jax.devices()[:1])
+    assert manifest["splits"]["train"] == {"raw_examples": 9, "documents_written_now": 3, "skipped": expected,
+                                           "shards": 3}
