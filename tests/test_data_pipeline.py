@@ -145,6 +145,7 @@ def test_a_changed_process_count_is_a_clear_error():
     assert select_process_state({"process_count": 1, "processes": [{"a": 1}]}) == {"a": 1}
 
 
+@pytest.mark.slow
 def test_lm_trains_on_token_shards(tiny_config, tmp_path):
     vocab = vocab_lib.UnifiedVocab.from_config(tiny_config.vocab)
     synthetic = SyntheticDocumentSource(vocab, num_records=40, text_len=6, image_tokens=8, text_pieces=40)

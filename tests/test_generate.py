@@ -14,6 +14,8 @@ from cm3jax.inference.decode import SamplingOptions
 
 from helpers import copy_run
 
+pytestmark = [pytest.mark.slow]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from cm3jax.parallel.mesh import create_mesh
 from cm3jax.parallel.sharding import logical_axis_rules
@@ -14,6 +15,8 @@ from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task
 
 from helpers import launch_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 # Float32 sums are reduced in another order across 2 processes than on 4 local devices; 5 AdamW steps agree to 1e-4.
 PARAM_ATOL = 1e-4

@@ -123,6 +123,8 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sharded_exact_index_over_two_processes_equals_one_index(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

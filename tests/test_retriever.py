@@ -20,6 +20,8 @@ from cm3jax.workdir import Workdir
 
 from helpers import launch_command
 
+pytestmark = [pytest.mark.slow]
+
 LABELS, TRAIN, VALIDATION = 10, 320, 80
 LABEL_PIECE = 300  # caption piece 300 + label names the label; the other pieces are noise
 
@@ -116,6 +118,7 @@ def _copy_trained_retriever(root, to):
     return str(to)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["exact", "scann"])
 def test_neighbours_do_not_depend_on_chunks_processes_or_resumption(workdir, config, tmp_path, kind):
     """The trained retriever, four ways: one chunk; chunks of 24 documents (which split the encoder's batches of 16);

@@ -203,6 +203,7 @@ def test_load_image_rejects_garbage():
         load_image(b"garbage")
 
 
+@pytest.mark.slow
 def test_data_command_builds_shapes(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-m", "cm3jax", "data", "--config=configs/tiny.py",

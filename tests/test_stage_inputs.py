@@ -14,6 +14,8 @@ from cm3jax.pipeline import run_pipeline
 from cm3jax.train import loop
 from cm3jax.workdir import ChangedInputsError, Workdir
 
+pytestmark = [pytest.mark.slow]
+
 STAGE_ORDER = tuple(stage.name for stage in stages.STAGES)
 
 

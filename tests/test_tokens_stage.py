@@ -20,6 +20,8 @@ from cm3jax.workdir import Workdir
 
 from helpers import copy_run
 
+pytestmark = [pytest.mark.slow]
+
 
 def test_tokenize_writes_documents_that_round_trip(tiny_config, tiny_vqgan_run, tmp_path):
     trained_workdir = copy_run(tiny_vqgan_run, tmp_path / "run")

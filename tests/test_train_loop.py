@@ -27,6 +27,7 @@ def _host_params(result):
     return jax.device_get(result.state.params)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tiny_config, tmp_path):
     straight = train_language_model(tiny_config, str(tmp_path / "straight"), ONE_DEVICE)
     tiny_config.train.steps = 3
@@ -42,6 +43,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_a_different_mesh(tiny_config, tmp_path):
     tiny_config.train.steps = 3
     tiny_config.mesh.ici.update(data=1, fsdp=8, tensor=1)
@@ -65,6 +67,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tiny_config, tmp_path):
     assert train_language_model(tiny_config, str(tmp_path), jax.devices()).step == 5
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
     import cm3jax.train.lm as lm
 
@@ -97,6 +100,7 @@ def _cli(*args, **popen_kwargs):
                             stderr=subprocess.STDOUT, text=True, **popen_kwargs)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
     workdir = str(tmp_path)
     common = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.train.checkpoint_every=100000"]
@@ -122,6 +126,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
     assert (tmp_path / "lm" / "COMPLETE.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_overrides_reach_the_run_and_bad_values_name_the_field(tmp_path):
     ok = _cli("train", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.model.num_layers=1",
               "--config.train.steps=2")

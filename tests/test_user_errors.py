@@ -14,6 +14,8 @@ from cm3jax.data.documents import encode_document_record, image_segment, text_se
 from cm3jax.data.shards import write_token_shards
 from cm3jax.stages import STAGES
 
+pytestmark = [pytest.mark.slow]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

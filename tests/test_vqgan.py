@@ -32,6 +32,7 @@ def digit_images(data_dir, n):
     return jnp.asarray(pixels_from_uint8(np.stack([e.image for e in examples])))
 
 
+@pytest.mark.slow
 def test_encode_decode_shapes_and_code_range():
     model = VQGAN(SMALL)
     images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1, maxval=1)
@@ -48,6 +49,7 @@ def test_encode_decode_shapes_and_code_range():
     assert latents.shape == (3, 4, 4, SMALL.code_dim)
 
 
+@pytest.mark.slow
 def test_straight_through_gradients_reach_the_encoder():
     model = VQGAN(SMALL)
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
@@ -61,6 +63,7 @@ def test_straight_through_gradients_reach_the_encoder():
         assert float(jnp.abs(grads["encoder"][name]["kernel"]).max()) > 0
 
 
+@pytest.mark.slow
 def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     images = digit_images(digits_dir, 16)
     options = VQGANTrainOptions(reconstruction="l2", lpips_weight=0.0, gan_weight=0.0, disc_start=10**9)
@@ -87,6 +90,7 @@ def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     assert usage >= 0.5, usage  # 256 code slots over a 32-code codebook
 
 
+@pytest.mark.slow
 def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, tiny_vqgan_run, tmp_path):
     trained_workdir = copy_run(tiny_vqgan_run, tmp_path / "run")
     tmp_path = trained_workdir / "vqgan"  # trained to step 2 on two devices (data parallel)
@@ -102,6 +106,7 @@ def test_vqgan_stage_trains_resumes_and_saves_reconstructions(tiny_config, tiny_
     assert os.path.exists(tmp_path / "samples" / "reconstructions_0000004.png")
 
 
+@pytest.mark.slow
 def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_layer(digits_dir):
     images = digit_images(digits_dir, 4)
     options = VQGANTrainOptions(reconstruction="l1", lpips_weight=0.0, gan_weight=0.5, disc_start=0,

@@ -18,16 +18,17 @@ from cm3jax.inference.generate import Generator, contact_sheet
 from cm3jax.workdir import Workdir, atomic_write_text
 
 
-def held_out_images(config: ml_collections.ConfigDict, workdir: Workdir, count: int) -> list[tuple[np.ndarray, str]]:
+def held_out_images(config: ml_collections.ConfigDict, workdir: Workdir | str,
+                    count: int) -> list[tuple[np.ndarray, str]]:
     """(image, reference caption) of the first `count` readable examples of the eval split's raw data."""
     from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
 
-    source = open_raw_source(config.raw_data, config.data.eval_split, str(workdir.data))
+    source = open_raw_source(config.raw_data, config.data.eval_split, str(Workdir.of(workdir).data))
     examples = read_examples(source, int(config.vqgan.image_size), SkipCounts(), range(min(len(source), 4 * count)))
     return [(e.image, e.caption) for _, e in zip(range(count), examples)]
 
 
-def write_samples(config: ml_collections.ConfigDict, workdir: Workdir, out_dir: str | os.PathLike) -> dict:
+def write_samples(config: ml_collections.ConfigDict, workdir: Workdir | str, out_dir: str | os.PathLike) -> dict:
     g, out_dir = config.generate, os.fspath(out_dir)
     generator = Generator.load(config, workdir)
     options = SamplingOptions.from_config(g)
