@@ -31,6 +31,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.15"],
+        # gs:// paths for etils.epath without TensorFlow (orbax reaches buckets through tensorstore by itself).
+        "gcs": ["gcsfs>=2024.6"],
         # Side-by-side reference for benchmarks/train_step.py (CPU wheel of torch is enough).
         "bench": ["torch>=2.4", "transformers>=4.45"],
     },

@@ -66,7 +66,7 @@ def time_pipeline(config, token_dir: str, workers: int, batches: int) -> dict:
 
     config.data.update(source="token_shards", token_dir=token_dir, neighbours_dir=token_dir, num_workers=workers)
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    options = PipelineOptions.from_config(config, num_streams=1)
+    options = PipelineOptions.from_config(config, num_processes=1)
     iterator = DocumentBatches(open_document_source(config.data, vocab, "train"), vocab, options,
                                rows=(0, config.train.global_batch_size),
                                augment=open_retrieval(config.data, vocab, "train", evaluation=False))

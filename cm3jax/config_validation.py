@@ -82,12 +82,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     validate_data_config(config, num_processes)
 
 
-def resolve_num_streams(config: ml_collections.ConfigDict, num_processes: int) -> int:
-    """data.num_streams, with -1 meaning one stream per process."""
-    streams = int(config.data.num_streams)
-    return num_processes if streams == -1 else streams
-
-
 def validate_vocab_config(config: ml_collections.ConfigDict) -> None:
     v = config.vocab
     require(v.text_size >= MIN_TEXT_VOCAB, "vocab.text_size",
@@ -112,7 +106,9 @@ def validate_data_config(config: ml_collections.ConfigDict, num_processes: int) 
     for field in ("num_workers", "packing_bins", "synthetic_records", "worker_buffer_size"):
         require(int(d[field]) >= 0, f"data.{field}", f"must be >= 0, got {d[field]}")
     require(d.num_streams == -1 or d.num_streams >= 1, "data.num_streams", f"must be >= 1 or -1, got {d.num_streams}")
-    streams = resolve_num_streams(config, num_processes)
+    from cm3jax.data.pipeline import resolve_num_streams
+
+    streams = resolve_num_streams(d, num_processes)
     require(t.global_batch_size % streams == 0, "data.num_streams",
             f"{streams} streams do not divide train.global_batch_size={t.global_batch_size}")
     require(streams % num_processes == 0, "data.num_streams",

@@ -85,7 +85,7 @@ else
   run "${SSH[@]}" --command="mkdir -p $REMOTE_DIR && tar -xzf cm3jax.tar.gz -C $REMOTE_DIR"
 fi
 
-run "${SSH[@]}" --command="cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]'"
+run "${SSH[@]}" --command="cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"
 status=0
 run "${SSH[@]}" --command="cd $REMOTE_DIR && PATH=$REMOTE_DIR/.venv/bin:\$PATH$COMMAND 2>&1 | tee -a \$HOME/cm3jax.log" || status=$?
 

@@ -52,7 +52,7 @@ def test_tpu_creates_missing_vm_ships_code_installs_and_runs_on_all_workers(tmp_
     assert commands[2][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in commands[2]
     ssh = [c for c in commands if c[4] == "ssh"]
     assert all("--worker=all" in c for c in ssh)
-    assert "pip install -q -e . 'jax[tpu]'" in ssh[-2][-1]
+    assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in ssh[-2][-1]  # the workers read and write a bucket
     assert " ".join(TRAIN) in ssh[-1][-1]
     assert commands[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod", "--zone=us-central2-b", "--quiet"]
     # Only the read-only query reached gcloud.

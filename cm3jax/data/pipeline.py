@@ -39,6 +39,12 @@ COUNTER_KEYS = ("text_tokens_cut", "segments_dropped", "retrieved_dropped")
 _SEQUENCE_KEYS = ("inputs", "targets", "loss_weights")
 
 
+def resolve_num_streams(data_config, num_processes: int) -> int:
+    """data.num_streams, with -1 meaning one stream per process."""
+    streams = int(data_config.num_streams)
+    return num_processes if streams == -1 else streams
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
     seq_len: int
@@ -55,9 +61,10 @@ class PipelineOptions:
     retrieved_loss_weight: float = default("data.retrieved_loss_weight")
 
     @classmethod
-    def from_config(cls, config, num_streams: int) -> PipelineOptions:
+    def from_config(cls, config, num_processes: int) -> PipelineOptions:
         d, t = config.data, config.train
-        return cls(seq_len=int(t.seq_len), global_batch_size=int(t.global_batch_size), num_streams=num_streams,
+        return cls(seq_len=int(t.seq_len), global_batch_size=int(t.global_batch_size),
+                   num_streams=resolve_num_streams(d, num_processes),
                    seed=int(d.seed), shuffle=bool(d.shuffle), image_first_probability=float(d.image_first_probability),
                    cm3=cm3.CM3Options.from_config(d), packing=str(d.packing), packing_bins=int(d.packing_bins),
                    num_workers=int(d.num_workers), worker_buffer_size=int(d.worker_buffer_size),

@@ -16,7 +16,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.config_validation import resolve_num_streams, validate_config
+from cm3jax.config_validation import validate_config
 from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source, open_retrieval
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
 from cm3jax.parallel.mesh import create_mesh, num_slices
@@ -147,7 +147,7 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
     model = CM3LeonDecoder(decoder_config)
 
     rows = process_rows(mesh, t.global_batch_size)
-    options = PipelineOptions.from_config(config, resolve_num_streams(config, jax.process_count()))
+    options = PipelineOptions.from_config(config, jax.process_count())
     # Held-out loss is the loss on the held-out documents themselves: retrieved documents before them are context.
     eval_options = dataclasses.replace(options, shuffle=False, num_workers=0, retrieved_loss_weight=0.0)
     eval_source = open_document_source(config.data, vocab, config.data.eval_split) if t.eval_every else None
