@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from cm3jax.errors import MissingInputError, UserError
+from cm3jax.storage import PathLike, atomic_write_text
 
 PAD, EOS, BREAK, EOSS = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<eoss>")
@@ -65,21 +66,16 @@ class UnifiedVocab:
                 "text_offset": self.text_offset, "image_offset": self.image_offset, "size": self.size,
                 "padded_size": self.padded_size}
 
-    def save(self, folder: str) -> str:
+    def save(self, folder: PathLike) -> epath.Path:
         """Writes folder/vocab.json (whole or not at all); returns its path."""
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, VOCAB_FILE)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        path = epath.Path(folder) / VOCAB_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod
-    def load(cls, folder: str) -> UnifiedVocab:
-        path = os.path.join(folder, VOCAB_FILE)
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+    def load(cls, folder: PathLike) -> UnifiedVocab:
+        saved = json.loads((epath.Path(folder) / VOCAB_FILE).read_text())
         return cls(**{name: int(saved[name]) for name in _SIZE_FIELDS})
 
     def require_same(self, saved: UnifiedVocab, where: str) -> None:
@@ -158,18 +154,19 @@ class UnifiedVocab:
         return xp.where(is_image, MODALITY_IMAGE, xp.where(is_text, MODALITY_TEXT, MODALITY_SPECIAL)).astype(xp.int32)
 
 
-def require_saved_vocab(configured: UnifiedVocab, folder: str) -> None:
+def require_saved_vocab(configured: UnifiedVocab, folder: PathLike) -> None:
     """Checks folder/vocab.json against the configured layout; a folder without one is an error."""
-    if not os.path.exists(os.path.join(folder, VOCAB_FILE)):
+    path = epath.Path(folder) / VOCAB_FILE
+    if not path.exists():
         raise MissingInputError(f"{folder} has no {VOCAB_FILE}: token shards are written by `cm3jax tokenize`, "
                                 f"which saves the vocabulary layout with them")
-    configured.require_same(UnifiedVocab.load(folder), os.path.join(folder, VOCAB_FILE))
+    configured.require_same(UnifiedVocab.load(folder), str(path))
 
 
-def check_or_save_vocab(vocab: UnifiedVocab, folder: str, write: bool) -> None:
+def check_or_save_vocab(vocab: UnifiedVocab, folder: PathLike, write: bool) -> None:
     """A folder that already holds a layout (a resumed run) must match `vocab`; otherwise it is saved there (by the
     one process with `write`)."""
-    if os.path.exists(os.path.join(folder, VOCAB_FILE)):
+    if (epath.Path(folder) / VOCAB_FILE).exists():
         require_saved_vocab(vocab, folder)
     elif write:
         vocab.save(folder)

@@ -16,12 +16,9 @@ or resumes with, inputs that changed). Paths are `etils.epath` paths, so a workd
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import tempfile
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -29,57 +26,27 @@ from etils import epath
 
 from cm3jax.config import config_to_json
 from cm3jax.errors import UserError, WorkdirError
+from cm3jax.storage import PathLike, atomic_write_text, files_digest
 
 COMPLETE_MARKER = "COMPLETE.json"
 INPUTS_FILE = "inputs.json"
 CONFIG_FILE = "config.json"
 TEXT_TOKENIZER_FILE = "text.model"
 
-PathLike = str | os.PathLike
-
 
 class ChangedInputsError(UserError):
     """A stage's inputs are not the ones its existing outputs were made from."""
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the whole new one, never a part."""
-    path = epath.Path(path)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        if hasattr(f, "fileno"):
-            os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def files_digest(*paths: PathLike) -> str | None:
-    """sha256 of the contents of the files among `paths` that exist (None when none does)."""
-    digest, found = hashlib.sha256(), False
-    for path in map(epath.Path, paths):
-        if path.exists():
-            found = True
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest() if found else None
-
-
-def arrays_digest(tree: Any) -> str:
-    """sha256 of every array of a pytree (e.g. a model's parameters), in tree order."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
 class StageDir:
     """One stage's folder: its outputs, its saved config, its completion marker and its inputs' identity."""
     path: epath.Path
+
+    @classmethod
+    def at(cls, path: StageDir | PathLike) -> StageDir:
+        """The stage folder at `path` (a stage run outside a workdir, e.g. the LM on token shards elsewhere)."""
+        return path if isinstance(path, StageDir) else cls(epath.Path(path))
 
     def __str__(self) -> str:
         return os.fspath(self.path)
@@ -248,19 +215,18 @@ class Workdir:
         return config
 
     def check(self) -> None:
-        """Creates the workdir if needed and checks that a file can be written there (remote stores,
-        `scheme://...`, are left to the stages); raises WorkdirError saying what is wrong."""
-        root = str(self)
-        if "://" in root:
-            return
-        if os.path.exists(root) and not os.path.isdir(root):
-            raise WorkdirError(f"--workdir={root} is a file, not a folder")
+        """Creates the workdir if needed and checks that a file can be written there; raises WorkdirError saying
+        what is wrong."""
+        root = self.root
+        probe = root / f".write-check-{os.getpid()}"
         try:
-            os.makedirs(root, exist_ok=True)
+            if root.exists() and not root.is_dir():
+                raise WorkdirError(f"--workdir={self} is a file, not a folder")
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except ImportError as e:  # fsspec's message names the missing client library
+            raise WorkdirError(f"--workdir={self} needs a storage client: {e} (`pip install 'cm3jax[gcs]'` "
+                               "installs the one for gs://)") from e
         except OSError as e:
-            raise WorkdirError(f"--workdir={root} cannot be created: {e.strerror}") from e
-        try:
-            with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
-                pass
-        except OSError as e:
-            raise WorkdirError(f"--workdir={root} is not writable: {e.strerror}") from e
+            raise WorkdirError(f"--workdir={self} cannot be written: {e.strerror or e}") from e

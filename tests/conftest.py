@@ -30,3 +30,32 @@ def tiny_vqgan_run(tmp_path_factory):
     config.vqgan.train.steps = 2
     train_vqgan(config, str(workdir / "vqgan"), str(workdir / "data"), jax.devices()[:2])
     return workdir
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(xla_cache_dir):
+    """Modules that rerun a pipeline compile its programs again: they are served from one on-disk cache."""
+    from helpers import compilation_cache
+
+    with compilation_cache(xla_cache_dir):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory, xla_cache_dir):
+    """DIR after the whole tiny pipeline (helpers.tiny_pipeline_config), unbroken, on a local disk; built once per
+    session, changed only on copies."""
+    from cm3jax.pipeline import run_pipeline
+    from cm3jax.workdir import Workdir
+
+    from helpers import compilation_cache, tiny_pipeline_config
+
+    workdir = str(tmp_path_factory.mktemp("tiny_pipeline_run"))
+    with compilation_cache(xla_cache_dir):
+        assert run_pipeline(tiny_pipeline_config(), Workdir(workdir))
+    return workdir

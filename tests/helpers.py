@@ -1,5 +1,6 @@
 """Shared test helpers: run the LM train step directly on a mesh, outside the loop; run `cm3jax` commands on 1 or 2
-processes on localhost."""
+processes on localhost; the tiny whole-pipeline config and a compilation cache for its reruns."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -68,3 +69,43 @@ def copy_run(source, to):
 
     shutil.copytree(source, to, symlinks=True)
     return to
+
+
+def tiny_pipeline_config():
+    """The whole pipeline (data -> vqgan -> tokens -> retrieval -> lm) on 64 shapes scenes, a few steps per stage;
+    samples off (they add compile time, not checks, where this is used)."""
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.raw_data.update(dataset="shapes", shapes_train_size=64, shapes_image_size=32)
+    c.data.update(source="token_shards", retrieval="neighbours")
+    c.train.update(seq_len=48, steps=4, checkpoint_every=2)
+    c.model.max_seq_len = 96
+    c.generate.update(sample_captions=0, sample_prompts=())
+    return c
+
+
+@contextlib.contextmanager
+def compilation_cache(directory):
+    """JAX's persistent compilation cache in `directory` for every program compiled in the block (reruns of a
+    pipeline are served from disk)."""
+    options = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+
+
+def train_losses(stage_dir):
+    """(step, loss) of every train row of a stage's metrics.jsonl (local or in a bucket)."""
+    import json
+
+    from etils import epath
+
+    rows = map(json.loads, (epath.Path(stage_dir) / "logs" / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]

@@ -14,44 +14,11 @@ from cm3jax.pipeline import run_pipeline
 from cm3jax.train import loop
 from cm3jax.workdir import ChangedInputsError, Workdir
 
-pytestmark = [pytest.mark.slow]
+from helpers import tiny_pipeline_config, train_losses
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 STAGE_ORDER = tuple(stage.name for stage in stages.STAGES)
-
-
-def pipeline_config():
-    from configs import tiny
-
-    c = tiny.get_config()
-    c.raw_data.update(dataset="shapes", shapes_train_size=64, shapes_image_size=32)
-    c.data.update(source="token_shards", retrieval="neighbours")
-    c.train.update(seq_len=48, steps=4, checkpoint_every=2)
-    c.model.max_seq_len = 96
-    c.generate.update(sample_captions=0, sample_prompts=())  # no samples stage: it adds compile time, not checks
-    return c
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The reruns compile the stages' programs again; a module-wide compilation cache serves them from disk."""
-    import jax
-
-    options = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in options}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-
-
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("unbroken"))
-    assert run_pipeline(pipeline_config(), Workdir(workdir))
-    return workdir
 
 
 def _copy_stages_before(source, to, stage):
@@ -87,57 +54,53 @@ def _shards(folder):
             if name.endswith(".array_record")}
 
 
-def _train_losses(stage_dir):
-    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(stage_dir, "logs", "metrics.jsonl")))
-            if r["split"] == "train"]
-
-
 @pytest.mark.parametrize("task,stage,next_stage", [("vqgan", "vqgan", "tokens"), ("retriever", "retrieval", "lm"),
                                                    ("lm", "lm", None)])
-def test_a_preempted_stage_ends_the_pipeline_and_the_rerun_matches_an_unbroken_run(unbroken, tmp_path, monkeypatch,
-                                                                                   task, stage, next_stage):
-    workdir = _copy_stages_before(unbroken, tmp_path / "run", stage)
+def test_a_preempted_stage_ends_the_pipeline_and_the_rerun_matches_an_unbroken_run(tiny_pipeline_run, tmp_path,
+                                                                                   monkeypatch, task, stage,
+                                                                                   next_stage):
+    workdir = _copy_stages_before(tiny_pipeline_run, tmp_path / "run", stage)
     with monkeypatch.context() as patch:
         _preempt(patch, task)
-        assert not run_pipeline(pipeline_config(), Workdir(workdir))
+        assert not run_pipeline(tiny_pipeline_config(), Workdir(workdir))
     assert not Workdir(workdir).stage(stage).is_complete()
     if next_stage:
         assert not os.path.exists(os.path.join(workdir, next_stage))  # nothing ran on the unfinished stage
-    assert run_pipeline(pipeline_config(), Workdir(workdir))
+    assert run_pipeline(tiny_pipeline_config(), Workdir(workdir))
 
-    assert _shards(os.path.join(workdir, "tokens")) == _shards(os.path.join(unbroken, "tokens"))
+    assert _shards(os.path.join(workdir, "tokens")) == _shards(os.path.join(tiny_pipeline_run, "tokens"))
     for split in ("train", "validation"):
         np.testing.assert_array_equal(np.load(os.path.join(workdir, "retrieval", f"neighbours-{split}.npy")),
-                                      np.load(os.path.join(unbroken, "retrieval", f"neighbours-{split}.npy")))
-    assert _train_losses(os.path.join(workdir, "lm")) == _train_losses(os.path.join(unbroken, "lm"))
+                                      np.load(os.path.join(tiny_pipeline_run, "retrieval", f"neighbours-{split}.npy")))
+    assert train_losses(os.path.join(workdir, "lm")) == train_losses(os.path.join(tiny_pipeline_run, "lm"))
 
 
-def test_tokens_and_the_lm_refuse_inputs_they_were_not_made_from(unbroken, tmp_path):
-    workdir = _copy_stages_before(unbroken, tmp_path / "run", "samples")
-    config = pipeline_config()
+def test_tokens_and_the_lm_refuse_inputs_they_were_not_made_from(tiny_pipeline_run, tmp_path):
+    workdir = _copy_stages_before(tiny_pipeline_run, tmp_path / "run", "samples")
+    config = tiny_pipeline_config()
     config.vqgan.train.steps = 5  # the VQ-GAN trains on after the tokens were made
     with pytest.raises(ChangedInputsError, match="vqgan_step: 4 then, 5 now"):
         run_pipeline(config, Workdir(workdir))  # continues the VQ-GAN, then the tokens stage refuses it
     with open(os.path.join(workdir, "retrieval", "neighbours-train.npy"), "r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(np.int64(0).tobytes())  # the neighbours change under a trained LM
-    config = pipeline_config()
+    config = tiny_pipeline_config()
     config.train.steps = 6
     with pytest.raises(ChangedInputsError, match="neighbours"):
         stages.by_command("train").run(config, Workdir(workdir))
 
 
-def test_a_complete_stage_given_another_config_continues_or_is_refused(unbroken, tmp_path, capsys):
-    workdir = _copy_stages_before(unbroken, tmp_path / "run", "samples")
-    config = pipeline_config()
+def test_a_complete_stage_given_another_config_continues_or_is_refused(tiny_pipeline_run, tmp_path, capsys):
+    workdir = _copy_stages_before(tiny_pipeline_run, tmp_path / "run", "samples")
+    config = tiny_pipeline_config()
     config.model.num_layers = 3
     with pytest.raises(ConfigError, match=r"lm is complete .*config.model.num_layers=3 \(it ran with 2\)"):
         run_pipeline(config, Workdir(workdir))
-    config = pipeline_config()
+    config = tiny_pipeline_config()
     config.train.steps = 6
     config.generate.sample_captions = 2
     assert run_pipeline(config, Workdir(workdir))
     out = capsys.readouterr().out
     assert "lm: complete, but config.train.steps=6 (it ran with 4): training on" in out
-    assert [s for s, _ in _train_losses(os.path.join(workdir, "lm"))] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in train_losses(os.path.join(workdir, "lm"))] == [1, 2, 3, 4, 5, 6]
     assert json.load(open(os.path.join(workdir, "samples", "COMPLETE.json")))["lm_step"] == 6

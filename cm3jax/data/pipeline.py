@@ -16,7 +16,6 @@ The iterator state (grain's, plus the skip/truncation counters) is JSON and goes
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from cm3jax.data.documents import decode_document_record, rotate_caption_image
 from cm3jax.data.shards import open_token_shards
 from cm3jax.data.synthetic import SyntheticDocumentSource
 from cm3jax.errors import BadInputError, MissingInputError
+from cm3jax.storage import local_mirror
 from cm3jax.workdir import neighbours_file
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions", "modality")
@@ -95,11 +95,11 @@ def open_retrieval(data_config, vocab: vocab_lib.UnifiedVocab, split: str, evalu
     d = data_config
     if d.retrieval == "none":
         return NoRetrieval()
-    path = str(neighbours_file(d.neighbours_dir, split))
-    if not os.path.exists(path):
+    path = neighbours_file(d.neighbours_dir, split)
+    if not path.exists():
         raise MissingInputError(f"{path} not found: data.retrieval='neighbours' reads the neighbours that the "
                                 f"retrieval stage writes (set data.neighbours_dir, or data.retrieval='none')")
-    neighbours = np.load(path, mmap_mode="r")
+    neighbours = np.load(local_mirror(path), mmap_mode="r")
     records = open_document_source(d, vocab, split)
     if neighbours.ndim != 2 or len(neighbours) != len(records):
         raise BadInputError(f"{path} has shape {neighbours.shape}: expected one row per record of the {split} split "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 
 from cm3jax.data.sources import RAW_SPLITS, open_counts, open_raw_source, read_examples
+from cm3jax.errors import MissingInputError
+from cm3jax.storage import staged_dir
 
 SAMPLE_PER_SPLIT = 256  # examples decoded per split when checking a user's source
 
@@ -18,8 +20,11 @@ def prepare_raw_data(raw_config, data_dir: str) -> dict:
         from cm3jax.data.embedded import build_embedded
 
         tfds.disable_progress_bar()
-        build_embedded(r.dataset, r.tfds_data_dir or data_dir, shapes_train_size=r.shapes_train_size,
-                       shapes_image_size=r.shapes_image_size, seed=r.seed)
+        build_dir = r.tfds_data_dir or data_dir
+        if not _embedded_is_built(r, data_dir):
+            with staged_dir(build_dir) as local:  # TFDS writes array_record files locally only
+                build_embedded(r.dataset, local, shapes_train_size=r.shapes_train_size,
+                               shapes_image_size=r.shapes_image_size, seed=r.seed)
     summary = {}
     for split in RAW_SPLITS:
         try:
@@ -35,3 +40,11 @@ def prepare_raw_data(raw_config, data_dir: str) -> dict:
         counts.log(f"{r.dataset}/{split} sample")
         summary[split] = {"examples": len(source), "sampled_ok": sampled, "skipped": dict(counts)}
     return summary
+
+
+def _embedded_is_built(raw_config, data_dir: str) -> bool:
+    try:
+        open_raw_source(raw_config, "train", data_dir)
+    except MissingInputError:
+        return False
+    return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -23,8 +22,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 from absl import logging
+from etils import epath
 
 from cm3jax.errors import MissingInputError
+from cm3jax.storage import PathLike, is_remote, local_mirror
 
 RAW_SPLITS = ("train", "validation", "test")
 
@@ -90,7 +91,9 @@ def load_image(value: Any) -> PIL.Image.Image:
     if isinstance(value, np.ndarray):
         array = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
         return PIL.Image.fromarray(array.astype(np.uint8))
-    image = PIL.Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+    if not isinstance(value, (bytes, bytearray)):
+        value = epath.Path(value).read_bytes()  # a path, local or in a bucket
+    image = PIL.Image.open(io.BytesIO(value))
     image.load()  # decode now: truncated or corrupt files fail here, not later
     return image
 
@@ -180,7 +183,7 @@ class TfdsSource:
         import tensorflow_datasets as tfds
 
         try:
-            data_source = tfds.data_source(name, data_dir=data_dir or None, split=split)
+            data_source = tfds.data_source(name, data_dir=local_tfds_dir(name, data_dir), split=split)
         except Exception as e:  # noqa: BLE001 - TFDS raises several types for "not prepared"
             raise MissingInputError(
                 f"TFDS dataset {name!r} split {split!r} is not prepared as array_record under "
@@ -228,15 +231,16 @@ class ImageFolderSource:
     """`folder/captions.jsonl`: one JSON object per line with the image path (key file, image or path; relative to
     the folder) and its caption (key caption or text). Malformed lines are skipped and counted at open."""
 
-    def __init__(self, folder: str):
-        manifest = os.path.join(folder, "captions.jsonl")
-        if not os.path.exists(manifest):
+    def __init__(self, folder: PathLike):
+        folder = epath.Path(folder)
+        manifest = folder / "captions.jsonl"
+        if not manifest.exists():
             raise MissingInputError(f"{manifest} not found: an image folder needs captions.jsonl with one "
                                     f'{{"file": "...", "caption": "..."}} per line')
         self.folder = folder
         self.entries: list[tuple[str, str]] = []
         self.open_counts = SkipCounts()
-        with open(manifest, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a crash
+        with manifest.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a crash
             for raw_line in f:
                 if not raw_line.strip():
                     continue
@@ -248,14 +252,14 @@ class ImageFolderSource:
                     self.open_counts["bad_manifest_line"] += 1
                     continue
                 self.entries.append((str(path), caption))
-        self.open_counts.log(manifest)
+        self.open_counts.log(str(manifest))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def raw(self, index: int) -> tuple[Any, Any, dict]:
         path, caption = self.entries[index]
-        return os.path.join(self.folder, path), caption, {"file": path}
+        return self.folder / path, caption, {"file": path}
 
 
 def _split_path(pattern: str, split: str) -> str:
@@ -267,6 +271,21 @@ def _split_path(pattern: str, split: str) -> str:
     return pattern
 
 
+def local_tfds_dir(name: str, data_dir: str) -> str | None:
+    """A TFDS data_dir that array_record can read: itself, or for a bucket a local mirror of the dataset's folder."""
+    if not data_dir or not is_remote(data_dir):
+        return data_dir or None
+    dataset_folder = name.split("/")[0].split(":")[0]
+    return os.path.dirname(local_mirror(epath.Path(data_dir) / dataset_folder))
+
+
+def _matching_files(pattern: str) -> list[str]:
+    """Local paths of the files matching a glob pattern (files in a bucket are read from a local mirror)."""
+    pattern = epath.Path(pattern)
+    folder = pattern.parent
+    return [local_mirror(p) for p in sorted(folder.glob(pattern.name))] if folder.is_dir() else []
+
+
 def open_raw_source(raw_config, split: str, default_data_dir: str) -> RawSource:
     """The configured raw source's `split` (raw_data section of the config)."""
     r = raw_config
@@ -274,8 +293,9 @@ def open_raw_source(raw_config, split: str, default_data_dir: str) -> RawSource:
     if r.dataset in ("digits", "shapes"):
         from cm3jax.data.embedded import embedded_builder
 
-        builder = embedded_builder(r.dataset, data_dir, shapes_train_size=r.shapes_train_size,
-                                   shapes_image_size=r.shapes_image_size, seed=r.seed)
+        builder = embedded_builder(r.dataset, local_tfds_dir(r.dataset, data_dir),
+                                   shapes_train_size=r.shapes_train_size, shapes_image_size=r.shapes_image_size,
+                                   seed=r.seed)
         if not builder.is_prepared():
             raise MissingInputError(f"embedded dataset {r.dataset!r} is not built under {data_dir}: run "
                                     f"`cm3jax data` first")
@@ -283,7 +303,7 @@ def open_raw_source(raw_config, split: str, default_data_dir: str) -> RawSource:
     if r.dataset == "tfds":
         return TfdsSource.open(r.tfds_name, data_dir, split, r.image_key, r.caption_key)
     if r.dataset == "array_record":
-        return ArrayRecordExampleSource(sorted(glob.glob(_split_path(r.paths, split))), r.image_key, r.caption_key)
+        return ArrayRecordExampleSource(_matching_files(_split_path(r.paths, split)), r.image_key, r.caption_key)
     if r.dataset == "image_folder":
         return ImageFolderSource(_split_path(r.paths, split))
     raise ValueError(f"unknown raw_data.dataset {r.dataset!r}")

@@ -6,9 +6,11 @@ import os
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from cm3jax.errors import UserError
-from cm3jax.workdir import Workdir, atomic_write_text
+from cm3jax.storage import atomic_write_text, is_remote, save_png
+from cm3jax.workdir import Workdir
 
 GENERATE_TASKS = ("image", "caption", "vqa", "infill")
 
@@ -36,9 +38,9 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
         request["prompt"] = flags["prompt"]
     else:
         image = flags.get("image")
-        if not image or not os.path.isfile(image):
+        if not image or not epath.Path(image).is_file():
             raise GenerateInputError(f"generate {task} needs --image PATH of an existing image file, got {image!r}")
-        request["image"] = os.path.abspath(image)
+        request["image"] = image if is_remote(image) else os.path.abspath(image)
     if task == "vqa":
         if not (flags.get("question") or "").strip():
             raise GenerateInputError("generate vqa needs a non-empty --question")
@@ -55,8 +57,6 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
 
 
 def run_generate(config: ml_collections.ConfigDict, workdir: Workdir, request: dict) -> None:
-    import PIL.Image
-
     from cm3jax.config_validation import validate_generate_config
     from cm3jax.inference.decode import SamplingOptions
     from cm3jax.inference.generate import Generator, contact_sheet
@@ -78,8 +78,8 @@ def run_generate(config: ml_collections.ConfigDict, workdir: Workdir, request: d
         else:
             images = generator.infill(request["image"], request["box"], options, num=int(g.num), seed=int(g.seed))
         for i, image in enumerate(images):
-            PIL.Image.fromarray(image).save(os.fspath(out_dir / f"{i:03d}.png"))
-        PIL.Image.fromarray(contact_sheet(images, columns=min(len(images), 8))).save(os.fspath(out_dir / "sheet.png"))
+            save_png(out_dir / f"{i:03d}.png", image)
+        save_png(out_dir / "sheet.png", contact_sheet(images, columns=min(len(images), 8)))
         result["images"] = len(images)
     result.update(lm_step=generator.step, generate=g.to_dict())
     atomic_write_text(out_dir / "settings.json", json.dumps(result, indent=2, default=str))

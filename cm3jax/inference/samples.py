@@ -7,15 +7,15 @@
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 import numpy as np
-import PIL.Image
+from etils import epath
 
 from cm3jax.inference.decode import SamplingOptions
 from cm3jax.inference.generate import Generator, contact_sheet
-from cm3jax.workdir import Workdir, atomic_write_text
+from cm3jax.storage import PathLike, atomic_write_text, save_png
+from cm3jax.workdir import Workdir
 
 
 def held_out_images(config: ml_collections.ConfigDict, workdir: Workdir | str,
@@ -28,8 +28,8 @@ def held_out_images(config: ml_collections.ConfigDict, workdir: Workdir | str,
     return [(e.image, e.caption) for _, e in zip(range(count), examples)]
 
 
-def write_samples(config: ml_collections.ConfigDict, workdir: Workdir | str, out_dir: str | os.PathLike) -> dict:
-    g, out_dir = config.generate, os.fspath(out_dir)
+def write_samples(config: ml_collections.ConfigDict, workdir: Workdir | str, out_dir: PathLike) -> dict:
+    g, out_dir = config.generate, epath.Path(out_dir)
     generator = Generator.load(config, workdir)
     options = SamplingOptions.from_config(g)
     summary: dict = {"lm_step": generator.step}
@@ -38,17 +38,15 @@ def write_samples(config: ml_collections.ConfigDict, workdir: Workdir | str, out
         rows = [generator.images(prompt, int(g.num), options, seed=int(g.seed) + i, retrieve=int(g.retrieve),
                                  candidates=int(g.rerank_candidates))[0]
                 for i, prompt in enumerate(prompts)]
-        PIL.Image.fromarray(contact_sheet(np.concatenate(rows), columns=int(g.num))).save(
-            os.path.join(out_dir, "images.png"))
-        atomic_write_text(os.path.join(out_dir, "images.json"), json.dumps(
+        save_png(out_dir / "images.png", contact_sheet(np.concatenate(rows), columns=int(g.num)))
+        atomic_write_text(out_dir / "images.json", json.dumps(
             {"rows": prompts, "guidance": g.guidance, "cfg_scale": g.cfg_scale, "temperature": g.temperature,
              "retrieve": g.retrieve, "rerank_candidates": g.rerank_candidates}, indent=2))
-        summary["images"] = os.path.join(out_dir, "images.png")
+        summary["images"] = str(out_dir / "images.png")
     if g.sample_captions:
         pairs = held_out_images(config, workdir, int(g.sample_captions))
         captions = [{"reference": reference, "generated": generator.caption(image)} for image, reference in pairs]
-        PIL.Image.fromarray(contact_sheet(np.stack([image for image, _ in pairs]), columns=len(pairs))).save(
-            os.path.join(out_dir, "captions.png"))
-        atomic_write_text(os.path.join(out_dir, "captions.json"), json.dumps(captions, indent=2))
-        summary["captions"] = os.path.join(out_dir, "captions.json")
+        save_png(out_dir / "captions.png", contact_sheet(np.stack([image for image, _ in pairs]), columns=len(pairs)))
+        atomic_write_text(out_dir / "captions.json", json.dumps(captions, indent=2))
+        summary["captions"] = str(out_dir / "captions.json")
     return summary

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from cm3jax.data.documents import Document, decode_document_record
@@ -29,6 +29,7 @@ from cm3jax.progress import Progress
 from cm3jax.retrieval.embeddings import embed_documents, part_queries
 from cm3jax.retrieval.index import INDEX_FILE, IndexOptions, build_index, load_index
 from cm3jax.retrieval.neighbours import StrategyOptions, find_neighbours
+from cm3jax.storage import load_arrays, save_arrays
 from cm3jax.workdir import neighbours_file
 
 Encoder = Callable  # queries -> [len(queries), dim] unit vectors, with a `dim` attribute
@@ -39,29 +40,18 @@ def _sync(what: str) -> None:
         multihost_utils.sync_global_devices(f"cm3jax retrieve: {what}")
 
 
-def _atomic_save(path: str, **arrays: np.ndarray) -> None:
-    """np.save / np.savez to a temporary name, then rename: a chunk file exists only once it is whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if len(arrays) == 1 and "array" in arrays:
-            np.save(f, arrays["array"])
-        else:
-            np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 def _documents(records: Sequence[bytes], start: int, stop: int) -> list[tuple[int, Document]]:
     return [(i, decode_document_record(records[i])[0]) for i in range(start, stop)]
 
 
-def _chunked(what: str, folder: str, split: str, count: int, chunk_size: int, suffix: str,
-             compute: Callable[[int, int, str], None]) -> list[str]:
+def _chunked(what: str, folder: epath.Path, split: str, count: int, chunk_size: int, suffix: str,
+             compute: Callable[[int, int, epath.Path], None]) -> list[epath.Path]:
     """Runs compute(start, stop, path) for this process's missing chunks of `count` documents; returns every
     chunk's path (all processes' chunks exist once the barrier after this returns)."""
-    os.makedirs(folder, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     num_chunks = max(1, math.ceil(count / chunk_size))
-    paths = [os.path.join(folder, f"{split}-{c:05d}.{suffix}") for c in range(num_chunks)]
-    todo = [c for c in range(jax.process_index(), num_chunks, jax.process_count()) if not os.path.exists(paths[c])]
+    paths = [folder / f"{split}-{c:05d}.{suffix}" for c in range(num_chunks)]
+    todo = [c for c in range(jax.process_index(), num_chunks, jax.process_count()) if not paths[c].exists()]
     progress = Progress(f"{what} {split}", total=max(len(todo), 1))
     for c in todo:
         start, stop = c * chunk_size, min((c + 1) * chunk_size, count)
@@ -71,25 +61,25 @@ def _chunked(what: str, folder: str, split: str, count: int, chunk_size: int, su
     return paths
 
 
-def embed_bank(records: Sequence[bytes], encoder: Encoder, folder: str, chunk_size: int) -> tuple[np.ndarray,
+def embed_bank(records: Sequence[bytes], encoder: Encoder, folder: epath.Path, chunk_size: int) -> tuple[np.ndarray,
                                                                                                     np.ndarray]:
     """(document embeddings [N, dim], multimodal [N]) of the bank, from (and into) chunk files under `folder`."""
-    def compute(start: int, stop: int, path: str) -> None:
+    def compute(start: int, stop: int, path: epath.Path) -> None:
         vectors, multimodal = embed_documents(_documents(records, start, stop), encoder)
-        _atomic_save(path, vectors=vectors, multimodal=multimodal)
+        save_arrays(path, vectors=vectors, multimodal=multimodal)
 
     paths = _chunked("embed bank", folder, "train", len(records), chunk_size, "npz", compute)
-    chunks = [np.load(p) for p in paths]
+    chunks = [load_arrays(p) for p in paths]
     return (np.concatenate([c["vectors"] for c in chunks]).astype(np.float32),
             np.concatenate([c["multimodal"] for c in chunks]))
 
 
-def open_or_build_index(folder: str, bank_vectors: np.ndarray, options: IndexOptions):
+def open_or_build_index(folder: epath.Path, bank_vectors: np.ndarray, options: IndexOptions):
     """The saved index when it covers this bank, else process 0 builds and saves it while the others wait."""
     def saved_size() -> int | None:
-        path = os.path.join(folder, INDEX_FILE)
-        whole = os.path.exists(path) and os.path.exists(os.path.join(folder, "vectors.npy"))
-        return json.load(open(path))["size"] if whole else None
+        path = folder / INDEX_FILE
+        whole = path.exists() and (folder / "vectors.npy").exists()
+        return json.loads(path.read_text())["size"] if whole else None
 
     if jax.process_index() == 0 and saved_size() != len(bank_vectors):
         build_index(bank_vectors, options).save(folder)
@@ -98,18 +88,18 @@ def open_or_build_index(folder: str, bank_vectors: np.ndarray, options: IndexOpt
 
 
 def compute_neighbours(records: Sequence[bytes], split: str, in_bank: bool, encoder: Encoder, index,
-                       bank_vectors: np.ndarray, multimodal: np.ndarray, options: StrategyOptions, folder: str,
-                       chunk_size: int) -> str:
+                       bank_vectors: np.ndarray, multimodal: np.ndarray, options: StrategyOptions, folder: epath.Path,
+                       chunk_size: int) -> epath.Path:
     """Writes the split's neighbours file next to `folder` (its chunk files inside it); returns its path."""
-    def compute(start: int, stop: int, path: str) -> None:
+    def compute(start: int, stop: int, path: epath.Path) -> None:
         neighbours = find_neighbours(_documents(records, start, stop), encoder, index, bank_vectors, multimodal,
                                      options, in_bank=in_bank)
-        _atomic_save(path, array=neighbours.astype(np.int64))
+        save_arrays(path, array=neighbours.astype(np.int64))
 
     paths = _chunked("neighbours", folder, split, len(records), chunk_size, "npy", compute)
-    out = str(neighbours_file(os.path.dirname(folder), split))
+    out = neighbours_file(folder.parent, split)
     if jax.process_index() == 0:
-        _atomic_save(out, array=np.concatenate([np.load(p) for p in paths]))
+        save_arrays(out, array=np.concatenate([load_arrays(p) for p in paths]))
     _sync(f"neighbours-{split}.npy")
     return out
 

@@ -7,16 +7,17 @@ a document with one modality is that modality's normalised embedding.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import Document
 from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.retrieval.neighbours import Query
+from cm3jax.storage import local_mirror
 
 PARTS = {vocab_lib.MODALITY_TEXT: "text", vocab_lib.MODALITY_IMAGE: "image"}
 
@@ -49,11 +50,11 @@ def load_embedding_file(path: str, expected_count: int, expected_dim: int | None
     finite and non-zero unless `allow_empty_rows` (a part file, whose rows for documents without that part are
     ignored; such rows are checked when looked up).
     """
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise MissingInputError(f"{path} not found: provide a float .npy array with one embedding row per document "
                                 f"of the token shards ({expected_count} rows, in shard order)")
     try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        vectors = np.load(local_mirror(path), mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise BadInputError(f"{path} is not a plain .npy array: {e}") from e
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):

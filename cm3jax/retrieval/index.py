@@ -21,15 +21,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 
 from cm3jax.config import default
 from cm3jax.config_validation import INDEX_KINDS
 from cm3jax.errors import MissingInputError
+from cm3jax.storage import PathLike, atomic_write_text, load_arrays, local_mirror, save_arrays, staged_dir
 
 INDEX_FILE = "index.json"
 
@@ -124,7 +125,7 @@ class ExactIndex:
                                           np.concatenate([best_ids, block_ids], axis=1), k)
         return best_scores, best_ids
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: PathLike) -> None:
         _write_index(folder, "exact", self.size, self.dim, {})
         _save_vectors(folder, self.vectors, self.ids)
 
@@ -146,9 +147,10 @@ def _at_least_kth(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarr
     return kept_scores, kept_ids
 
 
-def _save_vectors(folder: str, vectors: np.ndarray, ids: np.ndarray) -> None:
-    np.save(os.path.join(folder, "vectors.npy"), vectors)
-    np.save(os.path.join(folder, "ids.npy"), ids)
+def _save_vectors(folder: PathLike, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """ids first: an index folder is whole once vectors.npy exists."""
+    save_arrays(epath.Path(folder) / "ids.npy", array=ids)
+    save_arrays(epath.Path(folder) / "vectors.npy", array=vectors)
 
 
 class ScannIndex:
@@ -201,10 +203,10 @@ class ScannIndex:
         scores = np.where(found, scores.astype(np.float32), -np.inf).astype(np.float32)
         return top_k(scores, np.where(found, self.ids[safe_rows], -1), k)
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: PathLike) -> None:
         _write_index(folder, "scann", self.size, self.dim, self.params)
-        os.makedirs(os.path.join(folder, "scann"), exist_ok=True)
-        self.searcher.serialize(os.path.join(folder, "scann"))
+        with staged_dir(epath.Path(folder) / "scann") as local:  # ScaNN writes local files only
+            self.searcher.serialize(local, relative_path=True)  # loadable from wherever it is copied
         _save_vectors(folder, self.vectors, self.ids)
 
 
@@ -219,25 +221,25 @@ def build_index(vectors: np.ndarray, options: IndexOptions = IndexOptions(),
     return ScannIndex.build(vectors, options, ids)
 
 
-def _write_index(folder: str, kind: str, size: int, dim: int, params: dict) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump({"kind": kind, "size": size, "dim": dim, "params": params}, f, indent=2)
+def _write_index(folder: PathLike, kind: str, size: int, dim: int, params: dict) -> None:
+    epath.Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(epath.Path(folder) / INDEX_FILE,
+                      json.dumps({"kind": kind, "size": size, "dim": dim, "params": params}, indent=2))
 
 
-def load_index(folder: str) -> VectorIndex:
-    path = os.path.join(folder, INDEX_FILE)
-    if not os.path.exists(path):
+def load_index(folder: PathLike) -> VectorIndex:
+    folder = epath.Path(folder)
+    path = folder / INDEX_FILE
+    if not path.exists():
         raise MissingInputError(f"{path} not found: build the index with `cm3jax retrieve` first")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    ids = np.load(os.path.join(folder, "ids.npy"))
-    vectors = np.load(os.path.join(folder, "vectors.npy"))
+    meta = json.loads(path.read_text())
+    ids = load_arrays(folder / "ids.npy")
+    vectors = load_arrays(folder / "vectors.npy")
     if meta["kind"] == "exact":
         return ExactIndex(vectors, ids)
     import scann
 
-    searcher = scann.scann_ops_pybind.load_searcher(os.path.join(folder, "scann"))
+    searcher = scann.scann_ops_pybind.load_searcher(local_mirror(folder / "scann"))
     return ScannIndex(searcher, vectors, ids, meta["params"])
 
 

@@ -12,8 +12,6 @@ elsewhere), a prompt must be given as its embedding vector from the same model.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -27,6 +25,7 @@ from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.retrieval.embeddings import RetrieverEncoder, embed_documents, l2_normalize
 from cm3jax.retrieval.index import VectorIndex, load_index
 from cm3jax.retrieval.neighbours import StrategyOptions, select_neighbours
+from cm3jax.storage import load_arrays
 from cm3jax.workdir import StageDir, Workdir
 
 Prompt = str | np.ndarray | Document
@@ -48,10 +47,10 @@ class MemoryBank:
         workdir = Workdir.of(workdir)
         config = workdir.resolve(config)
         stage_dir = workdir.retrieval
-        chunks = sorted(glob.glob(os.path.join(stage_dir.bank, f"{config.data.train_split}-*.npz")))
+        chunks = sorted(stage_dir.bank.glob(f"{config.data.train_split}-*.npz")) if stage_dir.bank.is_dir() else []
         if not chunks or not stage_dir.index.is_dir():
             raise MissingInputError(f"no memory bank under {stage_dir}: run `cm3jax retrieve` first")
-        loaded = [np.load(p) for p in chunks]
+        loaded = [load_arrays(p) for p in chunks]
         vectors = np.concatenate([c["vectors"] for c in loaded]).astype(np.float32)
         multimodal = np.concatenate([c["multimodal"] for c in loaded])
         token_dir = config.data.token_dir

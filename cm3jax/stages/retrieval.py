@@ -14,8 +14,6 @@ from cm3jax.workdir import StageDir, Workdir
 def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     """Builds DIR/retrieval for the LM's train and eval splits; returns the summary ({"preempted": True} when the
     retriever's training was preempted)."""
-    from etils import epath
-
     from cm3jax import vocab as vocab_lib
     from cm3jax.data.shards import open_token_shards
     from cm3jax.models.retriever import RetrieverConfig
@@ -23,6 +21,7 @@ def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict
     from cm3jax.retrieval.embeddings import PrecomputedEncoder, RetrieverEncoder
     from cm3jax.retrieval.index import IndexOptions
     from cm3jax.retrieval.neighbours import StrategyOptions
+    from cm3jax.storage import load_arrays
     from cm3jax.train.retriever import host_params, train_retriever
 
     config = workdir.resolve(config)
@@ -32,7 +31,7 @@ def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     vocab_lib.require_saved_vocab(vocab, token_dir)
     # Bank, index and neighbours of one folder come from one set of token shards, also across interrupted runs.
-    inputs = {"tokens": StageDir(epath.Path(token_dir)).identity()}
+    inputs = {"tokens": StageDir.at(token_dir).identity()}
     stage_dir.check_inputs(inputs)
     stage_dir.record_inputs(inputs)
     train_split, eval_split = config.data.train_split, config.data.eval_split
@@ -55,17 +54,16 @@ def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict
         def encoder_for(split: str, count: int):
             return trained
 
-    bank_vectors, multimodal = embed_bank(bank, encoder_for(train_split, len(bank)), str(stage_dir.bank),
-                                          chunk_size)
-    index = open_or_build_index(str(stage_dir.index), bank_vectors, IndexOptions.from_config(r))
+    bank_vectors, multimodal = embed_bank(bank, encoder_for(train_split, len(bank)), stage_dir.bank, chunk_size)
+    index = open_or_build_index(stage_dir.index, bank_vectors, IndexOptions.from_config(r))
     options = StrategyOptions.from_config(r)
     summary.update(index=type(index).__name__, multimodal_share=float(np.mean(multimodal)))
     for split in dict.fromkeys((train_split, eval_split)):
         records = bank if split == train_split else open_token_shards(token_dir, split)
         encoder = encoder_for(split, len(records))
         path = compute_neighbours(records, split, split == train_split, encoder, index, bank_vectors, multimodal,
-                                  options, str(stage_dir.neighbour_chunks), chunk_size)
-        neighbours = np.load(path)
+                                  options, stage_dir.neighbour_chunks, chunk_size)
+        neighbours = load_arrays(path)
         summary[f"{split}_with_neighbours"] = float(np.mean(neighbours[:, 0] >= 0))
         if split == eval_split:
             summary.update(retriever_figures(records, encoder, bank, neighbours))
@@ -73,8 +71,7 @@ def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
-    config = workdir.resolve(config)
-    stage_dir = workdir.retrieval.prepare(config)
+    stage_dir = workdir.retrieval.prepare(workdir.resolve(config))
     summary = build_retrieval(config, workdir)
     if summary.get("preempted"):
         return False

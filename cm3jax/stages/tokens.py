@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import ml_collections
@@ -28,16 +27,17 @@ from cm3jax.errors import BadInputError
 from cm3jax.parallel.mesh import data_parallel_mesh
 from cm3jax.progress import Progress
 from cm3jax.stages.stage import Stage
+from cm3jax.storage import atomic_write_text, files_digest
 from cm3jax.tokenizers.image import ImageTokenizer
 from cm3jax.tokenizers.text import TextTokenizer
-from cm3jax.workdir import Workdir, atomic_write_text, files_digest
+from cm3jax.workdir import Workdir
 
 
 def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, workdir: Workdir) -> TextTokenizer:
     """DIR/text_tokenizer/text.model; when absent, process 0 trains it on the train captions while the others wait
     (the workdir is a filesystem every process sees)."""
-    path = str(workdir.text_tokenizer)
-    if not os.path.exists(path) and jax.process_index() == 0:
+    path = workdir.text_tokenizer
+    if not path.exists() and jax.process_index() == 0:
         source = open_raw_source(config.raw_data, "train", str(workdir.data))
         counts = open_counts(source)
         captions = list(read_captions(source, counts))
@@ -47,7 +47,7 @@ def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, workdir: Wor
                              f"caption to train the text tokenizer on")
         tokenizer = TextTokenizer.train(captions, vocab_size=int(config.vocab.text_size),
                                         model_type=str(config.tokenize.text_model_type))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("cm3jax: text tokenizer ready")
@@ -66,9 +66,9 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, device
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     raw_data_dir = str(workdir.data)
     tokens = workdir.tokens
-    out_dir = str(tokens)
+    out_dir = tokens.path
     # A resumed job must not mix two id layouts in one folder (the layout is saved once every check has passed).
-    if os.path.exists(os.path.join(out_dir, vocab_lib.VOCAB_FILE)):
+    if (out_dir / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, out_dir)
     text = load_or_train_text_tokenizer(config, workdir)
     if text.vocab_size > vocab.text_size:
@@ -96,7 +96,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, device
         # Every process opens the same source; its open-time skips are counted once, by process 0.
         counts, documents = open_counts(source) if jax.process_index() == 0 else SkipCounts(), 0
         todo = [shard for shard in range(jax.process_index(), num_shards, jax.process_count())
-                if not os.path.exists(shard_path(out_dir, split, shard, num_shards))]
+                if not shard_path(out_dir, split, shard, num_shards).exists()]
         logging.info("tokenize %s: %d shards here, %d already written", split, len(todo),
                      len(range(jax.process_index(), num_shards, jax.process_count())) - len(todo))
         progress = Progress(f"tokenize {split}", total=len(todo))

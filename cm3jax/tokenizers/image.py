@@ -20,7 +20,8 @@ from cm3jax.data.sources import decode_image
 from cm3jax.errors import BadInputError
 from cm3jax.models.vqgan import VQGAN, VQGANConfig, pixels_from_uint8, uint8_from_pixels
 from cm3jax.parallel.mesh import data_parallel_mesh
-from cm3jax.workdir import PathLike, Workdir, arrays_digest
+from cm3jax.storage import PathLike, arrays_digest
+from cm3jax.workdir import Workdir
 
 
 class ImageTokenizer:

@@ -8,11 +8,13 @@ tokens, and piece ids [0, vocab_size) map to its text range as they are.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
+
+from cm3jax.storage import PathLike, atomic_write_bytes
 
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 
@@ -23,15 +25,11 @@ class TextTokenizer:
         self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def load(cls, path: str) -> TextTokenizer:
-        with open(path, "rb") as f:
-            return cls(f.read())
+    def load(cls, path: PathLike) -> TextTokenizer:
+        return cls(epath.Path(path).read_bytes())
 
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.model_proto)
-        os.replace(tmp, path)
+    def save(self, path: PathLike) -> None:
+        atomic_write_bytes(path, self.model_proto)
 
     @classmethod
     def train(cls, sentences: Iterable[str], *, vocab_size: int, model_type: str = "unigram",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -21,18 +20,20 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from cm3jax.config import config_differences
 from cm3jax.config_validation import ConfigError
 from cm3jax.errors import DamagedCheckpointError
+from cm3jax.storage import PathLike, is_remote, move
 
 ITEMS = ("state", "data", "config")
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: PathLike, *, keep: int, async_save: bool = True):
+        self.directory = epath.Path(directory if is_remote(directory) else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         )
@@ -63,7 +64,7 @@ class Checkpointer:
                               abstract_state, shardings)
         hooks = _quiet_background_reports()
         try:
-            _require_index_files(os.path.join(self.directory, str(step)))
+            _require_index_files(self.directory / str(step))
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
@@ -122,23 +123,20 @@ def _quiet_background_reports() -> tuple:
 INDEX_FILES = ("state/_METADATA", "state/manifest.ocdbt", "data/metadata", "config/metadata")
 
 
-def _require_index_files(step_dir: str) -> None:
+def _require_index_files(step_dir: epath.Path) -> None:
     for name in INDEX_FILES:
-        path = os.path.join(step_dir, name)
-        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        path = step_dir / name
+        if not path.is_file() or path.stat().length == 0:
             raise OSError(f"{name} is missing or empty")
 
 
-def checkpoint_steps(directory: str) -> list[int]:
-    """Steps of the finished checkpoints under `directory` (orbax names a checkpoint's folder by its step once the
-    save has committed)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+def checkpoint_steps(directory: PathLike) -> list[int]:
+    """Steps of the finished checkpoints under `directory` (as orbax tells them: a folder named by its step once
+    renamed into place, or in a bucket once it holds orbax's commit marker)."""
+    return sorted(ocp.utils.checkpoint_steps(directory))
 
 
-def resume_step(directory: str, restore_step: int) -> int | None:
+def resume_step(directory: PathLike, restore_step: int) -> int | None:
     """The step to resume from: the latest checkpoint for restore_step -1, else restore_step, which must exist."""
     steps = checkpoint_steps(directory)
     if restore_step < 0:
@@ -149,7 +147,7 @@ def resume_step(directory: str, restore_step: int) -> int | None:
     return restore_step
 
 
-def damaged(directory: str, step: int, cause: BaseException) -> DamagedCheckpointError:
+def damaged(directory: PathLike, step: int, cause: BaseException) -> DamagedCheckpointError:
     earlier = [s for s in checkpoint_steps(directory) if s < step]
     what = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
     advice = (f"resume from the one before with --config.train.restore_step={earlier[-1]} (later checkpoints are "
@@ -159,12 +157,11 @@ def damaged(directory: str, step: int, cause: BaseException) -> DamagedCheckpoin
                                   f"({type(cause).__name__}: {what}); {advice}")
 
 
-def saved_config(directory: str, step: int) -> dict:
+def saved_config(directory: PathLike, step: int) -> dict:
     """The config a checkpoint was saved with (its `config` item), as a nested dict."""
-    path = os.path.join(directory, str(step), "config", "metadata")
+    path = epath.Path(directory) / str(step) / "config" / "metadata"
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.loads(json.load(f)["json"])
+        return json.loads(json.loads(path.read_text())["json"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise damaged(directory, step, e) from e
 
@@ -178,15 +175,16 @@ def require_resumable(config, saved: dict, state_fields: Sequence[str], where: s
                           f"in a new --workdir")
 
 
-def set_aside_checkpoints_after(directory: str, step: int, aside: str) -> None:
+def set_aside_checkpoints_after(directory: PathLike, step: int, aside: PathLike) -> None:
     """Moves the checkpoints after `step` to `aside/<step>-<time>` (process 0), so the run continues from `step`
     and nothing is deleted."""
     later = [s for s in checkpoint_steps(directory) if s > step]
     if later and jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
+        aside = epath.Path(aside)
+        aside.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for s in later:
-            shutil.move(os.path.join(directory, str(s)), os.path.join(aside, f"{s}-{stamp}"))
+            move(epath.Path(directory) / str(s), aside / f"{s}-{stamp}")
         print(f"resuming from step {step}: checkpoints {later} moved to {aside}", flush=True)
     if later and jax.process_count() > 1:
         multihost_utils.sync_global_devices("cm3jax: checkpoints set aside")

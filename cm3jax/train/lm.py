@@ -3,7 +3,6 @@ jitted train / eval steps with gradient accumulation."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +20,12 @@ from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
 from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
+from cm3jax.storage import files_digest
 from cm3jax.train import loop
 from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.optim import make_optimizer
 from cm3jax.train.state import TrainState
-from cm3jax.workdir import StageDir, files_digest, neighbours_file
+from cm3jax.workdir import StageDir, neighbours_file
 
 Batch = dict[str, jax.Array]
 
@@ -184,7 +184,7 @@ LM_STATE_FIELDS = ("vocab", "model.num_layers", "model.d_model", "model.num_head
 def lm_inputs(config: ml_collections.ConfigDict) -> dict:
     """The identity of what the LM trains on: the token shards and, with retrieval, the neighbour files."""
     d = config.data
-    inputs = {"tokens": StageDir(epath.Path(d.token_dir)).identity() if d.source == "token_shards" else d.source}
+    inputs = {"tokens": StageDir.at(d.token_dir).identity() if d.source == "token_shards" else d.source}
     if d.retrieval == "neighbours":
         inputs["neighbours"] = files_digest(
             *(neighbours_file(d.neighbours_dir, split) for split in (d.train_split, d.eval_split)))
@@ -202,17 +202,17 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     if config.data.source == "token_shards":
         vocab_lib.require_saved_vocab(vocab, config.data.token_dir)
-    if os.path.exists(os.path.join(stage_dir, vocab_lib.VOCAB_FILE)):
+    if (epath.Path(stage_dir) / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, stage_dir)
     inputs = lm_inputs(config)
     # A run resumes on the token shards and neighbours it started with.
-    StageDir(epath.Path(stage_dir)).check_inputs(inputs)
+    StageDir.at(stage_dir).check_inputs(inputs)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
 
     def start() -> None:
         vocab_lib.check_or_save_vocab(vocab, stage_dir, write=jax.process_index() == 0)
-        StageDir(epath.Path(stage_dir)).record_inputs(inputs)
+        StageDir.at(stage_dir).record_inputs(inputs)
         if on_start is not None:
             on_start()
 

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -133,11 +132,11 @@ def restore_latest_state(init_state: Callable, config: ml_collections.ConfigDict
     """(state of the latest checkpoint under stage_dir/checkpoints laid out on `mesh`, its step), for stages that
     use a trained model; `produced_by` names the command that writes the checkpoints, for the error."""
     abstract, shardings = abstract_state_and_shardings(init_state, mesh, sharding.logical_axis_rules(config))
-    checkpointer = Checkpointer(f"{stage_dir}/checkpoints", keep=1)
+    checkpointer = Checkpointer(StageDir.at(stage_dir).checkpoints, keep=1)
     try:
         step = checkpointer.latest_step()
         if step is None:
-            raise MissingInputError(f"no checkpoint under {stage_dir}/checkpoints: run {produced_by} first")
+            raise MissingInputError(f"no checkpoint under {checkpointer.directory}: run {produced_by} first")
         state, _ = checkpointer.restore(step, abstract, shardings)
     finally:
         checkpointer.close()
@@ -175,13 +174,13 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
     if jax.process_index() == 0:
         print(f"{task.name}: {num_params / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}", flush=True)
-    stage_dir = StageDir(epath.Path(workdir))
-    checkpoint_dir = str(stage_dir.checkpoints)
+    stage_dir = StageDir.at(workdir)
+    checkpoint_dir = stage_dir.checkpoints
     restore_step = resume_step(checkpoint_dir, int(t.get("restore_step", -1)))
     if restore_step is not None:
         require_resumable(config, saved_config(checkpoint_dir, restore_step), task.state_fields,
                           f"{checkpoint_dir}/{restore_step}")
-        set_aside_checkpoints_after(checkpoint_dir, restore_step, str(stage_dir.checkpoints_set_aside))
+        set_aside_checkpoints_after(checkpoint_dir, restore_step, stage_dir.checkpoints_set_aside)
     checkpointer = Checkpointer(checkpoint_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     if restore_step is not None:
         try:
@@ -206,7 +205,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
         eval_step = jit_eval_step(task, mesh, shardings) if task.eval_step else None
 
     step = int(jax.device_get(state.step))
-    writer = MetricsWriter(str(stage_dir.logs), resumed_step=step, total_steps=int(t.steps))
+    writer = MetricsWriter(stage_dir.logs, resumed_step=step, total_steps=int(t.steps))
     preemption = _PreemptionFlag()
     peak = peak_flops_per_device(jax.devices()[0].device_kind, t.peak_tflops_per_device)
     last_saved = restore_step

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 
 import jax
 from absl import logging
+from etils import epath
 
-from cm3jax.workdir import atomic_write_text
+from cm3jax.storage import PathLike, atomic_write_text, is_remote
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), for MFU when config.train.peak_tflops_per_device is -1.
 _PEAK_TFLOPS = (
@@ -30,7 +31,7 @@ def peak_flops_per_device(device_kind: str, configured_tflops: float) -> float |
 class MetricsWriter:
     """Writes scalar metrics by step; only process 0 writes files."""
 
-    def __init__(self, log_dir: str, resumed_step: int = 0, total_steps: int | None = None):
+    def __init__(self, log_dir: PathLike, resumed_step: int = 0, total_steps: int | None = None):
         """`resumed_step`: the step the run starts from; rows of metrics.jsonl past it (written by an earlier
         attempt after its last checkpoint) are dropped, so a resumed run's log reads like an unbroken run's."""
         self._enabled = jax.process_index() == 0
@@ -38,14 +39,13 @@ class MetricsWriter:
         self._jsonl = None
         self._total = total_steps
         if self._enabled:
-            os.makedirs(log_dir, exist_ok=True)
+            log_dir = epath.Path(log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            path = os.path.join(log_dir, "metrics.jsonl")
-            _drop_rows_after(path, resumed_step)
+            self._jsonl = JsonLines(log_dir / "metrics.jsonl", keep_through_step=resumed_step)
             # TensorBoard hides the earlier attempt's events from purge_step on.
-            self._tensorboard = SummaryWriter(log_dir, purge_step=resumed_step + 1)
-            self._jsonl = open(path, "a", encoding="utf-8")
+            self._tensorboard = SummaryWriter(os.fspath(log_dir), purge_step=resumed_step + 1)
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train", note: str = "") -> None:
         """Logs the scalars; `note` (e.g. the time left) goes to the console line only."""
@@ -55,9 +55,7 @@ class MetricsWriter:
         logging.info("[%s] step %d: %s", prefix, step, text)
         where = f"{step}/{self._total}" if self._total else f"{step}"
         print(f"[{prefix}] step {where}: {text}{note}", flush=True)
-        self._jsonl.write(json.dumps({"step": step, "split": prefix, **{k: float(v) for k, v in scalars.items()}})
-                          + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps({"step": step, "split": prefix, **{k: float(v) for k, v in scalars.items()}}))
         for key, value in scalars.items():
             self._tensorboard.add_scalar(f"{prefix}/{key}", float(value), step)
         self._tensorboard.flush()
@@ -68,15 +66,30 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-    """Rewrites the JSON-lines log without rows past `step` (whole or not at all)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = [line for line in lines if line.strip() and _row_step(line) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
+class JsonLines:
+    """metrics.jsonl: rows of a step past `keep_through_step` (an earlier attempt's, after its last checkpoint) are
+    dropped at open (whole or not at all). A local file is appended to; an object in a bucket cannot be, so it is
+    rewritten whole with every row."""
+
+    def __init__(self, path: epath.Path, keep_through_step: int):
+        self.path = path
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        self._rows = [line for line in lines if line.strip() and _row_step(line) <= keep_through_step]
+        if len(self._rows) != len(lines):
+            atomic_write_text(path, "".join(self._rows))
+        self._file = None if is_remote(path) else open(path, "a", encoding="utf-8")
+
+    def append(self, row: str) -> None:
+        if self._file is not None:
+            self._file.write(row + "\n")
+            self._file.flush()
+        else:
+            self._rows.append(row + "\n")
+            atomic_write_text(self.path, "".join(self._rows))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _row_step(line: str) -> float:

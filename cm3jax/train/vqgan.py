@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import PIL.Image
-from etils import epath
 from jax.sharding import Mesh
 
 from cm3jax.config import default
@@ -32,6 +30,7 @@ from cm3jax.data.sources import open_raw_source
 from cm3jax.models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig, uint8_from_pixels
 from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
+from cm3jax.storage import save_png
 from cm3jax.train import loop
 from cm3jax.train.codebook import restart_dead_codes, update_code_usage
 from cm3jax.train.loop import TrainResult, TrainTask
@@ -219,10 +218,9 @@ def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callabl
         images = sample_images()
         reconstructions = jax.device_get(reconstruct(state.params["vqgan"], images))
         if jax.process_index() == 0:
-            samples = StageDir(epath.Path(workdir)).samples
+            samples = StageDir.at(workdir).samples
             samples.mkdir(parents=True, exist_ok=True)
-            with (samples / f"reconstructions_{step:07d}.png").open("wb") as f:
-                PIL.Image.fromarray(reconstruction_grid(images, reconstructions)).save(f, format="PNG")
+            save_png(samples / f"reconstructions_{step:07d}.png", reconstruction_grid(images, reconstructions))
 
     return save
 

@@ -1,0 +1,201 @@
+"""Where a run's files live: a local folder or a bucket (gs://...) that every host reads, through one abstraction.
+
+Every file of a run is read and written through `etils.epath` (as orbax and TFDS do), so no stage falls back to
+`open`/`os` on a workdir that is not local. Three libraries write and read local files only (ArrayRecord, TFDS's
+builders and ScaNN's serializer): they write into a local staging folder that is uploaded when they finish
+(`staged_dir`, `staged_file`), and read a local mirror of a remote folder (`local_mirror`), kept under
+$CM3JAX_CACHE (default ~/.cache/cm3jax) and refreshed where a file's size changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+CACHE_ENV = "CM3JAX_CACHE"
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for a `scheme://` store (gs://, s3://, ...), where files are objects: no append, no local handle."""
+    return "://" in os.fspath(path)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Readers see the old file or the whole new one, never a part. An object store gives this for one write; a
+    local folder gets a temporary name, fsync and rename."""
+    path = epath.Path(path)
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_arrays(path: PathLike, **arrays: np.ndarray) -> None:
+    """One array (`array=`) as .npy, several as .npz; the file exists only once it is whole."""
+    buffer = io.BytesIO()
+    if len(arrays) == 1 and "array" in arrays:
+        np.save(buffer, arrays["array"])
+    else:
+        np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: PathLike) -> Any:
+    """What save_arrays wrote: an array for .npy, a mapping of arrays for .npz (no pickles)."""
+    return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
+
+
+def save_png(path: PathLike, image: np.ndarray) -> None:
+    """A uint8 [H, W, 3] (or [H, W]) array as a PNG file."""
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def files_digest(*paths: PathLike) -> str | None:
+    """sha256 of the contents of the files among `paths` that exist (None when none does)."""
+    digest, found = hashlib.sha256(), False
+    for path in map(epath.Path, paths):
+        if path.exists():
+            found = True
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest() if found else None
+
+
+def arrays_digest(tree: Any) -> str:
+    """sha256 of every array of a pytree (e.g. a model's parameters), in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def upload_tree(local: PathLike, destination: PathLike) -> None:
+    """Copies every file under the local folder to the same relative path under destination."""
+    destination = epath.Path(destination)
+    for root, _, names in os.walk(local):
+        relative = os.path.relpath(root, local)
+        target = destination if relative == "." else destination / relative
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            epath.Path(os.path.join(root, name)).copy(target / name, overwrite=True)
+
+
+@contextlib.contextmanager
+def staged_dir(destination: PathLike) -> Iterator[str]:
+    """A local folder for a library that writes local files only; its files reach `destination` when the block
+    ends without an error. For a local destination this is the destination itself."""
+    if not is_remote(destination):
+        os.makedirs(destination, exist_ok=True)
+        yield os.fspath(destination)
+        return
+    with tempfile.TemporaryDirectory(prefix="cm3jax-stage-") as local:
+        yield local
+        upload_tree(local, destination)
+
+
+@contextlib.contextmanager
+def staged_file(destination: PathLike) -> Iterator[str]:
+    """A local path to write one file to; it appears at `destination` whole (upload, or rename) when the block
+    ends without an error, and nowhere otherwise."""
+    destination = epath.Path(destination)
+    if not is_remote(destination):
+        tmp = f"{destination}.tmp-{os.getpid()}"
+        try:
+            yield tmp
+            os.replace(tmp, destination)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    with tempfile.TemporaryDirectory(prefix="cm3jax-stage-") as local:
+        tmp = os.path.join(local, destination.name)
+        yield tmp
+        epath.Path(tmp).copy(destination, overwrite=True)
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cm3jax")
+
+
+def local_mirror(source: PathLike) -> str:
+    """A local path holding the same files as `source` (a folder or one file), for readers of local files only.
+    A local source is returned as it is; a remote one is copied under cache_root(), where only files that are
+    missing or whose size differs are fetched again."""
+    source = epath.Path(source)
+    if not is_remote(source):
+        return os.fspath(source)
+    local = os.path.join(cache_root(), hashlib.sha256(os.fspath(source).encode()).hexdigest()[:16], source.name)
+    if not source.exists():
+        return local  # nothing to mirror: the reader reports what is missing
+    if source.is_dir():
+        for remote_file, relative in _files_under(source):
+            _fetch(remote_file, os.path.join(local, relative))
+    else:
+        _fetch(source, local)
+    return local
+
+
+def _files_under(folder: epath.Path) -> list[tuple[epath.Path, str]]:
+    """(path, path relative to folder) of every file below `folder`, at any depth (buckets refuse a recursive
+    glob)."""
+    found = []
+    for item in folder.iterdir():
+        if item.is_dir():
+            found += [(path, f"{item.name}/{relative}") for path, relative in _files_under(item)]
+        else:
+            found.append((item, item.name))
+    return found
+
+
+def _fetch(remote_file: epath.Path, local: str) -> None:
+    if os.path.exists(local) and os.path.getsize(local) == remote_file.stat().length:
+        return
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with staged_file(local) as tmp:
+        remote_file.copy(epath.Path(tmp), overwrite=True)
+
+
+def remove_tree(path: PathLike) -> None:
+    path = epath.Path(path)
+    if path.exists():
+        path.rmtree()
+
+
+def move(source: PathLike, destination: PathLike) -> None:
+    """Renames a file or folder; on an object store this copies and deletes."""
+    source, destination = epath.Path(source), epath.Path(destination)
+    if not is_remote(source):
+        shutil.move(os.fspath(source), os.fspath(destination))
+    elif source.is_dir():
+        for item, relative in _files_under(source):
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            item.copy(target)
+        source.rmtree()
+    else:
+        source.copy(destination)
+        source.unlink()
