@@ -179,12 +179,6 @@ def _fetch(remote_file: epath.Path, local: str) -> None:
         remote_file.copy(epath.Path(tmp), overwrite=True)
 
 
-def remove_tree(path: PathLike) -> None:
-    path = epath.Path(path)
-    if path.exists():
-        path.rmtree()
-
-
 def move(source: PathLike, destination: PathLike) -> None:
     """Renames a file or folder; on an object store this copies and deletes."""
     source, destination = epath.Path(source), epath.Path(destination)
