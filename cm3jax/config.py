@@ -147,12 +147,11 @@ def base_config() -> ml_collections.ConfigDict:
             disc_start=2000,  # steps before the hinge GAN terms switch on
             adaptive_gan_weight=False,  # True: gan_weight x taming's gradient-norm ratio at the decoder's last layer
             codebook_weight=1.0,
-            learning_rate=1e-4,
-            warmup_steps=0,
-            b1=0.5,
-            b2=0.9,  # taming's Adam betas for VQ-GAN training
-            weight_decay=0.0,
-            clip_norm=0.0,  # 0: no clipping (taming)
+            # The VQ-GAN's and its discriminator's optimizer, shaped like `optim`: taming's constant 1e-4, Adam betas
+            # (0.5, 0.9), no weight decay, no clipping.
+            optim=ml_collections.ConfigDict(dict(
+                peak_lr=1e-4, warmup_steps=0, decay="constant", end_lr_ratio=1.0, b1=0.5, b2=0.9, eps=1e-8,
+                weight_decay=0.0, no_weight_decay=[], clip_norm=0.0)),
             dead_code_threshold=0.03,  # restart codes used below 3% of a uniform share (0: never restart)
             code_usage_decay=0.99,  # EMA decay of each code's usage; a restarted code gets ~log(t)/log(decay) steps
             num_workers=0,

@@ -73,13 +73,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     require(m.num_heads % tensor == 0, "mesh.ici.tensor",
             f"tensor parallelism {tensor} does not divide model.num_heads={m.num_heads}")
 
-    require(o.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {o.peak_lr}")
-    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    require(o.decay in LR_DECAYS, "optim.decay", f"{o.decay!r} not in {LR_DECAYS}")
-    require(0.0 <= o.end_lr_ratio <= 1.0, "optim.end_lr_ratio", "must be in [0, 1]")
-    require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1", "Adam betas must be in [0, 1)")
-    require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+    validate_optim(o, "optim")
     validate_data_config(config, num_processes)
+
+
+def validate_optim(o: ml_collections.ConfigDict, name: str) -> None:
+    """An optim-shaped section (`optim`, `retriever.optim`, `vqgan.optim`), named `name` in the errors."""
+    require(o.peak_lr > 0, f"{name}.peak_lr", f"must be > 0, got {o.peak_lr}")
+    require(o.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+    require(o.decay in LR_DECAYS, f"{name}.decay", f"{o.decay!r} not in {LR_DECAYS}")
+    require(0.0 <= o.end_lr_ratio <= 1.0, f"{name}.end_lr_ratio", "must be in [0, 1]")
+    require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, f"{name}.b1", "Adam betas must be in [0, 1)")
+    require(o.clip_norm >= 0, f"{name}.clip_norm", "must be >= 0 (0 disables clipping)")
 
 
 def validate_vocab_config(config: ml_collections.ConfigDict) -> None:
@@ -171,6 +176,7 @@ def validate_retrieval_config(config: ml_collections.ConfigDict) -> None:
     require(q.temperature_init > 0 and q.max_logit_scale > 0, "retriever.temperature_init",
             "temperature_init and max_logit_scale must be > 0")
     require(q.compute_dtype in DTYPES + ("auto",), "retriever.compute_dtype", f"{q.compute_dtype!r} not valid")
+    validate_optim(q.optim, "retriever.optim")
 
 
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
@@ -188,3 +194,4 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
             f"must be in [0, 1) (a share of uniform code use; 0 disables restarts), got {v.dead_code_threshold}")
     require(0 <= v.code_usage_decay < 1, "vqgan.code_usage_decay",
             f"must be in [0, 1), got {v.code_usage_decay}")
+    validate_optim(v.optim, "vqgan.optim")

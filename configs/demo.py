@@ -21,8 +21,9 @@ def get_config(arg=None):
     # Digits at 32x32, f=4: 8x8 = 64 codes per image from the 512-code codebook.
     c.raw_data.update(dataset="digits", image_size=32)
     c.vqgan.update(image_size=32, channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, z_channels=64,
-                   lpips_net="alexnet", learning_rate=3e-4, disc_start=100_000,
+                   lpips_net="alexnet", disc_start=100_000,
                    code_usage_decay=0.9)  # 200 steps: a dead code is restarted within ~30 steps
+    c.vqgan.optim.peak_lr = 3e-4
     c.vqgan.train.update(global_batch_size=32, steps=200, log_every=50, eval_every=100, eval_batches=4,
                          checkpoint_every=100, keep_checkpoints=1)
     c.tokenize.update(batch_size=64, shard_size=1000)

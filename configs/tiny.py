@@ -19,8 +19,8 @@ def get_config(arg=None):
     c.runtime.retain_freed_host_memory = True  # the CPU setting, so the CLI tests run with it
     c.raw_data.update(dataset="digits", image_size=32)
     c.vqgan.update(image_size=32, channels=8, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1, z_channels=16,
-                   attention_at_lowest=False, disc_channels=8, disc_layers=2, lpips_net="alexnet",
-                   learning_rate=1e-3, disc_start=2)
+                   attention_at_lowest=False, disc_channels=8, disc_layers=2, lpips_net="alexnet", disc_start=2)
+    c.vqgan.optim.peak_lr = 1e-3
     c.vqgan.train.update(global_batch_size=8, steps=4, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=2,
                          keep_checkpoints=2)
     c.retriever.update(embed_dim=16, text_len=12, num_layers=1, d_model=32, num_heads=4, embed_batch_size=16)

@@ -51,3 +51,25 @@ def test_optimizer_clips_by_global_norm_and_decays_only_masked_weights():
     second, _ = unclipped.update(huge, unclipped.init(params), params)
     # Adam normalises the step size, so clipping shows in the second moment: both give ~ -lr on the first step.
     np.testing.assert_allclose(first["kernel"], second["kernel"], rtol=1e-3)
+
+
+def test_the_vqgan_optimizer_keeps_the_state_layout_and_steps_of_its_earlier_hand_built_one():
+    """vqgan.optim through make_optimizer: the state has the (clip or identity, AdamW) layout that earlier VQ-GAN
+    checkpoints hold, and the same updates as taming's constant-LR Adam built by hand."""
+    import optax
+
+    from configs import tiny
+
+    config = tiny.get_config()
+    optimizer, _ = make_optimizer(config.vqgan.optim, int(config.vqgan.train.steps))
+    v = config.vqgan.optim
+    by_hand = optax.chain(optax.identity(), optax.adamw(optax.constant_schedule(v.peak_lr), b1=v.b1, b2=v.b2,
+                                                        weight_decay=v.weight_decay))
+    params = {"decoder": {"kernel": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}}
+    grads = jax.tree.map(lambda p: jnp.cos(3.0 * p), params)
+    state, expected_state = optimizer.init(params), by_hand.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(expected_state)
+    for _ in range(3):
+        updates, state = optimizer.update(grads, state, params)
+        expected, expected_state = by_hand.update(grads, expected_state, params)
+        np.testing.assert_allclose(updates["decoder"]["kernel"], expected["decoder"]["kernel"], rtol=1e-6)

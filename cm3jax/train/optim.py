@@ -35,11 +35,14 @@ def weight_decay_mask(params: Any, no_decay: list[str]) -> Any:
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
                                                                                  optax.Schedule]:
+    """(the optimizer, its learning-rate schedule) of an optim-shaped section (`optim`, `retriever.optim`,
+    `vqgan.optim`). The state is (clipping, AdamW); AdamW's decay is masked only when no_weight_decay names
+    something, so the state's layout is the one earlier checkpoints of each model hold."""
     schedule = learning_rate_schedule(optim, total_steps)
+    no_decay = list(optim.no_weight_decay)
     adamw = optax.adamw(
         schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-        mask=lambda params: weight_decay_mask(params, list(optim.no_weight_decay)),
+        mask=(lambda params: weight_decay_mask(params, no_decay)) if no_decay else None,
     )
-    if optim.clip_norm > 0:
-        adamw = optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw)
-    return adamw, schedule
+    clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw), schedule

@@ -34,6 +34,7 @@ from cm3jax.storage import save_png
 from cm3jax.train import loop
 from cm3jax.train.codebook import restart_dead_codes, update_code_usage
 from cm3jax.train.loop import TrainResult, TrainTask
+from cm3jax.train.optim import make_optimizer
 from cm3jax.train.state import TrainState
 from cm3jax.workdir import StageDir
 
@@ -227,12 +228,8 @@ def grid_saver(model: VQGAN, sample_images: Callable[[], np.ndarray]) -> Callabl
 
 def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax.GradientTransformation]:
     """(init_state(rng) -> VQGANTrainState of {"vqgan", "discriminator"} params, their optimizer)."""
-    v = config.vqgan
     model_config = VQGANConfig.from_config(config)
-    schedule = (optax.warmup_constant_schedule(0.0, float(v.learning_rate), int(v.warmup_steps)) if v.warmup_steps
-                else optax.constant_schedule(float(v.learning_rate)))
-    optimizer = optax.chain(optax.clip_by_global_norm(float(v.clip_norm)) if v.clip_norm else optax.identity(),
-                            optax.adamw(schedule, b1=float(v.b1), b2=float(v.b2), weight_decay=float(v.weight_decay)))
+    optimizer, _ = make_optimizer(config.vqgan.optim, int(config.vqgan.train.steps))
     model, discriminator = VQGAN(model_config), PatchDiscriminator(model_config)
 
     def init_state(rng):
