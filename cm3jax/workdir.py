@@ -218,15 +218,19 @@ class Workdir:
         """Creates the workdir if needed and checks that a file can be written there; raises WorkdirError saying
         what is wrong."""
         root = self.root
-        probe = root / f".write-check-{os.getpid()}"
         try:
             if root.exists() and not root.is_dir():
                 raise WorkdirError(f"--workdir={self} is a file, not a folder")
-            root.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise WorkdirError(f"--workdir={self} cannot be created: {e.strerror or e}") from e
+            probe = root / f".write-check-{os.getpid()}"
+            try:
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise WorkdirError(f"--workdir={self} is not writable: {e.strerror or e}") from e
         except ImportError as e:  # fsspec's message names the missing client library
             raise WorkdirError(f"--workdir={self} needs a storage client: {e} (`pip install 'cm3jax[gcs]'` "
                                "installs the one for gs://)") from e
-        except OSError as e:
-            raise WorkdirError(f"--workdir={self} cannot be written: {e.strerror or e}") from e
