@@ -2,7 +2,7 @@
 network), give what the same pipeline gives on a local disk, and nothing is written to a local folder instead.
 
 The emulator speaks the GCS JSON API, so every client of a real bucket is exercised: etils.epath through gcsfs,
-orbax's arrays through tensorstore's GCS driver, and TensorBoard's event files through google-cloud-storage."""
+and orbax's arrays through tensorstore's GCS driver."""
 import os
 
 import numpy as np
@@ -47,7 +47,7 @@ def bucket(tmp_path_factory):
     server = create_server("localhost", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     endpoint = f"http://localhost:{port}"
-    settings = {"STORAGE_EMULATOR_HOST": endpoint,  # gcsfs, google-cloud-storage
+    settings = {"STORAGE_EMULATOR_HOST": endpoint,  # gcsfs
                 "TENSORSTORE_GCS_HTTP_URL": endpoint,  # orbax's arrays
                 "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore asks no credential service
                 "FSSPEC_GCS_TOKEN": "anon", "GOOGLE_CLOUD_PROJECT": "cm3jax-test", "NO_GCE_CHECK": "True",

@@ -5,7 +5,7 @@ import itertools
 
 from cm3jax.data.sources import RAW_SPLITS, open_counts, open_raw_source, read_examples
 from cm3jax.errors import MissingInputError
-from cm3jax.storage import staged_dir
+from cm3jax.storage import is_remote, staged_dir
 
 SAMPLE_PER_SPLIT = 256  # examples decoded per split when checking a user's source
 
@@ -21,8 +21,9 @@ def prepare_raw_data(raw_config, data_dir: str) -> dict:
 
         tfds.disable_progress_bar()
         build_dir = r.tfds_data_dir or data_dir
-        if not _embedded_is_built(r, data_dir):
-            with staged_dir(build_dir) as local:  # TFDS writes array_record files locally only
+        # TFDS writes array_record files locally only: a bucket's copy is built locally and uploaded, once.
+        if not (is_remote(build_dir) and _embedded_is_built(r, data_dir)):
+            with staged_dir(build_dir) as local:
                 build_embedded(r.dataset, local, shapes_train_size=r.shapes_train_size,
                                shapes_image_size=r.shapes_image_size, seed=r.seed)
     summary = {}

@@ -258,6 +258,7 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                     check_finite(step, metrics)
                     checkpointer.save(step, state, gather_process_states(task.train_data.get_state()), config_json)
                     last_saved = step
+                    writer.sync()
                 if preempted:
                     logging.warning("%s: preempted; checkpoint saved at step %d. Rerun the same command to resume.",
                                     task.name, step)
