@@ -12,6 +12,7 @@ from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import decode_document_record, validate_document
 from cm3jax.data.shards import open_token_shards
 from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
+from cm3jax.errors import DamagedCheckpointError, MissingInputError
 from cm3jax.models.vqgan import VQGAN, pixels_from_uint8, uint8_from_pixels
 from cm3jax.stages.tokens import tokenize_dataset
 from cm3jax.tokenizers.image import ImageTokenizer
@@ -56,6 +57,24 @@ def test_tokenize_writes_documents_that_round_trip(tiny_config, tiny_vqgan_run, 
         np.testing.assert_allclose(model.apply({"params": params}, codes, method=model.decode), reconstruction,
                                    atol=1e-4)  # decode(shard codes) is the VQ-GAN's reconstruction of the image
         np.testing.assert_array_equal(tokenizer.decode(codes), uint8_from_pixels(reconstruction))
+
+
+def test_an_exported_image_tokenizer_is_the_trained_one(tiny_config, tiny_vqgan_run, tmp_path):
+    trained = ImageTokenizer.load(tiny_config, Workdir(tiny_vqgan_run))
+    trained.save(tmp_path / "exported")
+    exported = ImageTokenizer.from_exported(tmp_path / "exported")
+    assert (exported.model_config, exported.step, exported.digest()) == (trained.model_config, trained.step,
+                                                                         trained.digest())
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    codes = trained.encode(images)
+    np.testing.assert_array_equal(exported.encode(images), codes)
+    np.testing.assert_array_equal(exported.decode(codes), trained.decode(codes))
+    with pytest.raises(MissingInputError, match="no exported image tokenizer"):
+        ImageTokenizer.from_exported(tmp_path)
+    saved = tmp_path / "exported" / "image_tokenizer.json"
+    saved.write_text(saved.read_text().replace(trained.digest(), "0" * 64))  # parameters that are not these
+    with pytest.raises(DamagedCheckpointError, match="not the ones saved"):
+        ImageTokenizer.from_exported(tmp_path / "exported")
 
 
 def test_tokenize_summary_counts_every_kind_of_bad_record(tiny_config, tiny_vqgan_run, tmp_path):

@@ -1,6 +1,8 @@
 """The trained VQ-GAN as an image tokenizer: uint8 images <-> grids of codebook indices.
 
     tokenizer = ImageTokenizer.load(config, workdir)     # latest checkpoint of DIR/vqgan
+    tokenizer.save(folder)                               # parameters and model config only
+    tokenizer = ImageTokenizer.from_exported(folder)     # the same tokenizer, without the training run
     codes = tokenizer.encode(images)                     # uint8 [n, size, size, 3] -> int32 [n, grid, grid]
     images = tokenizer.decode(codes)                     # -> uint8 [n, size, size, 3]
 
@@ -9,19 +11,26 @@ are split over the mesh's data axis when their size allows; the parameters are c
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cm3jax.data.sources import decode_image
-from cm3jax.errors import BadInputError
+from cm3jax.errors import BadInputError, DamagedCheckpointError, MissingInputError
 from cm3jax.models.vqgan import VQGAN, VQGANConfig, pixels_from_uint8, uint8_from_pixels
 from cm3jax.parallel.mesh import data_parallel_mesh
-from cm3jax.storage import PathLike, arrays_digest
+from cm3jax.storage import PathLike, arrays_digest, atomic_write_text
 from cm3jax.workdir import Workdir
+
+EXPORTED_CONFIG = "image_tokenizer.json"  # what marks a folder written by ImageTokenizer.save
 
 
 class ImageTokenizer:
@@ -48,6 +57,46 @@ class ImageTokenizer:
         state, step = restore_latest_state(vqgan_state_init(stage)[0], stage, mesh, str(Workdir.of(workdir).vqgan),
                                            "`cm3jax vqgan`")
         return cls(VQGANConfig.from_config(config), state.params["vqgan"], step, mesh)
+
+    def save(self, folder: PathLike) -> epath.Path:
+        """Writes the parameters (no discriminator, no optimizer state) as an orbax checkpoint and the model config,
+        step and parameter digest as EXPORTED_CONFIG; `from_exported` reads them back."""
+        folder = epath.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(folder / "params", self.params, force=True)
+        atomic_write_text(folder / EXPORTED_CONFIG, json.dumps(
+            {"model": dataclasses.asdict(self.model_config), "step": self.step, "params_sha256": self.digest()},
+            indent=1))
+        return folder
+
+    @classmethod
+    def from_exported(cls, folder: PathLike, mesh: Mesh | None = None) -> ImageTokenizer:
+        """The tokenizer `save` wrote to `folder`, on `mesh` (default: one local device), checked against the
+        digest saved with it."""
+        folder = epath.Path(folder)
+        if not (folder / EXPORTED_CONFIG).exists():
+            raise MissingInputError(f"{folder} holds no exported image tokenizer (no {EXPORTED_CONFIG})")
+        saved = json.loads((folder / EXPORTED_CONFIG).read_text())
+        model_config = VQGANConfig(**{**saved["model"],
+                                      "channel_multipliers": tuple(saved["model"]["channel_multipliers"])})
+        mesh = mesh if mesh is not None else data_parallel_mesh(jax.local_devices()[:1])
+        replicated = NamedSharding(mesh, PartitionSpec())
+        size = model_config.image_size
+        shapes = jax.eval_shape(lambda: VQGAN(model_config).init(jax.random.key(0),
+                                                                 jnp.zeros((1, size, size, 3)))["params"])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                params = checkpointer.restore(folder / "params", target)
+        except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
+            raise DamagedCheckpointError(f"cannot read the image tokenizer's parameters in {folder}: {e}") from e
+        tokenizer = cls(model_config, params, int(saved["step"]), mesh)
+        if tokenizer.digest() != saved["params_sha256"]:
+            raise DamagedCheckpointError(f"the image tokenizer's parameters in {folder} are not the ones saved "
+                                         f"there (sha256 {tokenizer.digest()[:12]}, saved "
+                                         f"{saved['params_sha256'][:12]})")
+        return tokenizer
 
     @property
     def image_size(self) -> int:
