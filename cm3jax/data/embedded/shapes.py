@@ -26,7 +26,7 @@ CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left
 EDITS = ("recolour", "move", "add", "remove")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 BACKGROUND = (245, 245, 240)
-_HALF_EXTENT = {"small": 0.25, "large": 0.42}  # of a cell: shapes in distinct cells never touch
+HALF_EXTENT = {"small": 0.25, "large": 0.42}  # of a cell: shapes in distinct cells never touch
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -68,7 +68,7 @@ def shape_box(shape: Shape, image_size: int) -> np.ndarray:
     """(ymin, xmin, ymax, xmax) in pixels, as drawn."""
     cell = image_size / 3
     row, col = divmod(CELLS.index(shape.cell), 3)
-    cy, cx, h = (row + 0.5) * cell, (col + 0.5) * cell, _HALF_EXTENT[shape.size] * cell
+    cy, cx, h = (row + 0.5) * cell, (col + 0.5) * cell, HALF_EXTENT[shape.size] * cell
     return np.array([cy - h, cx - h, cy + h, cx + h], np.float32)
 
 
@@ -77,19 +77,24 @@ def render(scene: Scene, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     image = PIL.Image.new("RGB", (image_size, image_size), BACKGROUND)
     segmentation = PIL.Image.new("L", (image_size, image_size), 0)
     for index, shape in enumerate(scene):
-        y0, x0, y1, x1 = shape_box(shape, image_size).tolist()
-        for canvas, fill in ((PIL.ImageDraw.Draw(image), RGB[shape.color]),
-                             (PIL.ImageDraw.Draw(segmentation), index + 1)):
-            if shape.kind == "circle":
-                canvas.ellipse((x0, y0, x1, y1), fill=fill)
-            elif shape.kind == "square":
-                canvas.rectangle((x0, y0, x1, y1), fill=fill)
-            else:
-                canvas.polygon(((x0 + x1) / 2, y0, x0, y1, x1, y1), fill=fill)
+        box = shape_box(shape, image_size)
+        draw_shape(PIL.ImageDraw.Draw(image), shape.kind, box, RGB[shape.color])
+        draw_shape(PIL.ImageDraw.Draw(segmentation), shape.kind, box, index + 1)
     return np.asarray(image), np.asarray(segmentation)[..., None]
 
 
-def _where(cell: str) -> str:
+def draw_shape(canvas: PIL.ImageDraw.ImageDraw, kind: str, box: np.ndarray, fill) -> None:
+    """Draws a shape of `kind` filling `box` (ymin, xmin, ymax, xmax in pixels); the triangle points up."""
+    y0, x0, y1, x1 = np.asarray(box, np.float64).tolist()
+    if kind == "circle":
+        canvas.ellipse((x0, y0, x1, y1), fill=fill)
+    elif kind == "square":
+        canvas.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        canvas.polygon(((x0 + x1) / 2, y0, x0, y1, x1, y1), fill=fill)
+
+
+def where_phrase(cell: str) -> str:
     return {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
             "center": "in the center"}.get(cell, f"in the {cell}")
 
@@ -99,7 +104,7 @@ def _article(word: str) -> str:
 
 
 def caption(scene: Scene) -> str:
-    parts = [f"a {s.phrase()} {_where(s.cell)}" for s in scene]
+    parts = [f"a {s.phrase()} {where_phrase(s.cell)}" for s in scene]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -112,7 +117,7 @@ def random_edit(scene: Scene, rng: np.random.Generator) -> tuple[str, str, Scene
     target = scene[i]
     if kind == "add":
         added = _new_shape(rng, scene)
-        return kind, f"add a {added.phrase()} {_where(added.cell)}", scene + (added,)
+        return kind, f"add a {added.phrase()} {where_phrase(added.cell)}", scene + (added,)
     if kind == "remove":
         return kind, f"remove the {target.name()}", scene[:i] + scene[i + 1:]
     if kind == "move":
@@ -132,8 +137,8 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     kind, color = KINDS[rng.integers(len(KINDS))], COLORS[rng.integers(len(COLORS))]
     return [
         ("how many shapes are there?", NUMBER_WORDS[len(scene)]),
-        (f"what color is the {shape.kind} {_where(shape.cell)}?", shape.color),
-        (f"what shape is {_where(shape.cell)}?", shape.kind),
+        (f"what color is the {shape.kind} {where_phrase(shape.cell)}?", shape.color),
+        (f"what shape is {where_phrase(shape.cell)}?", shape.kind),
         (f"where is the {shape.name()}?", shape.cell),
         (f"is there {_article(color)} {color} {kind}?", "yes" if (kind, color) in present else "no"),
     ]
