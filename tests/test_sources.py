@@ -12,6 +12,7 @@ import pytest
 from array_record.python import array_record_module
 
 from cm3jax.config import base_config
+from cm3jax.data import record_meta
 from cm3jax.data.embedded import build_embedded, digits, shapes
 from cm3jax.data.sources import (
     ArrayRecordExampleSource,
@@ -90,6 +91,38 @@ def test_shapes_ground_truth_is_exact(embedded_dir):
     # Deterministic by seed: the generator gives the same scenes again (TFDS stores them in its own order).
     captions = {data[i]["caption"].decode() for i in range(len(source))}
     assert {shapes.scene_example(0, "train", i, 64)["caption"] for i in range(40)} == captions
+
+
+def test_shapes_examples_keep_every_field_of_the_scene(embedded_dir):
+    """Objects, the edit pair, the VQA pairs and the segmentation map reach the example's meta, readable."""
+    source = open_raw_source(raw_config(dataset="shapes", shapes_train_size=40), "train", embedded_dir)
+    scenes = {}  # TFDS keeps its own order: each example is found by its caption
+    for i in range(40):
+        scene = shapes.scene_example(0, "train", i, 64)
+        scenes[scene["caption"]] = scene
+    for example in read_examples(source, 32, SkipCounts(), range(10)):
+        truth, meta = scenes[example.caption], example.meta
+        assert meta["objects"]["kind"] == truth["objects"]["kind"]
+        assert meta["objects"]["position"] == truth["objects"]["position"]
+        np.testing.assert_allclose(meta["objects"]["bbox"], truth["objects"]["bbox"], atol=1e-6)
+        assert meta["edit"]["instruction"] == truth["edit"]["instruction"] and meta["edit"]["kind"] in shapes.EDITS
+        assert meta["vqa"] == {"question": [q["question"] for q in truth["vqa"]],
+                               "answer": [q["answer"] for q in truth["vqa"]]}
+        assert meta["edit"]["image"].shape == (32, 32, 3) and meta["edit"]["image"].dtype == np.uint8
+        # The label map is drawn in its palette: one colour per object, the background colour elsewhere.
+        colors = {tuple(c) for c in meta["segmentation"].reshape(-1, 3)}
+        objects = len(truth["objects"]["kind"])
+        assert colors == {record_meta.BACKGROUND_LABEL_COLOR, *record_meta.LABEL_MAP_COLORS[:objects]}
+
+
+def test_a_label_map_keeps_its_labels_when_resized():
+    labels = np.zeros((64, 96), np.uint8)
+    labels[10:30, 40:60], labels[40:60, 20:30] = 1, 8
+    drawn = record_meta.decode_meta_image(record_meta.MetaImage(labels[..., None], label_map=True), 32)
+    assert drawn.shape == (32, 32, 3)  # short side to 32, centre crop: columns 16-80 of the original remain
+    first, second = record_meta.LABEL_MAP_COLORS[0], record_meta.LABEL_MAP_COLORS[1]  # label 8 wraps to the second
+    assert {tuple(c) for c in drawn.reshape(-1, 3)} == {record_meta.BACKGROUND_LABEL_COLOR, first, second}  # no blend
+    assert tuple(drawn[10, 17]) == first and tuple(drawn[25, 4]) == second
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "PA", "L", "1", "I;16", "I", "F", "CMYK"])
@@ -188,6 +221,7 @@ def test_array_record_of_tf_examples(tmp_path):
     counts = SkipCounts()
     examples = list(read_examples(source, 8, counts))
     assert [e.caption for e in examples] == ["a blue square"] and examples[0].image[4, 4, 2] > 200
+    assert examples[0].meta["references"] == ["a blue square"]  # every caption of a record is kept
     assert counts == {"unreadable_image": 1, "unreadable_record": 1}
     with pytest.raises(FileNotFoundError, match="split"):
         open_raw_source(raw_config(dataset="array_record", paths=str(tmp_path / "*.array_record")), "test", "")

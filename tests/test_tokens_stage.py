@@ -87,3 +87,24 @@ def test_tokenize_summary_counts_every_kind_of_bad_record(tiny_config, tiny_vqga
     manifest = tokenize_dataset(tiny_config, Workdir(tmp_path), jax.devices()[:1])
     assert manifest["splits"]["train"] == {"raw_examples": 9, "documents_written_now": 3, "skipped": expected,
                                            "shards": 3}
+
+
+def test_shards_keep_the_scenes_fields_with_their_images_as_codes(tiny_pipeline_run):
+    from cm3jax.data.record_meta import meta_image_ids
+
+    from helpers import tiny_pipeline_config
+
+    config, workdir = tiny_pipeline_config(), Workdir(tiny_pipeline_run)
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    tokenizer = ImageTokenizer.load(config, workdir)
+    raw = open_raw_source(config.raw_data, "validation", str(workdir.data))
+    records = open_token_shards(str(workdir.tokens), "validation")
+    for i in range(4):
+        document, meta = decode_document_record(records[i])
+        example = next(read_examples(raw, 32, SkipCounts(), [meta["index"]]))
+        assert meta["vqa"] == example.meta["vqa"] and meta["objects"] == example.meta["objects"]
+        assert meta["edit"]["instruction"] == example.meta["edit"]["instruction"]
+        for stored, image in ((meta["edit"]["image"], example.meta["edit"]["image"]),
+                              (meta["segmentation"], example.meta["segmentation"])):
+            ids = meta_image_ids(stored)
+            np.testing.assert_array_equal(vocab.image_codes(ids), tokenizer.encode(image[None]).reshape(-1))

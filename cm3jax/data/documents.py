@@ -8,7 +8,7 @@ A document is `[Segment, ...]` whose tokens are already unified ids (vocab.py). 
 
 Records in token shards (one ArrayRecord record per document) are msgpack maps
 `{"segments": [[modality, int32 little-endian bytes], ...], "meta": {...}}`; `meta` carries what later stages need
-(e.g. the source's example id or label) and is optional.
+(the source's example index, label and other fields: data/record_meta.py) and is optional.
 """
 from __future__ import annotations
 

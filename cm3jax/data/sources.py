@@ -24,6 +24,7 @@ import PIL.ImageOps
 from absl import logging
 from etils import epath
 
+from cm3jax.data.record_meta import decode_meta_image, map_meta_images, tfds_meta
 from cm3jax.errors import MissingInputError
 from cm3jax.storage import PathLike, is_remote, local_mirror
 
@@ -76,12 +77,12 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def resize_center_crop(image: PIL.Image.Image, size: int) -> np.ndarray:
-    """Resize so the short side is `size` (bicubic), then crop the centre square."""
+def resize_center_crop(image: PIL.Image.Image, size: int, resample: int = PIL.Image.BICUBIC) -> np.ndarray:
+    """Resize so the short side is `size` (bicubic unless told), then crop the centre square."""
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), PIL.Image.BICUBIC)
+    image = image.resize((new_w, new_h), resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
 
@@ -115,7 +116,9 @@ def normalize_caption(value: Any) -> str:
 
 def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
                   indices: Iterable[int] | None = None) -> Iterator[ImageCaption]:
-    """Decoded examples of `source`; bad ones are skipped and counted in `counts`."""
+    """Decoded examples of `source`; bad ones are skipped and counted in `counts`. Their meta holds the source's
+    other fields (data/record_meta.py), other images decoded at `image_size`, and `references`: every caption
+    when the source gives several."""
     for index in range(len(source)) if indices is None else indices:
         try:
             image_value, caption_value, meta = source.raw(index)
@@ -128,6 +131,7 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
             continue
         try:
             image = decode_image(image_value, image_size)
+            meta = map_meta_images(meta, lambda m: decode_meta_image(m, image_size))
         except FileNotFoundError:
             counts["missing_image_file"] += 1
             continue
@@ -135,6 +139,8 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
             counts["unreadable_image"] += 1
             logging.debug("record %d: image unreadable: %s", index, e)
             continue
+        if isinstance(caption_value, (list, tuple, np.ndarray)):
+            meta["references"] = [text for text in map(normalize_caption, caption_value) if text]
         yield ImageCaption(image, caption, {"index": int(index), **meta})
 
 
@@ -177,6 +183,8 @@ class TfdsSource:
         self.data_source = data_source
         self.image_key = image_key
         self.caption_key = caption_key
+        self._features = data_source.dataset_info.features
+        self._meta_skip = {image_key.split("/")[0], caption_key.split("/")[0]}
 
     @classmethod
     def open(cls, name: str, data_dir: str, split: str, image_key: str, caption_key: str) -> TfdsSource:
@@ -197,8 +205,8 @@ class TfdsSource:
 
     def raw(self, index: int) -> tuple[Any, Any, dict]:
         example = self.data_source[index]
-        meta = {"label": int(example["label"])} if "label" in example else {}
-        return _feature(example, self.image_key), _feature(example, self.caption_key), meta
+        return (_feature(example, self.image_key), _feature(example, self.caption_key),
+                tfds_meta(example, self._features, self._meta_skip))
 
 
 class ArrayRecordExampleSource:

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from cm3jax import vocab as vocab_lib
 from cm3jax.config_validation import validate_raw_data_config, validate_vocab_config
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
+from cm3jax.data.record_meta import map_meta_images
 from cm3jax.data.shards import shard_path, write_token_shard
 from cm3jax.data.sources import SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions, read_examples
 from cm3jax.errors import BadInputError
@@ -126,17 +127,28 @@ def _sum_over_processes(counts: SkipCounts, documents: int) -> tuple[dict, int]:
 
 
 def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVocab, encode_images, batch_size: int):
-    """Yields document records; uint8 images are encoded batch_size at a time (the last batch padded)."""
+    """Yields document records; uint8 images (each example's own and those in its meta) are encoded batch_size at a
+    time (the last batch padded); a meta image is stored as the unified ids of its codes (record_meta.py)."""
     pending = []
 
+    def encode(images: list[np.ndarray]) -> list[np.ndarray]:
+        codes = []
+        for start in range(0, len(images), batch_size):
+            batch = np.stack(images[start:start + batch_size])
+            padding = np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)
+            codes += list(encode_images(np.concatenate([batch, padding]))[:len(batch)])
+        return [vocab.image_ids(grid.reshape(-1)) for grid in codes]
+
     def flush():
-        images = np.stack([e.image for e in pending])
-        padded = np.concatenate([images, np.zeros((batch_size - len(pending),) + images.shape[1:], images.dtype)])
-        codes = encode_images(padded)[:len(pending)]
-        for example, grid in zip(pending, codes):
-            document = [text_segment(vocab.text_ids(text.encode(example.caption))),
-                        image_segment(vocab.image_ids(grid.reshape(-1)))]
-            yield encode_document_record(document, example.meta)
+        meta_images = []
+        for example in pending:
+            map_meta_images(example.meta, meta_images.append)
+        ids = iter(encode([e.image for e in pending] + meta_images))
+        main = [next(ids) for _ in pending]
+        for example, image_ids in zip(pending, main):
+            meta = map_meta_images(example.meta, lambda _: np.asarray(next(ids), "<i4").tobytes())
+            document = [text_segment(vocab.text_ids(text.encode(example.caption))), image_segment(image_ids)]
+            yield encode_document_record(document, meta)
 
     for example in examples:
         pending.append(example)
