@@ -24,10 +24,11 @@ import argparse
 import json
 import os
 import platform
-import re
 
 import numpy as np
 from timing import best_time  # benchmarks/ is on the path when run as a script
+
+from cm3jax.evaluation.digits import caption_digit, digit_classifier, ink_8x8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,35 +115,6 @@ def speed_part(args) -> None:
               f"{r['recompute_ms_per_token']:18.2f}{r['speedup']:7.1f}{r['image_tokens']:14d}"
               f"{r['image_latency_s']:15.2f}")
     print(json.dumps({"benchmark": "decode_speed", "device": device, "rows": rows}))
-
-
-def digit_classifier():
-    """Logistic regression on scikit-learn's 8x8 digits of our train split (ink levels 0..16)."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    from cm3jax.data.embedded.digits import split_indices
-
-    digits = load_digits()
-    train = split_indices()["train"]
-    return LogisticRegression(max_iter=5000).fit(digits.data[train], digits.target[train])
-
-
-def ink_8x8(images: np.ndarray) -> np.ndarray:
-    """[n, 32, 32, 3] uint8 ink-on-paper images -> [n, 64] ink levels 0..16 (4x4 block means)."""
-    grey = images.astype(np.float32).mean(axis=-1)
-    n, size = grey.shape[0], grey.shape[1]
-    blocks = grey.reshape(n, 8, size // 8, 8, size // 8).mean(axis=(2, 4))
-    return ((255.0 - blocks) / 255.0 * 16.0).reshape(n, 64)
-
-
-def caption_digit(caption: str) -> int:
-    """The digit a caption names (word or numeral), -1 when it names none or several."""
-    from cm3jax.data.embedded.digits import NAMES
-
-    found = {NAMES.index(w) for w in re.findall(r"[a-z]+", caption.lower()) if w in NAMES}
-    found |= {int(d) for d in re.findall(r"\b\d\b", caption)}
-    return found.pop() if len(found) == 1 else -1
 
 
 def generated_accuracy(generator, classifier, options, per_class: int, best_of: int = 0) -> float:

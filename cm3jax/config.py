@@ -248,6 +248,23 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # `cm3jax eval` (cm3jax/evaluation/): scores a trained model on held-out documents of the token shards.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            model="lm",  # the stage whose checkpoint is scored
+            step=-1,  # -1: its latest checkpoint
+            split="validation",  # token shards read (held out from training)
+            tasks=("loss", "text_to_image", "caption", "vqa"),  # of evaluation.evaluate.TASKS
+            num_examples=64,  # held-out documents per generation task (the first ones, so every run scores the same)
+            batch_size=16,  # prompts decoded together
+            num_retrieved=0,  # K documents retrieved and prepended to text -> image prompts and to the loss documents
+            guidance=("none", "cfg"),  # text -> image is scored once per setting (generate.* gives the scales)
+            loss_batches=8,  # batches of train.global_batch_size documents for the held-out loss
+            sheet_images=16,  # generated images per setting drawn in each task's image sheet
+            seed=0,
+        )
+    )
+
     c.train = ml_collections.ConfigDict(
         dict(
             seed=0,

@@ -28,5 +28,6 @@ def get_config(arg=None):
     c.retriever.train.update(global_batch_size=8, steps=4, log_every=1, eval_every=4, eval_batches=1,
                              checkpoint_every=2, keep_checkpoints=2)
     c.retrieval.update(chunk_size=64)
+    c.eval.update(num_examples=4, batch_size=4, loss_batches=1, guidance=("cfg",), sheet_images=4)
     c.mesh.ici.update(data=1, fsdp=-1, tensor=1)
     return c

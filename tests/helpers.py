@@ -82,6 +82,7 @@ def tiny_pipeline_config():
     c.train.update(seq_len=48, steps=4, checkpoint_every=2)
     c.model.max_seq_len = 96
     c.generate.update(sample_captions=0, sample_prompts=())
+    c.eval.update(num_examples=4, batch_size=4, loss_batches=1, guidance=("cfg",))
     return c
 
 

@@ -40,3 +40,9 @@ def test_empty_corpus_is_an_error():
 def test_too_small_a_vocabulary_is_a_clear_error():
     with pytest.raises(ValueError, match="vocab.text_size"):
         TextTokenizer.train(CORPUS, vocab_size=96)  # fewer than the 256 byte pieces
+
+
+def test_piece_ids_past_the_model_are_dropped_when_decoding(tokenizer):
+    """The vocabulary's text range can hold more ids than the model has pieces, and an LM can sample them."""
+    pieces = tokenizer.encode("a red circle")
+    assert tokenizer.decode(np.concatenate([pieces, [tokenizer.vocab_size, 10**6]])) == "a red circle"

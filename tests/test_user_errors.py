@@ -47,6 +47,14 @@ def test_bad_overrides_are_one_line(tmp_path, flags, fragments):
     assert not (tmp_path / "run" / "lm").exists()
 
 
+@pytest.mark.parametrize("flag,field", [("--config.eval.num_examples=0", "config.eval.num_examples"),
+                                        ("--config.eval.tasks=('loss', 'fid')", "config.eval.tasks"),
+                                        ("--config.eval.guidance=('edit',)", "config.eval.guidance")])
+def test_bad_eval_settings_are_one_line(tmp_path, flag, field):
+    assert_one_line_error(cm3jax("eval", flag, workdir=tmp_path / "run"), field)
+    assert not (tmp_path / "run" / "eval").exists()
+
+
 def test_bad_config_files_and_workdirs_are_one_line(tmp_path):
     result = cm3jax("train", "--config=configs/no_such_recipe.py", f"--workdir={tmp_path}")
     assert_one_line_error(result, "configs/no_such_recipe.py not found")
@@ -164,6 +172,7 @@ def test_a_run_refused_for_its_vocabulary_leaves_nothing_that_refuses_the_correc
     (["retrieve"], "cm3jax tokenize"),
     (["train", "--config.data.source=token_shards"], "cm3jax tokenize"),
     (["generate", "image", "--prompt=a seven"], "run `cm3jax train`"),
+    (["eval"], "run `cm3jax train`"),
 ])
 def test_a_stage_whose_inputs_are_missing_says_which_command_makes_them(tmp_path, command, fragment):
     workdir = tmp_path / "run"

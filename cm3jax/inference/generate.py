@@ -39,7 +39,9 @@ class Generator:
         self._memory = None
 
     @classmethod
-    def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str, devices=None) -> Generator:
+    def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str, devices=None,
+             step: int | None = None) -> Generator:
+        """The LM of the run (its latest checkpoint, or `step`) with the run's tokenizers."""
         from cm3jax.parallel.mesh import create_mesh
         from cm3jax.tokenizers.text import TextTokenizer
         from cm3jax.train.lm import lm_state_init
@@ -56,7 +58,7 @@ class Generator:
             raise MissingInputError(f"{workdir.text_tokenizer} not found: run `cm3jax tokenize` on this workdir first")
         mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
         init_state, decoder_config, _, _ = lm_state_init(config)
-        state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`")
+        state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`", step)
         image_tokenizer = ImageTokenizer.load(config, workdir, mesh)
         require_tokens_vqgan(workdir.tokens, image_tokenizer)
         return cls(config, workdir, mesh, state.params, decoder_config, vocab,
@@ -77,15 +79,26 @@ class Generator:
     def run(self, prompt: TaskPrompt, num: int, options: SamplingOptions, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """`num` samples of one task prompt: (generated [num, T], lengths [num]). The prompt's first
         options.num_streams streams are decoded (one without guidance)."""
-        if len(prompt.streams) < options.num_streams:
-            raise BadInputError(f"guidance {options.guidance!r} needs {options.num_streams} prompt streams, this task "
-                             f"has {len(prompt.streams)}")
-        streams = prompt.streams[:options.num_streams]  # stream 0 is the full condition; guidance adds the rest
-        key = (prompt.schedule.forced.tobytes(), prompt.schedule.modality.tobytes(), prompt.schedule.stop_tokens,
-               options)
+        return self.run_batch([prompt] * num, options, seed)
+
+    def run_batch(self, prompts: list[TaskPrompt], options: SamplingOptions,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One sample of each prompt, decoded as one batch: (generated [n, T], lengths [n]). The prompts must share
+        their schedule (one task)."""
+        schedule = prompts[0].schedule
+        for prompt in prompts:
+            if len(prompt.streams) < options.num_streams:
+                raise BadInputError(f"guidance {options.guidance!r} needs {options.num_streams} prompt streams, this "
+                                    f"task has {len(prompt.streams)}")
+            if not (np.array_equal(prompt.schedule.forced, schedule.forced)
+                    and np.array_equal(prompt.schedule.modality, schedule.modality)
+                    and prompt.schedule.stop_tokens == schedule.stop_tokens):
+                raise ValueError("prompts decoded as one batch must share their decoding schedule")
+        key = (schedule.forced.tobytes(), schedule.modality.tobytes(), schedule.stop_tokens, options)
         if key not in self._decoders:
-            self._decoders[key] = make_decoder(self.decoder_config, self.vocab, prompt.schedule, options)
-        rows = [stream for stream in streams for _ in range(num)]
+            self._decoders[key] = make_decoder(self.decoder_config, self.vocab, schedule, options)
+        # Stream s of every prompt, then stream s + 1: stream 0 is the full condition, guidance adds the rest.
+        rows = [prompt.streams[s] for s in range(options.num_streams) for prompt in prompts]
         tokens, mask = left_pad(rows)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             out, lengths = self._decoders[key](self.params, tokens, mask, jax.random.key(seed))

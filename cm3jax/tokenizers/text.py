@@ -59,7 +59,9 @@ class TextTokenizer:
         return np.asarray(self._processor.encode(text), np.int32)
 
     def decode(self, pieces: np.ndarray) -> str:
-        return self._processor.decode([int(p) for p in pieces])
+        """Piece ids -> text; ids past this model's pieces (the vocabulary's text range can be larger, and a model
+        can sample them) are dropped."""
+        return self._processor.decode([int(p) for p in pieces if 0 <= int(p) < self.vocab_size])
 
 
 def _train_sentencepiece(sentences: list[str], model: io.BytesIO, vocab_size: int, model_type: str,

@@ -3,7 +3,7 @@ jitted train / eval steps with gradient accumulation."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -70,7 +70,7 @@ def means_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def _forward(model: nn.Module, params: Any, batch: Batch) -> jax.Array:
+def forward(model: nn.Module, params: Any, batch: Batch) -> jax.Array:
     return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
 
 
@@ -87,7 +87,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
                     z_loss_weight: float, grad_accum_steps: int) -> Callable[[TrainState, Batch], tuple]:
     def grads_and_sums(params, batch):
         def objective(p):
-            return loss_sums(_forward(model, p, batch), batch, z_loss_weight)
+            return loss_sums(forward(model, p, batch), batch, z_loss_weight)
 
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, sums
@@ -119,7 +119,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
 
 def make_eval_step(model: nn.Module, z_loss_weight: float) -> Callable[[TrainState, Batch], dict]:
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        return loss_sums(_forward(model, state.params, batch), batch, z_loss_weight)[1]
+        return loss_sums(forward(model, state.params, batch), batch, z_loss_weight)[1]
 
     return eval_step
 
@@ -148,16 +148,6 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
 
     rows = process_rows(mesh, t.global_batch_size)
     options = PipelineOptions.from_config(config, jax.process_count())
-    # Held-out loss is the loss on the held-out documents themselves: retrieved documents before them are context.
-    eval_options = dataclasses.replace(options, shuffle=False, num_workers=0, retrieved_loss_weight=0.0)
-    eval_source = open_document_source(config.data, vocab, config.data.eval_split) if t.eval_every else None
-    eval_augment = (open_retrieval(config.data, vocab, config.data.eval_split, evaluation=True) if t.eval_every
-                    else None)
-
-    def eval_data():
-        batches = DocumentBatches(eval_source, vocab, eval_options, rows, eval_augment)
-        return (next(batches) for _ in range(t.eval_batches))
-
     tokens_per_step = t.global_batch_size * t.seq_len
     task = TrainTask(
         state_fields=LM_STATE_FIELDS,
@@ -170,10 +160,28 @@ def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainT
         flops_per_step=flops_per_token(decoder_config, t.seq_len) * tokens_per_step,
         tokens_per_step=tokens_per_step,
         eval_step=make_eval_step(model, t.z_loss_weight),
-        eval_data=eval_data if t.eval_every else None,
+        eval_data=held_out_batches(config, mesh, int(t.eval_batches)) if t.eval_every else None,
         summarize_eval=means_from_sums,
     )
     return task, decoder_config
+
+
+def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh, num_batches: int) -> Callable[[], Iterator]:
+    """A callable giving the same `num_batches` batches of data.eval_split every time, unshuffled, with
+    data.eval_num_retrieved documents retrieved before each. Held-out loss is the loss on the held-out documents
+    themselves: the retrieved ones are context (no loss)."""
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    rows = process_rows(mesh, config.train.global_batch_size)
+    options = dataclasses.replace(PipelineOptions.from_config(config, jax.process_count()), shuffle=False,
+                                  num_workers=0, retrieved_loss_weight=0.0)
+    source = open_document_source(config.data, vocab, config.data.eval_split)
+    augment = open_retrieval(config.data, vocab, config.data.eval_split, evaluation=True)
+
+    def batches():
+        stream = DocumentBatches(source, vocab, options, rows, augment)
+        return (next(stream) for _ in range(num_batches))
+
+    return batches
 
 
 # The config fields that fix the LM's parameter shapes.

@@ -128,15 +128,19 @@ def initialize_state(init_state: Callable, rng: jax.Array, mesh: Mesh, rules: tu
 
 
 def restore_latest_state(init_state: Callable, config: ml_collections.ConfigDict, mesh: Mesh, stage_dir: str,
-                         produced_by: str) -> tuple[Any, int]:
-    """(state of the latest checkpoint under stage_dir/checkpoints laid out on `mesh`, its step), for stages that
-    use a trained model; `produced_by` names the command that writes the checkpoints, for the error."""
+                         produced_by: str, step: int | None = None) -> tuple[Any, int]:
+    """(state of the latest checkpoint under stage_dir/checkpoints, or of `step`, laid out on `mesh`; its step), for
+    stages that use a trained model; `produced_by` names the command that writes the checkpoints, for the error."""
     abstract, shardings = abstract_state_and_shardings(init_state, mesh, sharding.logical_axis_rules(config))
     checkpointer = Checkpointer(StageDir.at(stage_dir).checkpoints, keep=1)
     try:
-        step = checkpointer.latest_step()
         if step is None:
-            raise MissingInputError(f"no checkpoint under {checkpointer.directory}: run {produced_by} first")
+            step = checkpointer.latest_step()
+            if step is None:
+                raise MissingInputError(f"no checkpoint under {checkpointer.directory}: run {produced_by} first")
+        elif step not in checkpointer.all_steps():
+            raise MissingInputError(f"no checkpoint of step {step} under {checkpointer.directory} (there are "
+                                    f"{sorted(checkpointer.all_steps())})")
         state, _ = checkpointer.restore(step, abstract, shardings)
     finally:
         checkpointer.close()

@@ -1,0 +1,278 @@
+"""`cm3jax eval`: scores a trained LM on held-out documents of the token shards, every task the data allows.
+
+    metrics = evaluate(config, workdir)   # writes DIR/eval/<model>-<step>/{metrics.json, predictions.jsonl, *.png}
+
+Tasks (eval.tasks):
+- loss: held-out loss per modality, with eval.num_retrieved documents retrieved before each (they are context only);
+- text_to_image: one image per held-out caption, once per eval.guidance setting; shapes: the parsed image against
+  the caption's scene (exact and per attribute); digits: the share an independent classifier reads as the prompted
+  digit; every dataset: the Frechet distance to the held-out images in the retriever's image-embedding space;
+- caption: a greedy caption of each held-out image; shapes: the caption read back as a scene against the reference
+  scene; digits: names the right digit; every dataset: CIDEr-D against all of the record's reference captions;
+- vqa: a greedy answer to each question of the records that have them (shapes), exact match.
+The examples are the first eval.num_examples documents of eval.split, the seeds fixed: the same command writes the
+same metrics.json.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.documents import decode_document_record
+from cm3jax.errors import BadInputError
+from cm3jax.evaluation import scorers
+from cm3jax.evaluation.frechet import frechet_distance_of_features
+from cm3jax.evaluation.shapes_parser import parse_scene
+from cm3jax.inference.decode import GREEDY, SamplingOptions
+from cm3jax.inference.generate import Generator, contact_sheet
+from cm3jax.storage import atomic_write_text, save_png
+from cm3jax.workdir import Workdir
+
+TASKS = ("loss", "text_to_image", "caption", "vqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    caption: str
+    codes: np.ndarray  # [grid, grid] VQ-GAN codes of the document's image
+    meta: dict
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
+    """Scores the model, writes its folder under DIR/eval and returns the metrics."""
+    e = config.eval
+    generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step))
+    out_dir = workdir.stage("eval") / f"{e.model}-{generator.step}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = held_out_documents(generator, workdir, str(e.split), int(e.num_examples))
+    metrics: dict[str, Any] = {"model": str(e.model), "step": generator.step, "split": str(e.split),
+                               "examples": len(examples), "num_retrieved": int(e.num_retrieved)}
+    predictions: list[dict] = []
+    dataset = str(config.raw_data.dataset)
+    for task in e.tasks:
+        if task == "loss":
+            metrics["loss"] = held_out_loss(config, generator)
+        elif task == "text_to_image":
+            for guidance in e.guidance:
+                metrics[f"text_to_image/{guidance}"] = _text_to_image(config, generator, examples, guidance, dataset,
+                                                                      predictions, out_dir)
+        elif task == "caption":
+            metrics["caption"] = _captions(generator, examples, dataset, predictions)
+        elif task == "vqa":
+            metrics["vqa"] = _vqa(generator, examples, predictions)
+    if jax.process_index() == 0:
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+        atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n"
+                                                                 for p in predictions))
+    return metrics
+
+
+def held_out_documents(generator: Generator, workdir: Workdir, split: str, count: int) -> list[HeldOut]:
+    """The first `count` caption-image documents of the split's token shards."""
+    from cm3jax.data.shards import open_token_shards
+
+    records = open_token_shards(str(workdir.tokens), split)
+    vocab = generator.vocab
+    found = []
+    for index in range(len(records)):
+        document, meta = decode_document_record(records[index])
+        texts = [s.tokens for s in document if s.modality == vocab_lib.MODALITY_TEXT]
+        images = [s.tokens for s in document if s.modality == vocab_lib.MODALITY_IMAGE]
+        if texts and images:
+            codes = vocab.image_codes(images[0]).reshape(generator.grid, generator.grid)
+            found.append(HeldOut(generator.decode_text(texts[0]), codes, meta))
+        if len(found) == count:
+            break
+    return found
+
+
+def held_out_loss(config: ml_collections.ConfigDict, generator: Generator) -> dict[str, float]:
+    """Mean loss per modality over eval.loss_batches batches of held-out documents (eval.num_retrieved retrieved
+    documents before each, no loss on them)."""
+    import flax.linen as nn
+
+    from cm3jax.models.transformer import CM3LeonDecoder
+    from cm3jax.parallel import sharding
+    from cm3jax.train.lm import forward, held_out_batches, loss_sums, means_from_sums
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.update(eval_split=config.eval.split, eval_num_retrieved=config.eval.num_retrieved)
+    model = CM3LeonDecoder(generator.decoder_config)
+    z_loss_weight = float(config.train.z_loss_weight)
+
+    @jax.jit
+    def sums(params, batch):
+        return loss_sums(forward(model, params, batch), batch, z_loss_weight)[1]
+
+    totals = None
+    with jax.set_mesh(generator.mesh), nn.logical_axis_rules(generator.rules):
+        for local_batch in held_out_batches(config, generator.mesh, int(config.eval.loss_batches))():
+            batch = sharding.global_batch(local_batch, generator.mesh, int(config.train.global_batch_size))
+            step_sums = sums(generator.params, batch)
+            totals = step_sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, step_sums)
+    return {k: float(v) for k, v in jax.device_get(means_from_sums(totals)).items()}
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield start // size, items[start:start + size]
+
+
+def _mean_scores(rows: list[dict]) -> dict[str, float]:
+    totals: dict[str, float] = collections.defaultdict(float)
+    for row in rows:
+        for key, value in row.items():
+            totals[key] += value
+    return {key: value / len(rows) for key, value in totals.items()} if rows else {}
+
+
+def _image_scorer(dataset: str) -> Callable[[np.ndarray, HeldOut], tuple[dict, str]]:
+    """(generated image, example) -> (scores, what was read from the image: shapes' objects as (kind, colour,
+    size, cell), a digit) for the datasets that can be read."""
+    if dataset == "shapes":
+        def score_scene(image, example):
+            parsed = parse_scene(image)
+            return (scorers.scene_scores(parsed, scorers.parse_caption(example.caption)),
+                    [dataclasses.astuple(shape) for shape in parsed])
+        return score_scene
+    if dataset == "digits":
+        from cm3jax.evaluation.digits import digit_classifier, ink_8x8
+
+        classifier = digit_classifier()
+
+        def score_digit(image, example):
+            read = int(classifier.predict(ink_8x8(image[None]))[0])
+            return {"digit": float(read == example.meta["label"])}, str(read)
+        return score_digit
+    return lambda image, example: ({}, "")
+
+
+def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidance: str, dataset: str,
+                   predictions: list[dict], out_dir) -> dict:
+    e = config.eval
+    options = dataclasses.replace(SamplingOptions.from_config(config.generate), guidance=guidance)
+    context = _retrieved_context(generator, int(e.num_retrieved))
+    score = _image_scorer(dataset)
+    rows, generated_codes, sheet = [], [], []
+    for batch_index, batch in _batches(examples, int(e.batch_size)):
+        prompts = [generator.prompter.text_to_image(x.caption, context(x.caption)) for x in batch]
+        out, _ = generator.run_batch(prompts, options, int(e.seed) + batch_index)
+        codes = generator.vocab.image_codes(out).reshape(len(batch), generator.grid, generator.grid)
+        images = generator.decode_codes(codes)
+        generated_codes.append(codes)
+        sheet += list(images[:max(0, int(e.sheet_images) - len(sheet))])
+        for example, image in zip(batch, images):
+            scores, read = score(image, example)
+            rows.append(scores)
+            predictions.append({"task": "text_to_image", "guidance": guidance, "index": example.meta.get("index"),
+                                "prompt": example.caption, "generated": read, "reference": example.caption,
+                                "scores": scores})
+    metrics = _mean_scores(rows)
+    fd = _retriever_frechet_distance(generator, np.concatenate(generated_codes), [x.codes for x in examples])
+    if fd is not None:
+        metrics["fd_retriever"] = fd
+    if sheet and jax.process_index() == 0:
+        save_png(out_dir / f"text_to_image-{guidance}.png", contact_sheet(np.stack(sheet), columns=8))
+    return metrics
+
+
+def _retrieved_context(generator: Generator, k: int) -> Callable[[str], np.ndarray | None]:
+    if not k:
+        return lambda caption: None
+    from cm3jax.retrieval.memory import prepend_retrieved
+
+    memory = generator.memory()
+    return lambda caption: prepend_retrieved(memory.retrieve(caption, k=k), np.array([vocab_lib.EOS], np.int32))
+
+
+def _retriever_frechet_distance(generator: Generator, generated: np.ndarray,
+                                reference: Sequence[np.ndarray]) -> float | None:
+    """Frechet distance between generated and held-out images in the retriever's image space; None without a
+    trained retriever (retrieval.embeddings computed elsewhere) or with fewer than two images."""
+    from cm3jax.retrieval.neighbours import Query
+
+    if len(generated) < 2 or not generator.workdir.retrieval.retriever.checkpoints.is_dir():
+        return None
+    encoder = generator.memory().encoder
+    if encoder is None:
+        return None
+
+    def embed(grids) -> np.ndarray:
+        queries = []
+        for grid in grids:
+            ids = generator.vocab.image_ids(np.asarray(grid).reshape(-1))
+            queries.append(Query(0, vocab_lib.MODALITY_IMAGE, ids, np.ones(len(ids), bool)))
+        return np.asarray(encoder(queries), np.float64)
+
+    return frechet_distance_of_features(embed(generated), embed(reference))
+
+
+def _text_prompts(generator: Generator, build: Callable[[int], list]) -> list:
+    """Prompts for generate.max_text_tokens of text, or fewer where the longest prompt leaves less room in the
+    model's positions."""
+    prompts = build(int(generator.config.generate.max_text_tokens))
+    room = generator.decoder_config.max_seq_len - max(len(p.streams[0]) for p in prompts)
+    if room < 1:
+        raise BadInputError(f"a prompt of {generator.decoder_config.max_seq_len - room} tokens leaves no room to "
+                         f"answer in the model's {generator.decoder_config.max_seq_len} positions")
+    return build(room) if room < len(prompts[0].schedule.forced) else prompts
+
+
+def _captions(generator: Generator, examples: list[HeldOut], dataset: str, predictions: list[dict]) -> dict:
+    g = generator.config.generate
+    captions = []
+    for batch_index, batch in _batches(examples, int(generator.config.eval.batch_size)):
+        prompts = _text_prompts(generator, lambda n, batch=batch: [
+            generator.prompter.caption(x.codes, str(g.caption_style), n) for x in batch])
+        out, lengths = generator.run_batch(prompts, GREEDY, int(generator.config.eval.seed) + batch_index)
+        captions += [generator.decode_text(row[:n]) for row, n in zip(out, lengths)]
+    rows = []
+    for example, text in zip(examples, captions):
+        if dataset == "shapes":
+            scores = scorers.scene_scores(scorers.parse_caption(text), scorers.parse_caption(example.caption))
+        elif dataset == "digits":
+            from cm3jax.evaluation.digits import caption_digit
+
+            scores = {"digit": float(caption_digit(text) == example.meta["label"])}
+        else:
+            scores = {}
+        rows.append(scores)
+        predictions.append({"task": "caption", "index": example.meta.get("index"), "generated": text,
+                            "reference": example.meta.get("references") or [example.caption], "scores": scores})
+    metrics = _mean_scores(rows)
+    if examples:
+        keys = [str(i) for i in range(len(examples))]
+        metrics["cider_d"], _ = scorers.cider_d(
+            dict(zip(keys, captions)),
+            {k: x.meta.get("references") or [x.caption] for k, x in zip(keys, examples)})
+    return metrics
+
+
+def _vqa(generator: Generator, examples: list[HeldOut], predictions: list[dict]) -> dict:
+    items = [(x, q, a) for x in examples if "vqa" in x.meta
+             for q, a in zip(x.meta["vqa"]["question"], x.meta["vqa"]["answer"])]
+    answers = []
+    for batch_index, batch in _batches(items, int(generator.config.eval.batch_size)):
+        prompts = _text_prompts(generator, lambda n, batch=batch: [generator.prompter.vqa(x.codes, q, n)
+                                                                   for x, q, _ in batch])
+        out, lengths = generator.run_batch(prompts, GREEDY, int(generator.config.eval.seed) + batch_index)
+        answers += [generator.decode_text(row[:n]) for row, n in zip(out, lengths)]
+    by_form: dict[str, list[float]] = collections.defaultdict(list)
+    for (example, question, answer), predicted in zip(items, answers):
+        score = scorers.vqa_accuracy(predicted, [answer])
+        by_form[" ".join(question.split()[:2])].append(score)
+        predictions.append({"task": "vqa", "index": example.meta.get("index"), "prompt": question,
+                            "generated": predicted, "reference": answer, "scores": {"exact": score}})
+    if not items:
+        return {"questions": 0}
+    metrics = {"questions": len(items), "exact": float(np.mean([s for v in by_form.values() for s in v]))}
+    metrics.update({f"exact/{form}": float(np.mean(v)) for form, v in sorted(by_form.items())})
+    return metrics

@@ -1,0 +1,60 @@
+"""`cm3jax eval` (cm3jax/evaluation/evaluate.py): on the tiny shapes run it writes every file, every prediction row
+carries the score its scorer gives, and the same command gives the same metrics.json."""
+import json
+
+import pytest
+
+from cm3jax.data.embedded.shapes import Shape
+from cm3jax.evaluation import scorers
+from cm3jax.workdir import Workdir
+
+from helpers import copy_run, tiny_pipeline_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+
+
+def _read(folder):
+    metrics = json.loads((folder / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return metrics, predictions
+
+
+def test_the_pipelines_eval_scores_every_task_and_writes_every_file(tiny_pipeline_run):
+    folder = Workdir(tiny_pipeline_run).stage("eval") / "lm-4"
+    metrics, predictions = _read(folder)
+    assert metrics["examples"] == 4 and metrics["step"] == 4
+    assert set(metrics) >= {"loss", "text_to_image/cfg", "caption", "vqa"}
+    assert {"loss", "text_loss", "image_loss"} <= set(metrics["loss"])
+    assert {"exact", "count", "cells", "kind", "color", "size", "fd_retriever"} <= set(metrics["text_to_image/cfg"])
+    assert {"exact", "cider_d"} <= set(metrics["caption"])
+    assert metrics["vqa"]["questions"] == 4 * 5
+    assert (folder / "text_to_image-cfg.png").read_bytes()[:4] == b"\x89PNG"
+    tasks = [p["task"] for p in predictions]
+    assert tasks.count("text_to_image") == 4 and tasks.count("caption") == 4 and tasks.count("vqa") == 20
+    for row in predictions:  # each row's score is what the scorer gives its generation and reference
+        if row["task"] == "caption":
+            reference = scorers.parse_caption(row["reference"][0])
+            assert row["scores"] == scorers.scene_scores(scorers.parse_caption(row["generated"]), reference)
+        elif row["task"] == "vqa":
+            assert row["scores"]["exact"] == scorers.vqa_accuracy(row["generated"], [row["reference"]])
+        else:
+            parsed = tuple(Shape(*fields) for fields in row["generated"])  # the objects read from the image
+            assert row["scores"] == scorers.scene_scores(parsed, scorers.parse_caption(row["prompt"]))
+    means = [p["scores"]["exact"] for p in predictions if p["task"] == "vqa"]
+    assert metrics["vqa"]["exact"] == pytest.approx(sum(means) / len(means))
+
+
+def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
+    from cm3jax import stages
+
+    workdir = Workdir(copy_run(tiny_pipeline_run, tmp_path / "run"))
+    folder = workdir.stage("eval") / "lm-4"
+    before = (folder / "metrics.json").read_text()
+    (folder / "metrics.json").unlink()
+    config = tiny_pipeline_config()
+    assert stages.by_command("eval").run(config, workdir)
+    assert (folder / "metrics.json").read_text() == before
+    config.eval.update(step=2, tasks=("caption",))  # an older checkpoint gets its own folder
+    assert stages.by_command("eval").run(config, workdir)
+    metrics, _ = _read(workdir.stage("eval") / "lm-2")
+    assert metrics["step"] == 2 and set(metrics) >= {"caption"} and "loss" not in metrics
