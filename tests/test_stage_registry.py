@@ -78,3 +78,14 @@ def test_stage_dir_records_config_completion_and_inputs(tmp_path):
     stage.mark_complete({"documents": 3})
     assert stage.is_complete() and json.loads((stage.path / "COMPLETE.json").read_text())["documents"] == 3
     assert stage.identity() == identity and not list(stage.path.glob("*.tmp-*"))  # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize("recipe", ["configs/tiny.py", "configs/demo.py", "configs/shapes.py",
+                                    "configs/cm3leon.py:350m", "configs/cm3leon.py:7b"])
+def test_every_recipe_passes_the_checks_of_the_stages_it_runs(recipe):
+    from cm3jax.config import load_recipe
+
+    config = load_recipe(recipe)
+    for stage in STAGES:
+        if not stage.skipped_because(config):
+            stage.validate(config)
