@@ -4,9 +4,10 @@
 
 Tasks (eval.tasks):
 - loss: held-out loss per modality, with eval.num_retrieved documents retrieved before each (they are context only);
-- text_to_image: one image per held-out caption, once per eval.guidance setting; shapes: the parsed image against
-  the caption's scene (exact and per attribute); digits: the share an independent classifier reads as the prompted
-  digit; every dataset: the Frechet distance to the held-out images in the retriever's image-embedding space;
+- text_to_image: one image per held-out caption, once per eval.guidance setting, and with eval.rerank_candidates
+  the best of that many by the retriever's caption-image score (as the paper evaluates); shapes: the parsed image
+  against the caption's scene (exact and per attribute); digits: the share an independent classifier reads as the
+  prompted digit; every dataset: the Frechet distance to the held-out images in the retriever's embedding space;
 - caption: a greedy caption of each held-out image; shapes: the caption read back as a scene against the reference
   scene; digits: names the right digit; every dataset: CIDEr-D against all of the record's reference captions;
 - vqa: a greedy answer to each question of the records that have them (shapes), exact match.
@@ -62,8 +63,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
             metrics["loss"] = held_out_loss(config, generator)
         elif task == "text_to_image":
             for guidance in e.guidance:
-                metrics[f"text_to_image/{guidance}"] = _text_to_image(config, generator, examples, guidance, dataset,
-                                                                      predictions, out_dir)
+                metrics.update(_text_to_image(config, generator, examples, guidance, dataset, predictions, out_dir))
         elif task == "caption":
             metrics["caption"] = _captions(generator, examples, dataset, predictions)
         elif task == "vqa":
@@ -156,32 +156,43 @@ def _image_scorer(dataset: str) -> Callable[[np.ndarray, HeldOut], tuple[dict, s
 
 
 def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidance: str, dataset: str,
-                   predictions: list[dict], out_dir) -> dict:
+                   predictions: list[dict], out_dir) -> dict[str, dict]:
+    """{setting: metrics} for one guidance setting: the first image drawn per caption and, with
+    eval.rerank_candidates > 1, the best of that many by the retriever's caption-image score (from the same draws)."""
     e = config.eval
     options = dataclasses.replace(SamplingOptions.from_config(config.generate), guidance=guidance)
     context = _retrieved_context(generator, int(e.num_retrieved))
-    score = _image_scorer(dataset)
-    rows, generated_codes, sheet = [], [], []
-    for batch_index, batch in _batches(examples, int(e.batch_size)):
-        prompts = [generator.prompter.text_to_image(x.caption, context(x.caption)) for x in batch]
+    draws = max(1, int(e.rerank_candidates))
+    first, best = [], []
+    for batch_index, batch in _batches(examples, max(1, int(e.batch_size) // draws)):
+        prompts = [generator.prompter.text_to_image(x.caption, context(x.caption)) for x in batch for _ in range(draws)]
         out, _ = generator.run_batch(prompts, options, int(e.seed) + batch_index)
-        codes = generator.vocab.image_codes(out).reshape(len(batch), generator.grid, generator.grid)
-        images = generator.decode_codes(codes)
-        generated_codes.append(codes)
-        sheet += list(images[:max(0, int(e.sheet_images) - len(sheet))])
-        for example, image in zip(batch, images):
+        codes = generator.vocab.image_codes(out).reshape(len(batch), draws, generator.grid, generator.grid)
+        first += list(codes[:, 0])
+        if draws > 1:
+            best += [candidates[int(np.argmax(generator.caption_image_scores(x.caption, candidates)))]
+                     for x, candidates in zip(batch, codes)]
+    settings = {guidance: first} | ({f"{guidance}/best_of_{draws}": best} if draws > 1 else {})
+    score = _image_scorer(dataset)
+    results = {}
+    for setting, chosen in settings.items():
+        images = generator.decode_codes(np.stack(chosen))
+        rows = []
+        for example, image in zip(examples, images):
             scores, read = score(image, example)
             rows.append(scores)
-            predictions.append({"task": "text_to_image", "guidance": guidance, "index": example.meta.get("index"),
+            predictions.append({"task": "text_to_image", "guidance": setting, "index": example.meta.get("index"),
                                 "prompt": example.caption, "generated": read, "reference": example.caption,
                                 "scores": scores})
-    metrics = _mean_scores(rows)
-    fd = _retriever_frechet_distance(generator, np.concatenate(generated_codes), [x.codes for x in examples])
-    if fd is not None:
-        metrics["fd_retriever"] = fd
-    if sheet and jax.process_index() == 0:
-        save_png(out_dir / f"text_to_image-{guidance}.png", contact_sheet(np.stack(sheet), columns=8))
-    return metrics
+        metrics = _mean_scores(rows)
+        fd = _retriever_frechet_distance(generator, np.stack(chosen), [x.codes for x in examples])
+        if fd is not None:
+            metrics["fd_retriever"] = fd
+        if int(e.sheet_images) and jax.process_index() == 0:
+            sheet = contact_sheet(images[:int(e.sheet_images)], columns=8)
+            save_png(out_dir / f"text_to_image-{setting.replace('/', '-')}.png", sheet)
+        results[f"text_to_image/{setting}"] = metrics
+    return results
 
 
 def _retrieved_context(generator: Generator, k: int) -> Callable[[str], np.ndarray | None]:

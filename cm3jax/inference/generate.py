@@ -94,6 +94,11 @@ class Generator:
                     and np.array_equal(prompt.schedule.modality, schedule.modality)
                     and prompt.schedule.stop_tokens == schedule.stop_tokens):
                 raise ValueError("prompts decoded as one batch must share their decoding schedule")
+        longest = max(len(prompt.streams[s]) for prompt in prompts for s in range(options.num_streams))
+        if longest + len(schedule.forced) > self.decoder_config.max_seq_len:
+            raise BadInputError(f"a prompt of {longest} tokens and {len(schedule.forced)} to generate exceed the "
+                                f"model's {self.decoder_config.max_seq_len} positions (model.max_seq_len): shorten "
+                                f"the prompt or retrieve fewer documents")
         key = (schedule.forced.tobytes(), schedule.modality.tobytes(), schedule.stop_tokens, options)
         if key not in self._decoders:
             self._decoders[key] = make_decoder(self.decoder_config, self.vocab, schedule, options)
