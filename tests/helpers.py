@@ -80,7 +80,7 @@ def tiny_pipeline_config():
     c.raw_data.update(dataset="shapes", shapes_train_size=64, shapes_image_size=32)
     c.data.update(source="token_shards", retrieval="neighbours")
     c.train.update(seq_len=48, steps=4, checkpoint_every=2)
-    c.model.max_seq_len = 96
+    c.model.max_seq_len = 160  # room for the editing prompts that eval scores
     c.generate.update(sample_captions=0, sample_prompts=())
     c.eval.update(num_examples=4, batch_size=4, loss_batches=1, guidance=("cfg",))
     return c

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from cm3jax.data.embedded.shapes import Shape
-from cm3jax.errors import BadInputError
 from cm3jax.evaluation import scorers
 from cm3jax.workdir import Workdir
 
@@ -55,12 +54,15 @@ def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
     config = tiny_pipeline_config()
     assert stages.by_command("eval").run(config, workdir)
     assert (folder / "metrics.json").read_text() == before
-    config.eval.update(step=2, tasks=("text_to_image",), rerank_candidates=3, num_retrieved=1)
-    with pytest.raises(BadInputError, match="retrieve fewer documents"):  # the tiny LM has 96 positions
-        stages.by_command("eval").run(config, workdir)
-    config.eval.num_retrieved = 0
+    config.eval.update(step=2, tasks=("text_to_image", "edit", "structure"), rerank_candidates=3, num_retrieved=1)
     assert stages.by_command("eval").run(config, workdir)  # an older checkpoint gets its own folder
     metrics, predictions = _read(workdir.stage("eval") / "lm-2")
-    assert metrics["step"] == 2
+    assert metrics["step"] == 2 and metrics["num_retrieved"] == 1
     assert {"text_to_image/cfg", "text_to_image/cfg/best_of_3"} <= set(metrics) and "loss" not in metrics
-    assert [p["guidance"] for p in predictions] == ["cfg"] * 4 + ["cfg/best_of_3"] * 4
+    assert [p.get("guidance") for p in predictions[:8]] == ["cfg"] * 4 + ["cfg/best_of_3"] * 4
+    assert metrics["edit"]["examples"] == 4 and metrics["structure"]["examples"] == 4
+    for row in predictions[8:]:  # an edit is scored against the edited scene, a structure prompt against its caption
+        assert row["task"] in ("edit", "structure")
+        parsed = tuple(Shape(*fields) for fields in row["generated"])
+        assert row["scores"] == scorers.scene_scores(parsed, scorers.parse_caption(row["reference"]))
+    assert (workdir.stage("eval") / "lm-2" / "edit.png").exists()

@@ -95,6 +95,14 @@ def test_text_tasks_return_text_and_never_image_codes(generator, run):
         generator.caption(os.path.join(workdir, "vqgan"))
 
 
+def test_a_prompt_longer_than_the_models_positions_is_a_clear_error(generator):
+    from cm3jax.errors import BadInputError
+
+    prompt = generator.prompter.text_to_image("a handwritten seven " * 40)  # far more than the 96 positions
+    with pytest.raises(BadInputError, match="model.max_seq_len"):
+        generator.run(prompt, 1, SamplingOptions(temperature=1.0, guidance="cfg"), seed=0)
+
+
 def test_infill_regenerates_only_the_box(generator):
     image = np.full((32, 32, 3), 200, np.uint8)
     codes = generator.encode_image(image)

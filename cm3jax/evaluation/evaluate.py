@@ -10,7 +10,12 @@ Tasks (eval.tasks):
   prompted digit; every dataset: the Frechet distance to the held-out images in the retriever's embedding space;
 - caption: a greedy caption of each held-out image; shapes: the caption read back as a scene against the reference
   scene; digits: names the right digit; every dataset: CIDEr-D against all of the record's reference captions;
-- vqa: a greedy answer to each question of the records that have them (shapes), exact match.
+- vqa: a greedy answer to each question of the records that have them (shapes), exact match;
+- edit: the record's image edited by its instruction (three-stream guidance), read as a scene against the edited
+  scene's caption (shapes);
+- structure: an image from the record's segmentation map and caption, read as a scene against the caption's scene
+  (shapes: the map fixes the objects' cells).
+edit and structure are SFT tasks: a pretrained-only model meets their prompt forms zero-shot.
 The examples are the first eval.num_examples documents of eval.split, the seeds fixed: the same command writes the
 same metrics.json.
 """
@@ -37,7 +42,7 @@ from cm3jax.inference.generate import Generator, contact_sheet
 from cm3jax.storage import atomic_write_text, save_png
 from cm3jax.workdir import Workdir
 
-TASKS = ("loss", "text_to_image", "caption", "vqa")
+TASKS = ("loss", "text_to_image", "caption", "vqa", "edit", "structure")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
             metrics["caption"] = _captions(generator, examples, dataset, predictions)
         elif task == "vqa":
             metrics["vqa"] = _vqa(generator, examples, predictions)
+        elif task in ("edit", "structure"):
+            metrics[task] = _conditioned_images(config, generator, examples, task, predictions, out_dir)
     if jax.process_index() == 0:
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
         atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n"
@@ -193,6 +200,47 @@ def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidan
             save_png(out_dir / f"text_to_image-{setting.replace('/', '-')}.png", sheet)
         results[f"text_to_image/{setting}"] = metrics
     return results
+
+
+def _conditioned_images(config, generator: Generator, examples: list[HeldOut], task: str, predictions: list[dict],
+                        out_dir) -> dict:
+    """Editing (the record's edit instruction on its image) or structure-to-image (its segmentation map and caption),
+    for the records that have them, scored as shapes scenes against the scene the result should show."""
+    from cm3jax.data.record_meta import meta_image_ids
+
+    def condition_codes(ids: bytes) -> np.ndarray:
+        return generator.vocab.image_codes(meta_image_ids(ids)).reshape(generator.grid, generator.grid)
+
+    if task == "edit":
+        items = [(x, x.meta["edit"]["instruction"], x.meta["edit"]["caption"]) for x in examples if "edit" in x.meta]
+        guidance = "edit"
+        build = (lambda x, text: generator.prompter.edit(x.codes, text))
+    else:
+        items = [(x, x.caption, x.caption) for x in examples if "segmentation" in x.meta]
+        guidance = "cfg"
+        build = (lambda x, text: generator.prompter.structure_to_image(
+            "segmentation", condition_codes(x.meta["segmentation"]), text))
+    items = [item for item in items if scorers.parse_caption(item[2]) is not None]  # scenes the scorer can read
+    if not items:
+        return {"examples": 0}
+    options = dataclasses.replace(SamplingOptions.from_config(config.generate), guidance=guidance)
+    chosen = []
+    for batch_index, batch in _batches(items, int(config.eval.batch_size)):
+        out, _ = generator.run_batch([build(x, text) for x, text, _ in batch], options,
+                                     int(config.eval.seed) + batch_index)
+        chosen += list(generator.vocab.image_codes(out).reshape(len(batch), generator.grid, generator.grid))
+    images = generator.decode_codes(np.stack(chosen))
+    rows = []
+    for (example, text, target), image in zip(items, images):
+        parsed = parse_scene(image)
+        scores = scorers.scene_scores(parsed, scorers.parse_caption(target))
+        rows.append(scores)
+        predictions.append({"task": task, "index": example.meta.get("index"), "prompt": text,
+                            "generated": [dataclasses.astuple(shape) for shape in parsed], "reference": target,
+                            "scores": scores})
+    if int(config.eval.sheet_images) and jax.process_index() == 0:
+        save_png(out_dir / f"{task}.png", contact_sheet(images[:int(config.eval.sheet_images)], columns=8))
+    return {"examples": len(items), **_mean_scores(rows)}
 
 
 def _retrieved_context(generator: Generator, k: int) -> Callable[[str], np.ndarray | None]:

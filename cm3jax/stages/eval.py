@@ -48,5 +48,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 STAGE = Stage(name="eval", command="eval", run=run, validate=validate, needs=("lm",),
               skipped_because=_skipped_because,
-              summary="score the trained LM on held-out documents: loss, text -> image, captions, VQA "
-                      "(DIR/eval/<model>-<step>: metrics.json, predictions.jsonl, image sheets)")
+              summary="score the trained LM on held-out documents: loss, text -> image, captions, VQA, editing, "
+                      "structure (DIR/eval/<model>-<step>: metrics.json, predictions.jsonl, image sheets)")
