@@ -103,6 +103,7 @@ def test_masked_spans_keep_the_weight_of_their_document():
     assert list(tokens).count(vocab_lib.EOS) == 3 and list(tokens).count(vocab_lib.BREAK) == 2
 
 
+@pytest.mark.slow  # trains the LM
 def test_lm_trains_with_neighbours_and_checks_their_file(tiny_config, tmp_path):
     import jax
 
