@@ -141,6 +141,11 @@ def cache_root() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cm3jax")
 
 
+def cache_folder(remote: PathLike, kind: str = "") -> str:
+    """This host's local folder for a remote path (under cache_root(), and its `kind` subfolder when given)."""
+    return os.path.join(cache_root(), kind, hashlib.sha256(os.fspath(remote).encode()).hexdigest()[:16])
+
+
 def local_mirror(source: PathLike) -> str:
     """A local path holding the same files as `source` (a folder or one file), for readers of local files only.
     A local source is returned as it is; a remote one is copied under cache_root(), where only files that are
@@ -148,7 +153,7 @@ def local_mirror(source: PathLike) -> str:
     source = epath.Path(source)
     if not is_remote(source):
         return os.fspath(source)
-    local = os.path.join(cache_root(), hashlib.sha256(os.fspath(source).encode()).hexdigest()[:16], source.name)
+    local = os.path.join(cache_folder(source), source.name)
     if not source.exists():
         return local  # nothing to mirror: the reader reports what is missing
     if source.is_dir():

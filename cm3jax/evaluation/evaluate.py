@@ -256,8 +256,6 @@ def _retriever_frechet_distance(generator: Generator, generated: np.ndarray,
                                 reference: Sequence[np.ndarray]) -> float | None:
     """Frechet distance between generated and held-out images in the retriever's image space; None without a
     trained retriever (retrieval.embeddings computed elsewhere) or with fewer than two images."""
-    from cm3jax.retrieval.neighbours import Query
-
     if len(generated) < 2 or not generator.workdir.retrieval.retriever.checkpoints.is_dir():
         return None
     encoder = generator.memory().encoder
@@ -265,11 +263,7 @@ def _retriever_frechet_distance(generator: Generator, generated: np.ndarray,
         return None
 
     def embed(grids) -> np.ndarray:
-        queries = []
-        for grid in grids:
-            ids = generator.vocab.image_ids(np.asarray(grid).reshape(-1))
-            queries.append(Query(0, vocab_lib.MODALITY_IMAGE, ids, np.ones(len(ids), bool)))
-        return np.asarray(encoder(queries), np.float64)
+        return np.asarray(encoder(generator.image_queries(grids)), np.float64)
 
     return frechet_distance_of_features(embed(generated), embed(reference))
 

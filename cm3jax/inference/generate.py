@@ -172,12 +172,19 @@ class Generator:
         if encoder is None:
             raise BadInputError("re-ranking needs the trained retriever (retrieval.embeddings is set)")
         text = self.prompter.text(caption)
-        queries = [Query(0, vocab_lib.MODALITY_TEXT, text, np.ones(len(text), bool))]
-        for grid in codes:
-            ids = self.vocab.image_ids(grid.reshape(-1))
-            queries.append(Query(0, vocab_lib.MODALITY_IMAGE, ids, np.ones(len(ids), bool)))
-        vectors = encoder(queries)
+        vectors = encoder([Query(0, vocab_lib.MODALITY_TEXT, text, np.ones(len(text), bool))]
+                          + self.image_queries(codes))
         return vectors[1:] @ vectors[0]
+
+    def image_queries(self, codes) -> list:
+        """Code grids [n, grid, grid] as the retriever's image queries."""
+        from cm3jax.retrieval.neighbours import Query
+
+        queries = []
+        for grid in codes:
+            ids = self.vocab.image_ids(np.asarray(grid).reshape(-1))
+            queries.append(Query(0, vocab_lib.MODALITY_IMAGE, ids, np.ones(len(ids), bool)))
+        return queries
 
 
 def pixel_box_to_cells(box: tuple[int, int, int, int], image_size: int, grid: int) -> tuple[int, int, int, int]:

@@ -1,7 +1,6 @@
 """Training metrics: console, a JSONL file and TensorBoard event files (process 0 writes), plus MFU."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -11,7 +10,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from cm3jax.storage import PathLike, atomic_write_text, cache_root, is_remote, upload_tree
+from cm3jax.storage import PathLike, atomic_write_text, cache_folder, is_remote, upload_tree
 
 # Dense bf16 peak TFLOP/s per device (vendor figures), for MFU when config.train.peak_tflops_per_device is -1.
 _PEAK_TFLOPS = (
@@ -92,7 +91,7 @@ class MetricsWriter:
 def _fresh_local_copy(remote_log_dir: epath.Path) -> epath.Path:
     """An empty local folder for a bucket's log folder, holding the bucket's metrics.jsonl (earlier attempts'
     event files stay where they are: each attempt writes its own)."""
-    local = epath.Path(cache_root()) / "logs" / hashlib.sha256(os.fspath(remote_log_dir).encode()).hexdigest()[:16]
+    local = epath.Path(cache_folder(remote_log_dir, "logs"))
     if local.exists():
         local.rmtree()
     local.mkdir(parents=True)
