@@ -33,6 +33,24 @@ def require(condition: bool, field: str, message: str) -> None:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1,
                     num_processes: int = 1) -> None:
     """Raises ConfigError naming the field when the config cannot run on `num_devices` devices."""
+    validate_model_and_train_config(config)
+    m, t = config.model, config.train
+    from cm3jax.parallel.mesh import resolve_mesh_shape
+
+    ici, dcn = resolve_mesh_shape(config, num_devices, num_slices)
+    batch_shards = ici["data"] * ici["fsdp"] * dcn["data"] * dcn["fsdp"]
+    micro_batch = t.global_batch_size // t.grad_accum_steps
+    require(micro_batch % batch_shards == 0, "train.global_batch_size",
+            f"micro-batch {micro_batch} (global_batch_size / grad_accum_steps) is not divisible by the "
+            f"{batch_shards} data-parallel shards (mesh data x fsdp)")
+    tensor = ici["tensor"] * dcn["tensor"]
+    require(m.num_heads % tensor == 0, "mesh.ici.tensor",
+            f"tensor parallelism {tensor} does not divide model.num_heads={m.num_heads}")
+    validate_data_config(config, num_processes)
+
+
+def validate_model_and_train_config(config: ml_collections.ConfigDict) -> None:
+    """The LM's model, train and optim sections on their own (what needs no devices)."""
     m, t, o = config.model, config.train, config.optim
     for field in ("num_layers", "d_model", "num_heads", "max_seq_len"):
         require(int(m[field]) >= 1, f"model.{field}", f"must be >= 1, got {m[field]}")
@@ -60,21 +78,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_sli
     require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
     require(t.global_batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
             f"{t.grad_accum_steps} does not divide train.global_batch_size={t.global_batch_size}")
-
-    from cm3jax.parallel.mesh import resolve_mesh_shape
-
-    ici, dcn = resolve_mesh_shape(config, num_devices, num_slices)
-    batch_shards = ici["data"] * ici["fsdp"] * dcn["data"] * dcn["fsdp"]
-    micro_batch = t.global_batch_size // t.grad_accum_steps
-    require(micro_batch % batch_shards == 0, "train.global_batch_size",
-            f"micro-batch {micro_batch} (global_batch_size / grad_accum_steps) is not divisible by the "
-            f"{batch_shards} data-parallel shards (mesh data x fsdp)")
-    tensor = ici["tensor"] * dcn["tensor"]
-    require(m.num_heads % tensor == 0, "mesh.ici.tensor",
-            f"tensor parallelism {tensor} does not divide model.num_heads={m.num_heads}")
-
     validate_optim(o, "optim")
-    validate_data_config(config, num_processes)
 
 
 def validate_optim(o: ml_collections.ConfigDict, name: str) -> None:

@@ -6,12 +6,20 @@ Stages: `data` builds the embedded `digits` dataset (DIR/data); `vqgan` trains t
 codes from a 512-code codebook); `tokens` trains the SentencePiece text tokenizer (at most 1,024 pieces) and writes
 the token shards; `retrieval` trains the dual-encoder retriever, indexes the train documents and finds every
 document's neighbours; `lm` trains the CM3leon LM on them with 0-2 retrieved documents before each (CM3 masking,
-packing); `samples` draws four digits of every class with classifier-free guidance and captions held-out digits.
+packing); `eval` scores the LM on held-out digits (docs/evaluation.md); `samples` draws four digits of every class
+with classifier-free guidance and captions held-out digits.
+
+`--config=configs/demo.py:smoke` shrinks every stage (models, steps, examples) so that the whole pipeline runs in a few
+minutes: a first look at the stages and their outputs, not a model worth sampling.
 """
 from cm3jax.config import base_config
+from cm3jax.config_validation import ConfigError
+
+RECIPE_ARGS = (None, "smoke")
 
 
 def get_config(arg=None):
+    check_recipe_arg("demo", arg)
     c = base_config()
     c.vocab.update(text_size=1024, image_codebook_size=512, num_masks=16)
     # CPU training settings: no remat, no layer loop, freed host memory kept (README, Performance: about 15% shorter
@@ -44,4 +52,27 @@ def get_config(arg=None):
     c.train.update(global_batch_size=16, seq_len=256, steps=1500, log_every=50, eval_every=250, eval_batches=4,
                    checkpoint_every=250, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")
+    if arg == "smoke":
+        shrink_to_smoke(c)
     return c
+
+
+def check_recipe_arg(recipe: str, arg) -> None:
+    if arg not in RECIPE_ARGS:
+        raise ConfigError(f"configs/{recipe}.py takes no argument or `:smoke` "
+                          f"(--config=configs/{recipe}.py:smoke), got {arg!r}")
+
+
+def shrink_to_smoke(c) -> None:
+    """Every stage of a recipe at test size: models that compile in seconds, tens of steps, a few eval examples and
+    samples. The data, vocabulary and stage order stay the recipe's."""
+    c.vqgan.update(channels=8, z_channels=16, attention_at_lowest=False, disc_channels=8, disc_layers=2)
+    c.vqgan.train.update(steps=20, log_every=10, eval_every=20, eval_batches=1, checkpoint_every=20)
+    c.retriever.update(embed_dim=32, num_layers=1, d_model=32)
+    c.retriever.optim.warmup_steps = 5
+    c.retriever.train.update(steps=20, log_every=10, eval_every=20, eval_batches=1, checkpoint_every=20)
+    c.model.update(num_layers=2, d_model=64, num_heads=4, scan_unroll=1)
+    c.optim.warmup_steps = 5
+    c.train.update(steps=30, log_every=10, eval_every=30, eval_batches=1, checkpoint_every=30, keep_checkpoints=1)
+    c.eval.update(num_examples=8, batch_size=8, loss_batches=2, sheet_images=8)
+    c.generate.update(num=1, sample_captions=2, sample_prompts=c.generate.sample_prompts[:2])

@@ -11,6 +11,7 @@ from configs import demo
 
 
 def get_config(arg=None):
+    demo.check_recipe_arg("shapes", arg)
     c = demo.get_config()
     c.vocab.text_size = 512  # captions use a few dozen words
     c.raw_data.update(dataset="shapes", image_size=32, shapes_image_size=32, shapes_train_size=10000)
@@ -25,4 +26,8 @@ def get_config(arg=None):
     c.eval.tasks = ("loss", "text_to_image", "caption", "vqa", "edit", "structure")
     c.generate.update(sample_prompts=("a large red circle in the center",
                                       "a small blue square in the top left and a large yellow triangle at the bottom"))
+    if arg == "smoke":
+        c.raw_data.shapes_train_size = 512
+        c.tokenize.shard_size = 256
+        demo.shrink_to_smoke(c)
     return c

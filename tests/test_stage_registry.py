@@ -81,7 +81,8 @@ def test_stage_dir_records_config_completion_and_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["configs/tiny.py", "configs/demo.py", "configs/shapes.py",
-                                    "configs/cm3leon.py:350m", "configs/cm3leon.py:7b"])
+                                    "configs/cm3leon.py:350m", "configs/cm3leon.py:7b",
+                                    "configs/demo.py:smoke", "configs/shapes.py:smoke"])
 def test_every_recipe_passes_the_checks_of_the_stages_it_runs(recipe):
     from cm3jax.config import load_recipe
 

@@ -20,11 +20,12 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """The data section (the model, training and mesh sections are checked against the devices when it starts)."""
+    """The model, training and data sections (the mesh is checked against the devices when the stage starts)."""
     import jax
 
-    from cm3jax.config_validation import validate_data_config
+    from cm3jax.config_validation import validate_data_config, validate_model_and_train_config
 
+    validate_model_and_train_config(config)
     validate_data_config(config, jax.process_count())
 
 
