@@ -63,6 +63,27 @@ def launch_command(command_and_flags, workdir, num_processes, devices_per_proces
     return outputs
 
 
+def config_flags(config, base) -> list[str]:
+    """`--config.FIELD=VALUE` for every field where `config` differs from `base` (a recipe's config), so a command
+    line gives a subprocess the config a test built in Python."""
+    flags = []
+    for field, value in _leaves(config.to_dict()):
+        base_value = base
+        for key in field.split("."):
+            base_value = base_value[key]
+        if value != base_value:
+            flags.append(f"--config.{field}={value if isinstance(value, str) else repr(value)}")
+    return flags
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def copy_run(source, to):
     """A copy of a (session-wide) run folder that a test may change."""
     import shutil

@@ -1,5 +1,6 @@
 """Two processes on localhost (gloo collectives) against one process with as many devices: LM training (train,
-checkpoint, restore; both read two data streams, so they see the same global batches) and the tokenize job."""
+checkpoint, restore; both read two data streams, so they see the same global batches), the tokenize job and
+evaluation."""
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from cm3jax.train import loop
 from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task
 
-from helpers import launch_command
+from helpers import config_flags, copy_run, launch_command, tiny_pipeline_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -84,3 +85,27 @@ def test_two_processes_tokenize_like_one(tmp_path, tiny_config):
     multi_records, single_records = (open_token_shards(str(d / "tokens"), "validation") for d in (multi, single))
     assert len(multi_records) == len(single_records) == 200
     assert all(multi_records[i] == single_records[i] for i in range(200))
+
+
+def test_two_processes_evaluate_like_one(tmp_path, tiny_pipeline_run):
+    """Each process decodes its rows of every batch of prompts; the metrics and predictions process 0 writes are the
+    ones a single process writes (the held-out loss reads two data streams in both, so the same batches)."""
+    from configs import tiny
+
+    runs = {n: copy_run(tiny_pipeline_run, tmp_path / f"processes_{n}") for n in (1, 2)}
+    flags = ["eval", *config_flags(tiny_pipeline_config(), tiny.get_config()), "--config.data.num_streams=2",
+             "--config.eval.tasks=('loss', 'text_to_image', 'caption')"]
+    results = {}
+    for num_processes, run in runs.items():
+        shutil.rmtree(run / "eval")
+        launch_command(flags, str(run), num_processes=num_processes, devices_per_process=2 // num_processes)
+        folder = run / "eval" / "lm-4"
+        results[num_processes] = (json.loads((folder / "metrics.json").read_text()),
+                                  (folder / "predictions.jsonl").read_text())
+    (metrics_2, predictions_2), (metrics_1, predictions_1) = results[2], results[1]
+    assert predictions_2 == predictions_1 and predictions_1.count("\n") == 8  # 4 images, 4 captions
+    loss_2, loss_1 = metrics_2.pop("loss"), metrics_1.pop("loss")
+    assert loss_2["loss_tokens"] == loss_1["loss_tokens"]
+    for key in ("loss", "text_loss", "image_loss"):
+        assert loss_2[key] == pytest.approx(loss_1[key], rel=1e-5)
+    assert metrics_2 == metrics_1

@@ -20,6 +20,7 @@ from cm3jax import vocab as vocab_lib
 from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.inference.decode import GREEDY, SamplingOptions, left_pad, make_decoder
 from cm3jax.inference.tasks import TaskPrompt, TaskPrompter
+from cm3jax.parallel import sharding
 from cm3jax.tokenizers.image import ImageTokenizer
 from cm3jax.workdir import INPUTS_FILE, ChangedInputsError, StageDir, Workdir
 
@@ -42,7 +43,7 @@ class Generator:
     def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str, devices=None,
              step: int | None = None) -> Generator:
         """The LM of the run (its latest checkpoint, or `step`) with the run's tokenizers."""
-        from cm3jax.parallel.mesh import create_mesh
+        from cm3jax.parallel.mesh import create_mesh, data_parallel_mesh
         from cm3jax.tokenizers.text import TextTokenizer
         from cm3jax.train.lm import lm_state_init
         from cm3jax.train.loop import restore_latest_state
@@ -59,7 +60,9 @@ class Generator:
         mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
         init_state, decoder_config, _, _ = lm_state_init(config)
         state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`", step)
-        image_tokenizer = ImageTokenizer.load(config, workdir, mesh)
+        # Each process turns its own codes into pixels (and back) on its own devices.
+        local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(local_devices))
         require_tokens_vqgan(workdir.tokens, image_tokenizer)
         return cls(config, workdir, mesh, state.params, decoder_config, vocab,
                    TextTokenizer.load(str(workdir.text_tokenizer)), image_tokenizer, step)
@@ -102,12 +105,18 @@ class Generator:
         key = (schedule.forced.tobytes(), schedule.modality.tobytes(), schedule.stop_tokens, options)
         if key not in self._decoders:
             self._decoders[key] = make_decoder(self.decoder_config, self.vocab, schedule, options)
+        # The batch is split over the mesh's batch axes, every process and device decoding its rows; the last
+        # prompt is repeated to fill the shards and its copies dropped.
+        count = len(prompts)
+        prompts = prompts + [prompts[-1]] * (-count % sharding.batch_shard_count(self.mesh))
         # Stream s of every prompt, then stream s + 1: stream 0 is the full condition, guidance adds the rest.
         rows = [prompt.streams[s] for s in range(options.num_streams) for prompt in prompts]
         tokens, mask = left_pad(rows)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            out, lengths = self._decoders[key](self.params, tokens, mask, jax.random.key(seed))
-        return np.asarray(out), np.asarray(lengths)
+            out, lengths = self._decoders[key](self.params, sharding.split_over_batch_axes(tokens, self.mesh),
+                                               sharding.split_over_batch_axes(mask, self.mesh),
+                                               jax.random.key(seed))
+        return sharding.gather_rows(out)[:count], sharding.gather_rows(lengths)[:count]
 
     def decode_text(self, tokens: np.ndarray) -> str:
         text = tokens[self.vocab.modality(tokens) == vocab_lib.MODALITY_TEXT]

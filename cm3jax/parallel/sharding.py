@@ -29,6 +29,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shard_count(mesh: Mesh) -> int:
+    """How many ways batch_sharding splits the batch."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
+def split_over_batch_axes(rows: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds whole (the same rows everywhere), as a global array whose rows are
+    split over data x fsdp: each device keeps only its rows. len(rows) must be a multiple of batch_shard_count."""
+    return jax.make_array_from_callback(rows.shape, batch_sharding(mesh), lambda index: rows[index])
+
+
+def gather_rows(array: jax.Array) -> np.ndarray:
+    """A global array whole on every process (an all-gather across processes where it spans several)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def process_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
     """The contiguous [start, stop) rows of the global batch that this process's devices hold."""
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
