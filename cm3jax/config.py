@@ -253,6 +253,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             model="lm",  # the stage whose checkpoint is scored
             step=-1,  # -1: its latest checkpoint
+            every=0,  # > 0: the LM stage also runs these tasks every this many training steps (TensorBoard: tasks/*)
             split="validation",  # token shards read (held out from training)
             tasks=("loss", "text_to_image", "caption", "vqa"),  # of evaluation.evaluate.TASKS
             num_examples=64,  # held-out documents per generation task (the first ones, so every run scores the same)

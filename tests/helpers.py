@@ -123,11 +123,15 @@ def compilation_cache(directory):
             jax.config.update(name, value)
 
 
-def train_losses(stage_dir):
-    """(step, loss) of every train row of a stage's metrics.jsonl (local or in a bucket)."""
+def read_metrics_rows(stage_dir):
+    """Every row of a stage's metrics.jsonl (local or in a bucket)."""
     import json
 
     from etils import epath
 
-    rows = map(json.loads, (epath.Path(stage_dir) / "logs" / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+    return [json.loads(line) for line in (epath.Path(stage_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(stage_dir):
+    """(step, loss) of every train row of a stage's metrics.jsonl."""
+    return [(r["step"], r["loss"]) for r in read_metrics_rows(stage_dir) if r["split"] == "train"]

@@ -66,3 +66,27 @@ def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
         parsed = tuple(Shape(*fields) for fields in row["generated"])
         assert row["scores"] == scorers.scene_scores(parsed, scorers.parse_caption(row["reference"]))
     assert (workdir.stage("eval") / "lm-2" / "edit.png").exists()
+
+
+def test_eval_every_scores_the_lm_while_it_trains_as_the_eval_stage_does(tiny_pipeline_run, tmp_path):
+    from cm3jax import stages
+
+    from helpers import read_metrics_rows
+
+    workdir = Workdir(copy_run(tiny_pipeline_run, tmp_path / "run"))
+    config = tiny_pipeline_config()
+    config.train.steps = 6  # trains on from step 4
+    config.eval.update(every=2, tasks=("loss", "text_to_image", "caption"))
+    assert stages.by_command("train").run(config, workdir)
+    rows = [r for r in read_metrics_rows(workdir.lm) if r["split"] == "tasks"]
+    assert [r["step"] for r in rows] == [6]
+    folder = workdir.stage("eval") / "lm-6"
+    during_training, _ = _read(folder)
+    assert rows[0]["text_to_image/cfg/cells"] == during_training["text_to_image/cfg"]["cells"]
+    assert rows[0]["loss/image_loss"] == pytest.approx(during_training["loss"]["image_loss"], rel=1e-6)
+    (folder / "metrics.json").unlink()
+    assert stages.by_command("eval").run(config, workdir)  # the saved step-6 checkpoint, scored afterwards
+    after_training, _ = _read(folder)
+    loss_during, loss_after = during_training.pop("loss"), after_training.pop("loss")
+    assert loss_during == pytest.approx(loss_after, rel=1e-6)
+    assert during_training == after_training

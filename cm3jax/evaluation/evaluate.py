@@ -52,10 +52,12 @@ class HeldOut:
     meta: dict
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
-    """Scores the model, writes its folder under DIR/eval and returns the metrics."""
+def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Generator | None = None) -> dict:
+    """Scores the model (eval.step's checkpoint, or the one `generator` holds), writes its folder under DIR/eval and
+    returns the metrics."""
     e = config.eval
-    generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step))
+    if generator is None:
+        generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step))
     out_dir = workdir.stage("eval") / f"{e.model}-{generator.step}"
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = held_out_documents(generator, workdir, str(e.split), int(e.num_examples))
@@ -80,6 +82,32 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n"
                                                                  for p in predictions))
     return metrics
+
+
+def evaluator_for_training(config: ml_collections.ConfigDict,
+                           workdir: Workdir) -> Callable[[Any, int, Any], dict[str, float]]:
+    """(params, step, mesh) -> `evaluate`'s numeric metrics as flat "task/metric" scalars, for the LM's training
+    loop; each call also writes DIR/eval/lm-<step>/. The tokenizers load and the decoders compile once."""
+    generator: Generator | None = None
+
+    def run(params: Any, step: int, mesh: Any) -> dict[str, float]:
+        nonlocal generator
+        generator = (Generator.for_params(config, workdir, mesh, params, step) if generator is None
+                     else generator.with_params(params, step))
+        return flat_scalars(evaluate(config, workdir, generator))
+
+    return run
+
+
+def flat_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of nested metrics as {"task/metric": value} (names and other text left out)."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
 
 
 def held_out_documents(generator: Generator, workdir: Workdir, split: str, count: int) -> list[HeldOut]:

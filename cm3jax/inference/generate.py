@@ -8,6 +8,7 @@ retrieval-augmented prompts and the retriever for re-ranking.
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -43,29 +44,45 @@ class Generator:
     def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str, devices=None,
              step: int | None = None) -> Generator:
         """The LM of the run (its latest checkpoint, or `step`) with the run's tokenizers."""
-        from cm3jax.parallel.mesh import create_mesh, data_parallel_mesh
-        from cm3jax.tokenizers.text import TextTokenizer
+        from cm3jax.parallel.mesh import create_mesh
         from cm3jax.train.lm import lm_state_init
         from cm3jax.train.loop import restore_latest_state
 
         workdir = Workdir.of(workdir)
         config = workdir.resolve(config)
-        vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
         lm_dir = workdir.lm
         if not lm_dir.checkpoints.is_dir():
             raise MissingInputError(f"no trained LM under {lm_dir}: run `cm3jax train` on this workdir first")
-        vocab_lib.require_saved_vocab(vocab, str(lm_dir))
+        vocab_lib.require_saved_vocab(vocab_lib.UnifiedVocab.from_config(config.vocab), str(lm_dir))
+        mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
+        init_state, _, _, _ = lm_state_init(config)
+        state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`", step)
+        return cls.for_params(config, workdir, mesh, state.params, step)
+
+    @classmethod
+    def for_params(cls, config: ml_collections.ConfigDict, workdir: Workdir, mesh, params: Any,
+                   step: int) -> Generator:
+        """Generation with LM parameters already on `mesh` (e.g. those a training run holds), with the run's
+        tokenizers."""
+        from cm3jax.models.transformer import DecoderConfig
+        from cm3jax.parallel.mesh import data_parallel_mesh
+        from cm3jax.tokenizers.text import TextTokenizer
+
         if not workdir.text_tokenizer.exists():
             raise MissingInputError(f"{workdir.text_tokenizer} not found: run `cm3jax tokenize` on this workdir first")
-        mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
-        init_state, decoder_config, _, _ = lm_state_init(config)
-        state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`", step)
         # Each process turns its own codes into pixels (and back) on its own devices.
         local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(local_devices))
         require_tokens_vqgan(workdir.tokens, image_tokenizer)
-        return cls(config, workdir, mesh, state.params, decoder_config, vocab,
+        vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+        return cls(config, workdir, mesh, params, DecoderConfig.from_config(config.model, vocab.padded_size), vocab,
                    TextTokenizer.load(str(workdir.text_tokenizer)), image_tokenizer, step)
+
+    def with_params(self, params: Any, step: int) -> Generator:
+        """The same generator (tokenizers, compiled decoders) with other parameters of the same shapes."""
+        other = copy.copy(self)
+        other.params, other.step = params, step
+        return other
 
     # -- codes and pixels ------------------------------------------------------------------------------------------
 

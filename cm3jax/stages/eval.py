@@ -40,7 +40,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"needs one or more of {image_guidance} (got {tuple(e.guidance)})")
     for field in ("num_examples", "batch_size", "loss_batches"):
         require(int(e[field]) >= 1, f"eval.{field}", f"must be >= 1, got {e[field]}")
-    for field in ("num_retrieved", "sheet_images", "rerank_candidates"):
+    for field in ("num_retrieved", "sheet_images", "rerank_candidates", "every"):
         require(int(e[field]) >= 0, f"eval.{field}", f"must be >= 0, got {e[field]}")
     require(int(e.step) >= -1, "eval.step", f"must be a checkpoint step or -1 (the latest), got {e.step}")
     validate_generate_config(config)

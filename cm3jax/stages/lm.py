@@ -11,7 +11,13 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.train.lm import train_language_model
 
     config, stage_dir = workdir.resolve(config), workdir.lm
-    result = train_language_model(config, str(stage_dir), on_start=lambda: stage_dir.prepare(config))
+    task_eval = None
+    if int(config.eval.every):
+        from cm3jax.evaluation.evaluate import evaluator_for_training
+
+        task_eval = evaluator_for_training(config, workdir)
+    result = train_language_model(config, str(stage_dir), on_start=lambda: stage_dir.prepare(config),
+                                  task_eval=task_eval)
     if not result.preempted:
         stage_dir.mark_complete({"step": result.step, **result.last_metrics})
         print(f"lm: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, logs in {stage_dir.logs}",
@@ -20,13 +26,21 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """The model, training and data sections (the mesh is checked against the devices when the stage starts)."""
+    """The model, training and data sections, and the eval section where eval.every scores the LM while it trains
+    (the mesh is checked against the devices when the stage starts)."""
     import jax
 
     from cm3jax.config_validation import validate_data_config, validate_model_and_train_config
 
     validate_model_and_train_config(config)
     validate_data_config(config, jax.process_count())
+    if int(config.eval.every):
+        from cm3jax.config_validation import require
+        from cm3jax.stages import eval as eval_stage
+
+        require(config.data.source == "token_shards", "eval.every",
+                f"scores held-out token shards: it needs data.source='token_shards' (got {config.data.source!r})")
+        eval_stage.validate(config)
 
 
 STAGE = Stage(name="lm", command="train", run=run, validate=validate, needs=("tokens", "retrieval"),

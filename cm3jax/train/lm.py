@@ -200,8 +200,10 @@ def lm_inputs(config: ml_collections.ConfigDict) -> dict:
 
 
 def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None,
-                         on_start: Callable[[], None] | None = None) -> TrainResult:
-    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`.
+                         on_start: Callable[[], None] | None = None,
+                         task_eval: Callable[[Any, int, Mesh], dict] | None = None) -> TrainResult:
+    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`;
+    `task_eval(params, step, mesh)` scores it every eval.every steps.
 
     Everything is checked (the config, the token folder's vocabulary, a resumed run's vocabulary and checkpoint)
     before `stage_dir/vocab.json` is written and `on_start` runs, so a refused run writes nothing."""
@@ -217,6 +219,9 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
     StageDir.at(stage_dir).check_inputs(inputs)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
+    if task_eval is not None and int(config.eval.every):
+        task.task_eval = lambda state, step: task_eval(state.params, step, mesh)
+        task.task_eval_every = int(config.eval.every)
 
     def start() -> None:
         vocab_lib.check_or_save_vocab(vocab, stage_dir, write=jax.process_index() == 0)

@@ -70,6 +70,9 @@ class TrainTask:
     summarize_eval: Callable[[dict], dict] | None = None
     frozen: Any = None  # inputs the steps read but never update (e.g. LPIPS weights): a replicated jit argument
     after_eval: Callable[[Any, int, str], None] | None = None  # (state, step, workdir), e.g. to save sample images
+    # (state, step) -> scalars, logged as `tasks/*` every task_eval_every steps (e.g. the LM scored on every task).
+    task_eval: Callable[[Any, int], dict] | None = None
+    task_eval_every: int = 0
     # Config fields (dotted names or section prefixes) that fix the state's shapes: a checkpoint saved with other
     # values cannot be resumed, and the run is refused with the fields named before anything is read or written.
     state_fields: tuple[str, ...] = ()
@@ -230,8 +233,9 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                 f"train.z_loss_weight / model.qk_norm, or check the data.")
 
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            while step < t.steps:
+        while step < t.steps:
+            # Entered per step: the task evaluation below runs other models under their own meshes and rules.
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 batch = sharding.global_batch(next(task.train_data), mesh, task.global_batch_size)
                 state, metrics = train_step(state, batch)
                 step += 1
@@ -267,6 +271,9 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
                     logging.warning("%s: preempted; checkpoint saved at step %d. Rerun the same command to resume.",
                                     task.name, step)
                     break
+            if task.task_eval is not None and task.task_eval_every and step % task.task_eval_every == 0:
+                writer.write(step, task.task_eval(state, step), prefix="tasks")
+                interval_start, interval_steps = time.perf_counter(), 0
     finally:
         checkpointer.wait_until_finished()
         checkpointer.close()
