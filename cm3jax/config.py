@@ -261,6 +261,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_retrieved=0,  # K documents retrieved and prepended to text -> image prompts and to the loss documents
             guidance=("none", "cfg"),  # text -> image is scored once per setting (generate.* gives the scales)
             rerank_candidates=0,  # > 1: also score the best of this many images per caption by the retriever
+            inception_weights="",  # .npz of FID's InceptionV3 (evaluation/inception.py): text -> image also gets FID
             loss_batches=8,  # batches of train.global_batch_size documents for the held-out loss
             sheet_images=16,  # generated images per setting drawn in each task's image sheet
             seed=0,

@@ -8,6 +8,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from cm3jax.parallel.mesh import create_mesh
 from cm3jax.parallel.sharding import global_batch, logical_axis_rules
@@ -135,3 +136,25 @@ def read_metrics_rows(stage_dir):
 def train_losses(stage_dir):
     """(step, loss) of every train row of a stage's metrics.jsonl."""
     return [(r["step"], r["loss"]) for r in read_metrics_rows(stage_dir) if r["split"] == "train"]
+
+
+def random_state_dict(seed=0):
+    """A state dict of FID's InceptionV3 in pytorch-fid's names and layouts (conv weights [out, in, kh, kw]), random
+    values."""
+    from cm3jax.evaluation import inception
+
+    rng = np.random.default_rng(seed)
+    abstract = inception._abstract_variables()
+    state = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract[collection])[0]:
+            names = [p.key for p in path]
+            shape = leaf.shape[::-1][:2] + leaf.shape[:2] if names[-1] == "kernel" else leaf.shape
+            if names[-1] == "kernel":
+                fan_in = np.prod(leaf.shape[:3])
+                value = rng.normal(0, np.sqrt(2 / fan_in), shape)
+            else:  # batch norm as the identity, so the random network keeps its input's differences
+                value = np.ones(shape) if names[-1] in ("var", "scale") else np.zeros(shape)
+            state[inception.torch_name(collection, names)] = value.astype(np.float32)
+    state["fc.weight"] = np.zeros((1008, 2048), np.float32)  # the classifier: not part of the features
+    return state

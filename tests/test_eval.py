@@ -2,13 +2,14 @@
 carries the score its scorer gives, and the same command gives the same metrics.json."""
 import json
 
+import numpy as np
 import pytest
 
 from cm3jax.data.embedded.shapes import Shape
 from cm3jax.evaluation import scorers
 from cm3jax.workdir import Workdir
 
-from helpers import copy_run, tiny_pipeline_config
+from helpers import copy_run, random_state_dict, tiny_pipeline_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
@@ -54,11 +55,14 @@ def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
     config = tiny_pipeline_config()
     assert stages.by_command("eval").run(config, workdir)
     assert (folder / "metrics.json").read_text() == before
-    config.eval.update(step=2, tasks=("text_to_image", "edit", "structure"), rerank_candidates=3, num_retrieved=1)
+    np.savez(tmp_path / "inception.npz", **random_state_dict())  # FID's network with random weights
+    config.eval.update(step=2, tasks=("text_to_image", "edit", "structure"), rerank_candidates=3, num_retrieved=1,
+                       inception_weights=str(tmp_path / "inception.npz"))
     assert stages.by_command("eval").run(config, workdir)  # an older checkpoint gets its own folder
     metrics, predictions = _read(workdir.stage("eval") / "lm-2")
     assert metrics["step"] == 2 and metrics["num_retrieved"] == 1
     assert {"text_to_image/cfg", "text_to_image/cfg/best_of_3"} <= set(metrics) and "loss" not in metrics
+    assert metrics["text_to_image/cfg"]["fid"] >= 0
     assert [p.get("guidance") for p in predictions[:8]] == ["cfg"] * 4 + ["cfg/best_of_3"] * 4
     assert metrics["edit"]["examples"] == 4 and metrics["structure"]["examples"] == 4
     for row in predictions[8:]:  # an edit is scored against the edited scene, a structure prompt against its caption

@@ -7,7 +7,8 @@ Tasks (eval.tasks):
 - text_to_image: one image per held-out caption, once per eval.guidance setting, and with eval.rerank_candidates
   the best of that many by the retriever's caption-image score (as the paper evaluates); shapes: the parsed image
   against the caption's scene (exact and per attribute); digits: the share an independent classifier reads as the
-  prompted digit; every dataset: the Frechet distance to the held-out images in the retriever's embedding space;
+  prompted digit; every dataset: the Frechet distance to the held-out images in the retriever's embedding space
+  and, with eval.inception_weights, FID (InceptionV3 pool features);
 - caption: a greedy caption of each held-out image; shapes: the caption read back as a scene against the reference
   scene; digits: names the right digit; every dataset: CIDEr-D against all of the record's reference captions;
 - vqa: a greedy answer to each question of the records that have them (shapes), exact match;
@@ -223,6 +224,9 @@ def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidan
         fd = _retriever_frechet_distance(generator, np.stack(chosen), [x.codes for x in examples])
         if fd is not None:
             metrics["fd_retriever"] = fd
+        if str(e.inception_weights) and len(images) > 1:
+            metrics["fid"] = _inception_frechet_distance(str(e.inception_weights), images,
+                                                         generator.decode_codes(np.stack([x.codes for x in examples])))
         if int(e.sheet_images) and jax.process_index() == 0:
             sheet = contact_sheet(images[:int(e.sheet_images)], columns=8)
             save_png(out_dir / f"text_to_image-{setting.replace('/', '-')}.png", sheet)
@@ -294,6 +298,16 @@ def _retriever_frechet_distance(generator: Generator, generated: np.ndarray,
         return np.asarray(encoder(generator.image_queries(grids)), np.float64)
 
     return frechet_distance_of_features(embed(generated), embed(reference))
+
+
+def _inception_frechet_distance(weights: str, generated: np.ndarray, reference: np.ndarray) -> float:
+    """FID between generated images and the held-out images as the VQ-GAN reconstructs them (what the LM can reach
+    through its codes), in FID's InceptionV3 pool features."""
+    from cm3jax.evaluation.inception import inception_features, load_inception
+
+    variables = load_inception(weights)
+    return frechet_distance_of_features(inception_features(variables, generated),
+                                        inception_features(variables, reference))
 
 
 def _text_prompts(generator: Generator, build: Callable[[int], list]) -> list:

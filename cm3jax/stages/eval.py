@@ -43,6 +43,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("num_retrieved", "sheet_images", "rerank_candidates", "every"):
         require(int(e[field]) >= 0, f"eval.{field}", f"must be >= 0, got {e[field]}")
     require(int(e.step) >= -1, "eval.step", f"must be a checkpoint step or -1 (the latest), got {e.step}")
+    if str(e.inception_weights):
+        from etils import epath
+
+        from cm3jax.evaluation.inception import HOW_TO_PROVIDE
+
+        require(epath.Path(str(e.inception_weights)).exists(), "eval.inception_weights",
+                f"{e.inception_weights!r}: no such file; provide {HOW_TO_PROVIDE}")
     validate_generate_config(config)
 
 
