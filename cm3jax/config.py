@@ -255,7 +255,7 @@ def base_config() -> ml_collections.ConfigDict:
             step=-1,  # -1: its latest checkpoint
             every=0,  # > 0: the LM stage also runs these tasks every this many training steps (TensorBoard: tasks/*)
             split="validation",  # token shards read (held out from training)
-            tasks=("loss", "text_to_image", "caption", "vqa"),  # of evaluation.evaluate.TASKS
+            tasks=("reconstruction", "loss", "text_to_image", "caption", "vqa"),  # of evaluation.evaluate.TASKS
             num_examples=64,  # held-out documents per generation task (the first ones, so every run scores the same)
             batch_size=16,  # prompts decoded together
             num_retrieved=0,  # K documents retrieved and prepended to text -> image prompts and to the loss documents

@@ -25,7 +25,7 @@ def get_config(arg=None):
     # Up to 2 retrieved scenes of ~30 caption pieces and 144 codes each before the query document.
     c.model.max_seq_len = 576
     c.train.seq_len = 576
-    c.eval.tasks = ("loss", "text_to_image", "caption", "vqa", "edit", "structure")
+    c.eval.tasks = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure")
     c.generate.update(sample_prompts=("a large red circle in the center",
                                       "a small blue square in the top left and a large yellow triangle at the bottom"))
     if arg == "smoke":

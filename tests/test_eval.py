@@ -28,19 +28,21 @@ def test_the_pipelines_eval_scores_every_task_and_writes_every_file(tiny_pipelin
     assert {"loss", "text_loss", "image_loss"} <= set(metrics["loss"])
     assert {"exact", "count", "cells", "kind", "color", "size", "fd_retriever"} <= set(metrics["text_to_image/cfg"])
     assert {"exact", "cider_d"} <= set(metrics["caption"])
+    assert {"exact", "count", "cells", "kind", "color", "size"} == set(metrics["reconstruction"])
     assert metrics["vqa"]["questions"] == 4 * 5
     assert (folder / "text_to_image-cfg.png").read_bytes()[:4] == b"\x89PNG"
     tasks = [p["task"] for p in predictions]
     assert tasks.count("text_to_image") == 4 and tasks.count("caption") == 4 and tasks.count("vqa") == 20
+    assert tasks.count("reconstruction") == 4
     for row in predictions:  # each row's score is what the scorer gives its generation and reference
         if row["task"] == "caption":
             reference = scorers.parse_caption(row["reference"][0])
             assert row["scores"] == scorers.scene_scores(scorers.parse_caption(row["generated"]), reference)
         elif row["task"] == "vqa":
             assert row["scores"]["exact"] == scorers.vqa_accuracy(row["generated"], [row["reference"]])
-        else:
-            parsed = tuple(Shape(*fields) for fields in row["generated"])  # the objects read from the image
-            assert row["scores"] == scorers.scene_scores(parsed, scorers.parse_caption(row["prompt"]))
+        else:  # an image: the objects read from it against the caption's scene
+            parsed = tuple(Shape(*fields) for fields in row["generated"])
+            assert row["scores"] == scorers.scene_scores(parsed, scorers.parse_caption(row["reference"]))
     means = [p["scores"]["exact"] for p in predictions if p["task"] == "vqa"]
     assert metrics["vqa"]["exact"] == pytest.approx(sum(means) / len(means))
 

@@ -3,6 +3,8 @@
     metrics = evaluate(config, workdir)   # writes DIR/eval/<model>-<step>/{metrics.json, predictions.jsonl, *.png}
 
 Tasks (eval.tasks):
+- reconstruction: the held-out images decoded from their codes, scored as generated images are (the ceiling the
+  image tokenizer sets for every image task);
 - loss: held-out loss per modality, with eval.num_retrieved documents retrieved before each (they are context only);
 - text_to_image: one image per held-out caption, once per eval.guidance setting, and with eval.rerank_candidates
   the best of that many by the retriever's caption-image score (as the paper evaluates); shapes: the parsed image
@@ -43,7 +45,7 @@ from cm3jax.inference.generate import Generator, contact_sheet
 from cm3jax.storage import atomic_write_text, save_png
 from cm3jax.workdir import Workdir
 
-TASKS = ("loss", "text_to_image", "caption", "vqa", "edit", "structure")
+TASKS = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
     predictions: list[dict] = []
     dataset = str(config.raw_data.dataset)
     for task in e.tasks:
-        if task == "loss":
+        if task == "reconstruction":
+            metrics["reconstruction"] = _reconstructions(generator, examples, dataset, predictions)
+        elif task == "loss":
             metrics["loss"] = held_out_loss(config, generator)
         elif task == "text_to_image":
             for guidance in e.guidance:
@@ -189,6 +193,19 @@ def _image_scorer(dataset: str) -> Callable[[np.ndarray, HeldOut], tuple[dict, s
             return {"digit": float(read == example.meta["label"])}, str(read)
         return score_digit
     return lambda image, example: ({}, "")
+
+
+def _reconstructions(generator: Generator, examples: list[HeldOut], dataset: str, predictions: list[dict]) -> dict:
+    """The held-out images as the VQ-GAN gives them back from their codes, scored as generated images are: the
+    ceiling of every task that generates images (a scene the tokenizer loses cannot be generated exactly)."""
+    score = _image_scorer(dataset)
+    rows = []
+    for example, image in zip(examples, generator.decode_codes(np.stack([x.codes for x in examples]))):
+        scores, read = score(image, example)
+        rows.append(scores)
+        predictions.append({"task": "reconstruction", "index": example.meta.get("index"), "generated": read,
+                            "reference": example.caption, "scores": scores})
+    return _mean_scores(rows)
 
 
 def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidance: str, dataset: str,
