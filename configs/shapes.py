@@ -25,6 +25,7 @@ def get_config(arg=None):
     # Up to 2 retrieved scenes of ~30 caption pieces and 144 codes each before the query document.
     c.model.max_seq_len = 576
     c.train.seq_len = 576
+    c.train.update(steps=600, eval_every=200, checkpoint_every=200)  # ~2.5 s a step on 2 cores
     c.eval.tasks = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure")
     c.generate.update(sample_prompts=("a large red circle in the center",
                                       "a small blue square in the top left and a large yellow triangle at the bottom"))

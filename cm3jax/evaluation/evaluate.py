@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -139,19 +140,12 @@ def held_out_loss(config: ml_collections.ConfigDict, generator: Generator) -> di
     documents before each, no loss on them)."""
     import flax.linen as nn
 
-    from cm3jax.models.transformer import CM3LeonDecoder
     from cm3jax.parallel import sharding
-    from cm3jax.train.lm import forward, held_out_batches, loss_sums, means_from_sums
+    from cm3jax.train.lm import held_out_batches, means_from_sums
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.update(eval_split=config.eval.split, eval_num_retrieved=config.eval.num_retrieved)
-    model = CM3LeonDecoder(generator.decoder_config)
-    z_loss_weight = float(config.train.z_loss_weight)
-
-    @jax.jit
-    def sums(params, batch):
-        return loss_sums(forward(model, params, batch), batch, z_loss_weight)[1]
-
+    sums = _loss_sums_step(generator.decoder_config, float(config.train.z_loss_weight))
     totals = None
     with jax.set_mesh(generator.mesh), nn.logical_axis_rules(generator.rules):
         for local_batch in held_out_batches(config, generator.mesh, int(config.eval.loss_batches))():
@@ -159,6 +153,16 @@ def held_out_loss(config: ml_collections.ConfigDict, generator: Generator) -> di
             step_sums = sums(generator.params, batch)
             totals = step_sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, step_sums)
     return {k: float(v) for k, v in jax.device_get(means_from_sums(totals)).items()}
+
+
+@functools.cache
+def _loss_sums_step(decoder_config, z_loss_weight: float) -> Callable:
+    """(params, batch) -> the loss sums of one batch, compiled once per model (evaluations during training reuse it)."""
+    from cm3jax.models.transformer import CM3LeonDecoder
+    from cm3jax.train.lm import forward, loss_sums
+
+    model = CM3LeonDecoder(decoder_config)
+    return jax.jit(lambda params, batch: loss_sums(forward(model, params, batch), batch, z_loss_weight)[1])
 
 
 def _batches(items: Sequence, size: int):
