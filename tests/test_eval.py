@@ -60,8 +60,8 @@ def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
     np.savez(tmp_path / "inception.npz", **random_state_dict())  # FID's network with random weights
     config.eval.update(step=2, tasks=("text_to_image", "edit", "structure"), rerank_candidates=3, num_retrieved=1,
                        inception_weights=str(tmp_path / "inception.npz"))
-    assert stages.by_command("eval").run(config, workdir)  # an older checkpoint gets its own folder
-    metrics, predictions = _read(workdir.stage("eval") / "lm-2")
+    assert stages.by_command("eval").run(config, workdir)  # another checkpoint and K: their own folder
+    metrics, predictions = _read(workdir.stage("eval") / "lm-2-retrieved1")
     assert metrics["step"] == 2 and metrics["num_retrieved"] == 1
     assert {"text_to_image/cfg", "text_to_image/cfg/best_of_3"} <= set(metrics) and "loss" not in metrics
     assert metrics["text_to_image/cfg"]["fid"] >= 0
@@ -71,7 +71,7 @@ def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
         assert row["task"] in ("edit", "structure")
         parsed = tuple(Shape(*fields) for fields in row["generated"])
         assert row["scores"] == scorers.scene_scores(parsed, scorers.parse_caption(row["reference"]))
-    assert (workdir.stage("eval") / "lm-2" / "edit.png").exists()
+    assert (workdir.stage("eval") / "lm-2-retrieved1" / "edit.png").exists()
 
 
 def test_eval_every_scores_the_lm_while_it_trains_as_the_eval_stage_does(tiny_pipeline_run, tmp_path):

@@ -1,6 +1,6 @@
 """`cm3jax eval`: scores a trained LM on held-out documents of the token shards, every task the data allows.
 
-    metrics = evaluate(config, workdir)   # writes DIR/eval/<model>-<step>/{metrics.json, predictions.jsonl, *.png}
+    metrics = evaluate(config, workdir)   # writes DIR/eval/<model>-<step>[-<split>][-retrieved<K>]/{metrics.json, ...}
 
 Tasks (eval.tasks):
 - reconstruction: the held-out images decoded from their codes, scored as generated images are (the ceiling the
@@ -62,7 +62,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
     e = config.eval
     if generator is None:
         generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step))
-    out_dir = workdir.stage("eval") / f"{e.model}-{generator.step}"
+    out_dir = workdir.stage("eval") / eval_folder_name(config, generator.step)
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = held_out_documents(generator, workdir, str(e.split), int(e.num_examples))
     metrics: dict[str, Any] = {"model": str(e.model), "step": generator.step, "split": str(e.split),
@@ -88,6 +88,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
         atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n"
                                                                  for p in predictions))
     return metrics
+
+
+def eval_folder_name(config: ml_collections.ConfigDict, step: int) -> str:
+    """<model>-<step>, then the split and the retrieved documents where they are not the defaults, so evaluations of
+    one checkpoint with other data or K keep their own files."""
+    from cm3jax.config import default
+
+    e = config.eval
+    name = f"{e.model}-{step}"
+    if str(e.split) != default("eval.split"):
+        name += f"-{e.split}"
+    if int(e.num_retrieved):
+        name += f"-retrieved{int(e.num_retrieved)}"
+    return name
 
 
 def evaluator_for_training(config: ml_collections.ConfigDict,
