@@ -65,6 +65,7 @@ def test_the_same_eval_gives_the_same_metrics(tiny_pipeline_run, tmp_path):
     assert metrics["step"] == 2 and metrics["num_retrieved"] == 1
     assert {"text_to_image/cfg", "text_to_image/cfg/best_of_3"} <= set(metrics) and "loss" not in metrics
     assert metrics["text_to_image/cfg"]["fid"] >= 0
+    assert 0 <= metrics["text_to_image/cfg"]["retrieved_documents"] <= 1  # as many as fit the model's positions
     assert [p.get("guidance") for p in predictions[:8]] == ["cfg"] * 4 + ["cfg/best_of_3"] * 4
     assert metrics["edit"]["examples"] == 4 and metrics["structure"]["examples"] == 4
     for row in predictions[8:]:  # an edit is scored against the edited scene, a structure prompt against its caption

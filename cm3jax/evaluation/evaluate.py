@@ -232,11 +232,13 @@ def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidan
     eval.rerank_candidates > 1, the best of that many by the retriever's caption-image score (from the same draws)."""
     e = config.eval
     options = dataclasses.replace(SamplingOptions.from_config(config.generate), guidance=guidance)
-    context = _retrieved_context(generator, int(e.num_retrieved))
+    prompt_for = _text_to_image_prompter(generator, int(e.num_retrieved))
     draws = max(1, int(e.rerank_candidates))
-    first, best = [], []
+    first, best, retrieved = [], [], []
     for batch_index, batch in _batches(examples, max(1, int(e.batch_size) // draws)):
-        prompts = [generator.prompter.text_to_image(x.caption, context(x.caption)) for x in batch for _ in range(draws)]
+        built = [prompt_for(x.caption) for x in batch]
+        retrieved += [kept for _, kept in built]
+        prompts = [prompt for prompt, _ in built for _ in range(draws)]
         out, _ = generator.run_batch(prompts, options, int(e.seed) + batch_index)
         codes = generator.vocab.image_codes(out).reshape(len(batch), draws, generator.grid, generator.grid)
         first += list(codes[:, 0])
@@ -259,6 +261,8 @@ def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidan
         fd = _retriever_frechet_distance(generator, np.stack(chosen), [x.codes for x in examples])
         if fd is not None:
             metrics["fd_retriever"] = fd
+        if int(e.num_retrieved):
+            metrics["retrieved_documents"] = float(np.mean(retrieved))
         if str(e.inception_weights) and len(images) > 1:
             metrics["fid"] = _inception_frechet_distance(str(e.inception_weights), images,
                                                          generator.decode_codes(np.stack([x.codes for x in examples])))
@@ -310,13 +314,27 @@ def _conditioned_images(config, generator: Generator, examples: list[HeldOut], t
     return {"examples": len(items), **_mean_scores(rows)}
 
 
-def _retrieved_context(generator: Generator, k: int) -> Callable[[str], np.ndarray | None]:
+def _text_to_image_prompter(generator: Generator, k: int) -> Callable[[str], tuple[Any, int]]:
+    """caption -> (its text -> image prompt after up to k retrieved documents, how many were kept). The least
+    relevant documents are dropped until prompt and image fit the model's positions, as training drops retrieved
+    documents that do not fit its sequence."""
     if not k:
-        return lambda caption: None
+        return lambda caption: (generator.prompter.text_to_image(caption, None), 0)
     from cm3jax.retrieval.memory import prepend_retrieved
 
     memory = generator.memory()
-    return lambda caption: prepend_retrieved(memory.retrieve(caption, k=k), np.array([vocab_lib.EOS], np.int32))
+    positions = generator.decoder_config.max_seq_len
+
+    def prompt_for(caption: str) -> tuple[Any, int]:
+        documents = list(memory.retrieve(caption, k=k))
+        while True:
+            context = prepend_retrieved(documents, np.array([vocab_lib.EOS], np.int32)) if documents else None
+            prompt = generator.prompter.text_to_image(caption, context)
+            if not documents or max(map(len, prompt.streams)) + len(prompt.schedule.forced) <= positions:
+                return prompt, len(documents)
+            documents.pop()
+
+    return prompt_for
 
 
 def _retriever_frechet_distance(generator: Generator, generated: np.ndarray,
