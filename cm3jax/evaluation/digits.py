@@ -1,14 +1,17 @@
 """Scoring generated digits and captions of the embedded `digits` data with a classifier independent of the LM."""
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 
 
+@functools.cache
 def digit_classifier():
     """Logistic regression on scikit-learn's 8x8 digits of our train split (ink levels 0..16): it reads a 32x32
-    digit through `ink_8x8` and never saw a held-out digit or the VQ-GAN."""
+    digit through `ink_8x8` and never saw a held-out digit or the VQ-GAN. Fitted once per process (every task and
+    guidance setting of an eval reads with the same one)."""
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 

@@ -219,7 +219,7 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
     StageDir.at(stage_dir).check_inputs(inputs)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh)
-    if task_eval is not None and int(config.eval.every):
+    if task_eval is not None:
         task.task_eval = lambda state, step: task_eval(state.params, step, mesh)
         task.task_eval_every = int(config.eval.every)
 
