@@ -7,7 +7,9 @@ Scenes are drawn on a plain background in a 3x3 grid, at most one shape per cell
 - its colour is the palette colour that, mixed with the background, comes nearest to the median of the patch's
   most saturated half;
 - its outline is where the pixels are at least half-way from the background to that colour, and its kind and size
-  are those of the drawn shape (`draw_shape`, centred on the outline's box) that overlaps the outline best (IoU).
+  are those of the drawn shape (`draw_shape`, centred on the outline's box or up to a pixel off it) that overlaps the
+  outline best (IoU). The pixel of play matters for small shapes: a decoder that softens one corner of an 8-pixel
+  triangle moves its box by a pixel, and the centred triangle then overlaps less than a circle does.
 The same reader scores generated images and VQ-GAN reconstructions, which are blurred and slightly off in colour.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ _PALETTE = np.array([RGB[c] for c in COLORS], np.float32)
 _FOREGROUND_DISTANCE = 60.0
 _MIN_THICKNESS = 1 / 3  # of a cell, in both directions (a small shape spans 1/2)
 _MIN_PIXELS = 4
+_CENTER_OFFSETS = (-1, 0, 1)  # pixels a template may sit off the centre of the outline's box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +108,17 @@ def _is_shape(mask: np.ndarray) -> bool:
 
 
 def _best_template(outline: np.ndarray, image_size: int, top: int, left: int) -> tuple[str, str]:
-    """(kind, size) of the drawn shape, centred where the outline's box is, that overlaps the outline most."""
+    """(kind, size) of the drawn shape, centred where the outline's box is or a pixel off it, that overlaps the
+    outline most."""
     ys, xs = np.nonzero(outline)
     center_y = top + (ys.min() + ys.max() + 1) / 2
     center_x = left + (xs.min() + xs.max() + 1) / 2
     best, best_iou = ("circle", "small"), -1.0
-    for kind, size in itertools.product(KINDS, SIZES):
+    for kind, size, dy, dx in itertools.product(KINDS, SIZES, _CENTER_OFFSETS, _CENTER_OFFSETS):
         half = HALF_EXTENT[size] * image_size / 3
+        y, x = center_y + dy, center_x + dx
         canvas = PIL.Image.new("L", (image_size, image_size), 0)
-        draw_shape(PIL.ImageDraw.Draw(canvas), kind,
-                   np.array([center_y - half, center_x - half, center_y + half, center_x + half]), 1)
+        draw_shape(PIL.ImageDraw.Draw(canvas), kind, np.array([y - half, x - half, y + half, x + half]), 1)
         template = np.asarray(canvas, bool)[top:top + outline.shape[0], left:left + outline.shape[1]]
         iou = (template & outline).sum() / max((template | outline).sum(), 1)
         if iou > best_iou:
