@@ -19,8 +19,12 @@ from cm3jax.stages import STAGES, by_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py or configs/tiny.py:arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: every stage writes under it.")
-_PROMPT = flags.DEFINE_string("prompt", None, "generate image: the caption to draw.")
-_IMAGE = flags.DEFINE_string("image", None, "generate caption / vqa / infill: path of the input image.")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate image / structure / grounded: the caption to draw.")
+_IMAGE = flags.DEFINE_string("image", None, "generate caption / vqa / infill / edit: path of the input image; "
+                                            "structure: of the segmentation map.")
+_INSTRUCTION = flags.DEFINE_string("instruction", None, "generate edit: what to change.")
+_BOXES = flags.DEFINE_string("boxes", None, "generate grounded: NAME:x0,y0,x1,y1;... pixels of each object's box.")
+_MODEL = flags.DEFINE_string("model", None, "generate: lm or sft (default: sft where the run has one).")
 _QUESTION = flags.DEFINE_string("question", None, "generate vqa: the question.")
 _BOX = flags.DEFINE_string("box", None, "generate infill: x0,y0,x1,y1 pixels of the region to regenerate.")
 _NUM = flags.DEFINE_integer("num", None, "generate image / infill: samples (default generate.num).")
@@ -45,6 +49,10 @@ commands:
                generate caption --image=PATH
                generate vqa     --image=PATH --question=TEXT
                generate infill  --image=PATH --box=x0,y0,x1,y1 [--num=N]
+               generate edit    --image=PATH --instruction=TEXT [--num=N]
+               generate structure --image=SEGMAP --prompt=TEXT [--num=N]
+               generate grounded --prompt=TEXT --boxes="red circle:0,0,20,20;blue square:28,28,44,44"
+             every task takes --model=lm|sft (default: sft where the run has one)
 
 A user error (a config value, a path, a damaged checkpoint) is one line on stderr and exit code 2; add
 --verbosity=1 for its traceback. Examples: `cm3jax pipeline --config=configs/demo.py --workdir=workdir/demo`,
@@ -57,6 +65,7 @@ EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
 
 def _generate_flags() -> dict:
     return {"prompt": _PROMPT.value, "image": _IMAGE.value, "question": _QUESTION.value, "box": _BOX.value,
+            "instruction": _INSTRUCTION.value, "boxes": _BOXES.value, "model": _MODEL.value,
             "num": _NUM.value, "cfg": _CFG.value, "cdk": _CDK.value, "retrieve": _RETRIEVE.value,
             "candidates": _CANDIDATES.value, "seed": _SEED.value}
 

@@ -237,7 +237,9 @@ def base_config() -> ml_collections.ConfigDict:
             image_scale=1.5,  # editing: image guidance (three streams)
             text_scale=7.5,  # editing: text guidance
             max_text_tokens=32,  # captions and answers
-            caption_style="infill",  # infill (CM3: <mask:0> where the caption goes) | continue (after the image)
+            # infill (CM3: <mask:0> where the caption goes) | continue (after the image) | instruction (SFT's
+            # "Describe the given picture.") | auto: instruction for the SFT model, infill for the LM
+            caption_style="auto",
             num=8,  # images per prompt
             retrieve=0,  # documents retrieved for the prompt and prepended (needs `cm3jax retrieve`)
             rerank_candidates=0,  # > num: draw this many, keep the num best by the retriever's score
@@ -251,7 +253,7 @@ def base_config() -> ml_collections.ConfigDict:
     # `cm3jax eval` (cm3jax/evaluation/): scores a trained model on held-out documents of the token shards.
     c.eval = ml_collections.ConfigDict(
         dict(
-            model="lm",  # the stage whose checkpoint is scored
+            model="",  # the stage whose checkpoint is scored: lm | sft | "" (both where SFT runs: sft.steps > 0)
             step=-1,  # -1: its latest checkpoint
             every=0,  # > 0: the LM stage also runs these tasks every this many training steps (TensorBoard: tasks/*)
             split="validation",  # token shards read (held out from training)
@@ -299,6 +301,23 @@ def base_config() -> ml_collections.ConfigDict:
             weight_decay=0.1,
             no_weight_decay=["position_embedding"],  # parameter-name substrings left out of weight decay
             clip_norm=1.0,
+        )
+    )
+
+    # `cm3jax sft` (cm3jax/train/sft.py): instruction tuning of the pretrained LM on CM3leon's task templates
+    # (cm3jax/data/sft.py, docs/paper.md §6). Everything else (batch, seq_len, cadences, model) is train.* / model.*.
+    c.sft = ml_collections.ConfigDict(
+        dict(
+            init_from="",  # "": WORKDIR/lm; a stage folder (its checkpoints/) whose parameters SFT starts from
+            init_step=-1,  # -1: its latest checkpoint
+            # Task weights; a record draws among the tasks its fields allow (captions and images allow the first two).
+            mixture=ml_collections.ConfigDict(dict(text_to_image=1.0, caption=1.0, vqa=1.0, edit=1.0,
+                                                   structure=1.0, grounded=1.0)),
+            loss_on="all",  # all (CM3leon: instruction and output) | target (the answer alone, as Chameleon)
+            cm3=True,  # CM3 spans over the whole example besides the target's (CM3leon: the pretraining objective)
+            steps=15_000,  # paper: ~30B tokens at 2M tokens a step
+            peak_lr=5e-5,
+            warmup_steps=150,
         )
     )
 

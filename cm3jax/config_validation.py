@@ -17,7 +17,7 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg16", "alexnet")
 INDEX_KINDS = ("auto", "exact", "scann")
 RETRIEVAL_MODES = ("none", "neighbours")
-CAPTION_STYLES = ("infill", "continue")
+CAPTION_STYLES = ("auto", "infill", "continue", "instruction")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
 
 
@@ -199,3 +199,31 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
     require(0 <= v.code_usage_decay < 1, "vqgan.code_usage_decay",
             f"must be in [0, 1), got {v.code_usage_decay}")
     validate_optim(v.optim, "vqgan.optim")
+
+
+def validate_sft_config(config: ml_collections.ConfigDict) -> None:
+    from cm3jax.data.sft import LOSS_ON, TASKS
+
+    s = config.sft
+    require(int(s.steps) >= 0, "sft.steps", f"must be >= 0, got {s.steps}")
+    require(float(s.peak_lr) > 0, "sft.peak_lr", f"must be > 0, got {s.peak_lr}")
+    require(int(s.warmup_steps) >= 0, "sft.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    require(int(s.init_step) >= -1, "sft.init_step", f"must be a checkpoint step or -1 (the latest), got {s.init_step}")
+    require(s.loss_on in LOSS_ON, "sft.loss_on", f"{s.loss_on!r} not in {LOSS_ON}")
+    unknown = sorted(set(s.mixture) - set(TASKS))
+    require(not unknown, "sft.mixture", f"{unknown} not in {TASKS}")
+    weights = [float(w) for w in s.mixture.values()]
+    require(all(w >= 0 for w in weights) and sum(weights) > 0, "sft.mixture",
+            f"task weights must be >= 0 and not all 0, got {dict(s.mixture)}")
+    require(config.data.source == "token_shards", "data.source",
+            f"SFT builds its examples from token shards: it needs data.source='token_shards' (got "
+            f"{config.data.source!r})")
+    from cm3jax.models.vqgan import VQGANConfig
+
+    codes = VQGANConfig.from_config(config).tokens_per_image
+    images = 2 if any(float(s.mixture.get(task, 0)) > 0 for task in ("edit", "structure")) else 1
+    # Two images, their <break>s, one token of each text segment and the two <eos> (data/sft.py: shortest_length).
+    needed = images * codes + 7
+    require(int(config.train.seq_len) + 1 >= needed, "train.seq_len",
+            f"SFT examples of the mixture hold {images} image(s) of {codes} codes: they need train.seq_len >= "
+            f"{needed - 1}, got {config.train.seq_len}")

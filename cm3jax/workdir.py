@@ -7,6 +7,7 @@
       tokens/           token shards ({split}-NNNNN-of-NNNNN.array_record), manifest.json, vocab.json
       retrieval/        retriever/, bank/, index/, neighbours/ (chunks), neighbours-{split}.npy
       lm/               the language model's checkpoints/, logs/
+      sft/              the instruction-tuned LM's checkpoints/, logs/ (same layout as lm/)
       samples/          what the finished run generates
 
 Every stage folder holds `config.json` (the resolved config it ran with), `COMPLETE.json` once it has finished, and
@@ -191,6 +192,10 @@ class Workdir:
     @property
     def lm(self) -> StageDir:
         return self.stage("lm")
+
+    @property
+    def sft(self) -> StageDir:
+        return self.stage("sft")
 
     @property
     def samples(self) -> StageDir:

@@ -52,6 +52,7 @@ def get_config(arg=None):
     c.train.update(global_batch_size=16, seq_len=256, steps=1500, log_every=50, eval_every=250, eval_batches=4,
                    checkpoint_every=250, keep_checkpoints=2)
     c.optim.update(peak_lr=2e-3, warmup_steps=20, decay="cosine")
+    c.sft.steps = 0  # the digits demo is pretraining only
     if arg == "smoke":
         shrink_to_smoke(c)
     return c
@@ -74,5 +75,7 @@ def shrink_to_smoke(c) -> None:
     c.model.update(num_layers=2, d_model=64, num_heads=4, scan_unroll=1)
     c.optim.warmup_steps = 5
     c.train.update(steps=30, log_every=10, eval_every=30, eval_batches=1, checkpoint_every=30, keep_checkpoints=1)
+    if c.sft.steps:
+        c.sft.update(steps=20, warmup_steps=5)
     c.eval.update(num_examples=8, batch_size=8, loss_batches=2, sheet_images=8)
     c.generate.update(num=1, sample_captions=2, sample_prompts=c.generate.sample_prompts[:2])

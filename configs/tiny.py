@@ -29,5 +29,6 @@ def get_config(arg=None):
                              checkpoint_every=2, keep_checkpoints=2)
     c.retrieval.update(chunk_size=64)
     c.eval.update(num_examples=4, batch_size=4, loss_batches=1, guidance=("cfg",), sheet_images=4)
+    c.sft.update(steps=0, warmup_steps=1)  # no SFT in pipelines; tests that fine-tune set sft.steps
     c.mesh.ici.update(data=1, fsdp=-1, tensor=1)
     return c

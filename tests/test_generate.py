@@ -60,7 +60,7 @@ def test_generate_image_cli_writes_images_a_contact_sheet_and_settings(run):
     assert np.asarray(PIL.Image.open(os.path.join(out_dir, "sheet.png"))).shape == (32, 96, 3)
     settings = json.load(open(os.path.join(out_dir, "settings.json")))
     assert settings["prompt"] == "a handwritten seven" and settings["generate"]["guidance"] == "cfg"
-    assert settings["generate"]["cfg_scale"] == 2.5 and settings["lm_step"] == 4
+    assert settings["generate"]["cfg_scale"] == 2.5 and settings["step"] == 4 and settings["model"] == "lm"
 
 
 @pytest.mark.parametrize("args,message", [

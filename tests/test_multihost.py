@@ -1,6 +1,6 @@
 """Two processes on localhost (gloo collectives) against one process with as many devices: LM training (train,
-checkpoint, restore; both read two data streams, so they see the same global batches), the tokenize job and
-evaluation."""
+checkpoint, restore; both read two data streams, so they see the same global batches), the tokenize job,
+evaluation and instruction tuning."""
 import json
 import os
 import shutil
@@ -15,7 +15,7 @@ from cm3jax.train import loop
 from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task
 
-from helpers import config_flags, copy_run, launch_command, tiny_pipeline_config
+from helpers import config_flags, copy_run, launch_command, read_metrics_rows, tiny_pipeline_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -28,11 +28,11 @@ def _launch(workdir, steps, num_processes, devices_per_process):
                           num_processes, devices_per_process)
 
 
-def _final_params(config, workdir, step, num_processes):
+def _final_params(config, workdir, step, num_processes, stage="lm"):
     mesh = create_mesh(config, jax.devices()[:1])
     task, _ = build_lm_task(config, mesh)
     abstract, shardings = loop.abstract_state_and_shardings(task.init_state, mesh, logical_axis_rules(config))
-    checkpointer = Checkpointer(os.path.join(workdir, "lm", "checkpoints"), keep=3)
+    checkpointer = Checkpointer(os.path.join(workdir, stage, "checkpoints"), keep=3)
     state, data_state = checkpointer.restore(step, abstract, shardings)
     checkpointer.close()
     assert data_state["process_count"] == num_processes  # every process's iterator state is in the checkpoint
@@ -109,3 +109,25 @@ def test_two_processes_evaluate_like_one(tmp_path, tiny_pipeline_run):
     for key in ("loss", "text_loss", "image_loss"):
         assert loss_2[key] == pytest.approx(loss_1[key], rel=1e-5)
     assert metrics_2 == metrics_1
+
+
+def test_two_processes_fine_tune_like_one(tmp_path, tiny_pipeline_run):
+    """SFT from the same LM on 2 processes x 1 device and on 1 process x 2 devices: the same task examples (two data
+    streams in both), losses and parameters."""
+    from configs import tiny
+
+    runs = {n: copy_run(tiny_pipeline_run, tmp_path / f"processes_{n}") for n in (1, 2)}
+    flags = ["sft", *config_flags(tiny_pipeline_config(), tiny.get_config()), "--config.data.num_streams=2",
+             "--config.sft.steps=3"]
+    for num_processes, run in runs.items():
+        launch_command(flags, str(run), num_processes=num_processes, devices_per_process=2 // num_processes)
+    rows = {n: {r["step"]: r for r in read_metrics_rows(run / "sft") if r["split"] == "train"}
+            for n, run in runs.items()}
+    assert sorted(rows[2]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert rows[2][step]["loss"] == pytest.approx(rows[1][step]["loss"], rel=1e-5)
+        counts = {k: v for k, v in rows[2][step].items() if k.startswith("data_task_")}
+        assert counts and counts == {k: rows[1][step][k] for k in counts}
+    config = tiny_pipeline_config()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
+                 _final_params(config, str(runs[2]), 3, 2, "sft"), _final_params(config, str(runs[1]), 3, 1, "sft"))

@@ -103,4 +103,4 @@ def test_a_complete_stage_given_another_config_continues_or_is_refused(tiny_pipe
     out = capsys.readouterr().out
     assert "lm: complete, but config.train.steps=6 (it ran with 4): training on" in out
     assert [s for s, _ in train_losses(os.path.join(workdir, "lm"))] == [1, 2, 3, 4, 5, 6]
-    assert json.load(open(os.path.join(workdir, "samples", "COMPLETE.json")))["lm_step"] == 6
+    assert json.load(open(os.path.join(workdir, "samples", "COMPLETE.json")))["step"] == 6

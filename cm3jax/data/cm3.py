@@ -92,18 +92,23 @@ def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Gene
 
 def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.UnifiedVocab,
                       document_starts: frozenset[int] = frozenset(),
-                      segment_weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      segment_weights: list[float] | None = None,
+                      token_weights: list[np.ndarray] | None = None,
+                      final_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Returns (tokens, target_weights): the CM3-reordered serialised document and, per token, the loss weight of
     predicting it (0 for every <mask:i>). With no spans this is `serialize_document(document)` with weights 1.
 
     A retrieval-augmented sample is several documents in one segment list: a segment whose index is in
     `document_starts` begins a new document, so <eos> (not <break>) precedes it. `segment_weights` gives each
     segment's tokens their weight (the separator after a segment and its masked spans, moved to the end, take it
-    too); the final <eos> has weight 1.
+    too); `token_weights` (one array per segment) overrides it token by token, a moved span's `<eoss>` taking its
+    last token's (instruction tuning weights the answer alone); the final <eos> has `final_weight`.
     """
     if len(spans) > vocab.num_masks:
         raise ValueError(f"{len(spans)} spans but only vocab.num_masks={vocab.num_masks} mask tokens")
     weight_of = segment_weights or [1.0] * len(document)
+    if token_weights is None:
+        token_weights = [np.full(len(segment.tokens), w, np.float32) for segment, w in zip(document, weight_of)]
     by_segment: dict[int, list[tuple[int, Span]]] = {}
     for i, span in enumerate(spans):
         by_segment.setdefault(span.segment, []).append((i, span))
@@ -111,7 +116,7 @@ def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.Un
 
     def emit(tokens, weight):
         body.append(np.asarray(tokens, np.int32))
-        weights.append(np.full(len(body[-1]), weight, np.float32))
+        weights.append(np.broadcast_to(np.asarray(weight, np.float32), (len(body[-1]),)))
 
     emit([vocab_lib.EOS], weight_of[0] if document else 1.0)
     for index, segment in enumerate(document):
@@ -119,14 +124,14 @@ def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.Un
             emit([vocab_lib.EOS if index in document_starts else vocab_lib.BREAK], weight_of[index - 1])
         cursor = 0
         for i, span in by_segment.get(index, []):
-            emit(segment.tokens[cursor:span.start], weight_of[index])
-            emit([vocab.mask_id(i)], weight_of[index])
+            emit(segment.tokens[cursor:span.start], token_weights[index][cursor:span.start])
+            emit([vocab.mask_id(i)], 0.0)
             cursor = span.end
-        emit(segment.tokens[cursor:], weight_of[index])
+        emit(segment.tokens[cursor:], token_weights[index][cursor:])
     for i, span in enumerate(spans):
-        emit([vocab.mask_id(i)], weight_of[span.segment])
-        emit(document[span.segment].tokens[span.start:span.end], weight_of[span.segment])
-        emit([vocab_lib.EOSS], weight_of[span.segment])
-    emit([vocab_lib.EOS], 1.0)
+        emit([vocab.mask_id(i)], 0.0)
+        emit(document[span.segment].tokens[span.start:span.end], token_weights[span.segment][span.start:span.end])
+        emit([vocab_lib.EOSS], token_weights[span.segment][span.end - 1])
+    emit([vocab_lib.EOS], final_weight)
     tokens = np.concatenate(body).astype(np.int32)
     return tokens, np.where(vocab.is_mask(tokens), 0.0, np.concatenate(weights)).astype(np.float32)

@@ -111,7 +111,11 @@ def open_retrieval(data_config, vocab: vocab_lib.UnifiedVocab, split: str, evalu
 class DocumentToExample:
     """(global index, source index, record) -> one training example of at most seq_len tokens, plus counters.
 
-    A plain picklable class: grain worker processes run it."""
+    A plain picklable class: grain worker processes run it. An example maker declares the per-token arrays it
+    returns (`sequence_keys`, packed into rows) and its per-example counters (`counter_keys`, summed)."""
+
+    sequence_keys = _SEQUENCE_KEYS
+    counter_keys = COUNTER_KEYS
 
     def __init__(self, vocab: vocab_lib.UnifiedVocab, options: PipelineOptions, augment: RetrievalAugmenter):
         self.vocab = vocab
@@ -149,12 +153,14 @@ class PackedToBatchRow:
     """Packed (or padded) example -> the batch contract's row (docs/design.md, Contracts), counters summed over
     packed examples."""
 
-    def __init__(self, vocab: vocab_lib.UnifiedVocab, packed: bool):
+    def __init__(self, vocab: vocab_lib.UnifiedVocab, packed: bool, sequence_keys: tuple[str, ...],
+                 counter_keys: tuple[str, ...]):
         self.vocab = vocab
         self.packed = packed
+        self.sequence_keys, self.counter_keys = sequence_keys, counter_keys
 
     def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-        row = {key: example[key] for key in _SEQUENCE_KEYS}
+        row = {key: example[key] for key in self.sequence_keys}
         if self.packed:
             row["segment_ids"] = example["inputs_segment_ids"].astype(np.int32)
             row["positions"] = example["inputs_positions"].astype(np.int32)
@@ -163,19 +169,20 @@ class PackedToBatchRow:
             row["positions"] = np.where(row["segment_ids"] > 0, np.arange(len(row["inputs"])), 0).astype(np.int32)
         row["loss_weights"] = row["loss_weights"].astype(np.float32)
         row["modality"] = self.vocab.modality(row["targets"])
-        for key in COUNTER_KEYS:
+        for key in self.counter_keys:
             row[key] = np.int64(np.sum(example[key]))
         return row
 
 
 class PadToLength:
-    def __init__(self, seq_len: int):
+    def __init__(self, seq_len: int, sequence_keys: tuple[str, ...], counter_keys: tuple[str, ...]):
         self.seq_len = seq_len
+        self.sequence_keys, self.counter_keys = sequence_keys, counter_keys
 
     def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
         n = len(example["inputs"])
-        out = {key: np.pad(example[key], (0, self.seq_len - n)) for key in _SEQUENCE_KEYS}
-        out.update({key: example[key] for key in COUNTER_KEYS}, length=n)
+        out = {key: np.pad(example[key], (0, self.seq_len - n)) for key in self.sequence_keys}
+        out.update({key: example[key] for key in self.counter_keys}, length=n)
         return out
 
 
@@ -207,18 +214,20 @@ def _concatenate_rows(stream_batches: tuple[dict[str, np.ndarray], ...]) -> dict
 
 
 def stream_dataset(source: Sequence[bytes], stream: int, vocab: vocab_lib.UnifiedVocab, options: PipelineOptions,
-                   augment: RetrievalAugmenter) -> grain.IterDataset:
-    """Batches of rows_per_stream rows built from elements stream, stream + S, ... of the shuffled, repeated source."""
+                   to_example) -> grain.IterDataset:
+    """Batches of rows_per_stream rows built by `to_example` (DocumentToExample, or SFT's RecordToTaskExample) from
+    elements stream, stream + S, ... of the shuffled, repeated source."""
+    keys, counters = to_example.sequence_keys, to_example.counter_keys
     ds = stream_indices(len(source), stream, options).map(_WithRecord(source))
-    ds = ds.map(DocumentToExample(vocab, options, augment)).to_iter_dataset()
+    ds = ds.map(to_example).to_iter_dataset()
     if options.packing == "first_fit":
-        lengths = {key: options.seq_len for key in _SEQUENCE_KEYS}
+        lengths = {key: options.seq_len for key in keys}
         ds = grain.experimental.FirstFitPackIterDataset(
             ds, length_struct=lengths, num_packing_bins=options.packing_bins or options.rows_per_stream,
-            seed=options.seed + stream, shuffle_bins=options.shuffle, meta_features=COUNTER_KEYS)
+            seed=options.seed + stream, shuffle_bins=options.shuffle, meta_features=counters)
     else:
-        ds = ds.map(PadToLength(options.seq_len))
-    ds = ds.map(PackedToBatchRow(vocab, packed=options.packing == "first_fit"))
+        ds = ds.map(PadToLength(options.seq_len, keys, counters))
+    ds = ds.map(PackedToBatchRow(vocab, options.packing == "first_fit", keys, counters))
     return ds.batch(options.rows_per_stream, drop_remainder=True)
 
 
@@ -233,16 +242,18 @@ def local_streams(rows: tuple[int, int], options: PipelineOptions) -> range:
 
 
 class DocumentBatches(CountingBatches):
-    """This process's rows of every global batch, as numpy arrays under BATCH_KEYS; checkpointable.
+    """This process's rows of every global batch, as numpy arrays under BATCH_KEYS (and the example maker's other
+    sequence keys); checkpointable.
 
-    `counters` holds this process's running totals of text tokens cut and segments dropped to fit seq_len."""
+    `counters` holds this process's running totals of the example maker's counters (text tokens cut and segments
+    dropped to fit seq_len; SFT: the examples of each task)."""
 
     def __init__(self, sources: Sequence[bytes], vocab: vocab_lib.UnifiedVocab, options: PipelineOptions,
-                 rows: tuple[int, int], augment: RetrievalAugmenter | None = None):
-        augment = augment or NoRetrieval()
-        streams = [stream_dataset(sources, s, vocab, options, augment) for s in local_streams(rows, options)]
+                 rows: tuple[int, int], augment: RetrievalAugmenter | None = None, to_example=None):
+        to_example = to_example or DocumentToExample(vocab, options, augment or NoRetrieval())
+        streams = [stream_dataset(sources, s, vocab, options, to_example) for s in local_streams(rows, options)]
         ds = grain.experimental.ZipIterDataset(streams).map(_concatenate_rows) if len(streams) > 1 else streams[0]
         if options.num_workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.num_workers,
                                                              per_worker_buffer_size=options.worker_buffer_size))
-        super().__init__(ds, COUNTER_KEYS)
+        super().__init__(ds, to_example.counter_keys)

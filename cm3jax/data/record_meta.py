@@ -60,6 +60,15 @@ def _plain(value: Any, feature, top_level: str = "") -> Any:
     return value
 
 
+def meta_texts(meta: Any) -> list[str]:
+    """Every non-empty text in a record's meta, at any depth (class names, questions, answers, instructions)."""
+    if isinstance(meta, dict):
+        return [text for value in meta.values() for text in meta_texts(value)]
+    if isinstance(meta, list):
+        return [text for value in meta for text in meta_texts(value)]
+    return [" ".join(meta.split())] if isinstance(meta, str) and meta.strip() else []
+
+
 def map_meta_images(meta: Any, fn: Callable[[Any], Any]) -> Any:
     """`meta` with fn applied to every MetaImage or uint8 image array in it (at any depth)."""
     if isinstance(meta, dict):

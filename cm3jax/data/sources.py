@@ -144,17 +144,24 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
         yield ImageCaption(image, caption, {"index": int(index), **meta})
 
 
-def read_captions(source: RawSource, counts: SkipCounts) -> Iterator[str]:
-    """The normalised, non-empty captions of `source` (images are not decoded); bad records are skipped and counted."""
+def read_captions(source: RawSource, counts: SkipCounts, meta_texts: bool = False) -> Iterator[str]:
+    """The normalised, non-empty captions of `source` (images are not decoded); bad records are skipped and counted.
+    With `meta_texts`, each caption is followed by the text of the record's other fields (questions, answers, edit
+    instructions: record_meta.meta_texts), which instruction tuning reads too."""
+    from cm3jax.data.record_meta import meta_texts as texts_of
+
     for index in range(len(source)):
         try:
-            caption = normalize_caption(source.raw(index)[1])
+            _, caption, meta = source.raw(index)
+            caption = normalize_caption(caption)
         except Exception as e:  # noqa: BLE001 - a bad record is data, not a bug
             counts["unreadable_record"] += 1
             logging.debug("record %d unreadable: %s", index, e)
             continue
         if _usable_caption(caption, counts):
             yield caption
+            if meta_texts:
+                yield from (text for text in texts_of(meta) if 0 < len(text) <= MAX_CAPTION_CHARS)
 
 
 def _usable_caption(caption: str, counts: SkipCounts) -> bool:

@@ -17,8 +17,10 @@ Tasks (eval.tasks):
 - edit: the record's image edited by its instruction (three-stream guidance), read as a scene against the edited
   scene's caption (shapes);
 - structure: an image from the record's segmentation map and caption, read as a scene against the caption's scene
-  (shapes: the map fixes the objects' cells).
-edit and structure are SFT tasks: a pretrained-only model meets their prompt forms zero-shot.
+  (shapes: the map fixes the objects' cells);
+- grounded: an image from the record's caption and its objects' boxes, every object parsed from it checked against
+  its box (shapes: colour and kind right, IoU >= 0.5).
+edit, structure and grounded are SFT tasks: a pretrained-only model meets their prompt forms zero-shot.
 The examples are the first eval.num_examples documents of eval.split, the seeds fixed: the same command writes the
 same metrics.json.
 """
@@ -46,7 +48,7 @@ from cm3jax.inference.generate import Generator, contact_sheet
 from cm3jax.storage import atomic_write_text, save_png
 from cm3jax.workdir import Workdir
 
-TASKS = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure")
+TASKS = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure", "grounded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +58,17 @@ class HeldOut:
     meta: dict
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Generator | None = None) -> dict:
-    """Scores the model (eval.step's checkpoint, or the one `generator` holds), writes its folder under DIR/eval and
+def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Generator | None = None,
+             model: str = "lm") -> dict:
+    """Scores `model` (eval.step's checkpoint, or the one `generator` holds), writes its folder under DIR/eval and
     returns the metrics."""
     e = config.eval
     if generator is None:
-        generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step))
-    out_dir = workdir.stage("eval") / eval_folder_name(config, generator.step)
+        generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step), model=model)
+    out_dir = workdir.stage("eval") / eval_folder_name(config, generator.model, generator.step)
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = held_out_documents(generator, workdir, str(e.split), int(e.num_examples))
-    metrics: dict[str, Any] = {"model": str(e.model), "step": generator.step, "split": str(e.split),
+    metrics: dict[str, Any] = {"model": generator.model, "step": generator.step, "split": str(e.split),
                                "examples": len(examples), "num_retrieved": int(e.num_retrieved)}
     predictions: list[dict] = []
     dataset = str(config.raw_data.dataset)
@@ -83,6 +86,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
             metrics["vqa"] = _vqa(generator, examples, predictions)
         elif task in ("edit", "structure"):
             metrics[task] = _conditioned_images(config, generator, examples, task, predictions, out_dir)
+        elif task == "grounded":
+            metrics[task] = _grounded(config, generator, examples, predictions, out_dir)
     if jax.process_index() == 0:
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
         atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n"
@@ -90,13 +95,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
     return metrics
 
 
-def eval_folder_name(config: ml_collections.ConfigDict, step: int) -> str:
+def eval_folder_name(config: ml_collections.ConfigDict, model: str, step: int) -> str:
     """<model>-<step>, then the split and the retrieved documents where they are not the defaults, so evaluations of
     one checkpoint with other data or K keep their own files."""
     from cm3jax.config import default
 
     e = config.eval
-    name = f"{e.model}-{step}"
+    name = f"{model}-{step}"
     if str(e.split) != default("eval.split"):
         name += f"-{e.split}"
     if int(e.num_retrieved):
@@ -104,15 +109,16 @@ def eval_folder_name(config: ml_collections.ConfigDict, step: int) -> str:
     return name
 
 
-def evaluator_for_training(config: ml_collections.ConfigDict,
-                           workdir: Workdir) -> Callable[[Any, int, Any], dict[str, float]]:
-    """(params, step, mesh) -> `evaluate`'s numeric metrics as flat "task/metric" scalars, for the LM's training
-    loop; each call also writes DIR/eval/lm-<step>/. The tokenizers load and the decoders compile once."""
+def evaluator_for_training(config: ml_collections.ConfigDict, workdir: Workdir,
+                           model: str = "lm") -> Callable[[Any, int, Any], dict[str, float]]:
+    """(params, step, mesh) -> `evaluate`'s numeric metrics as flat "task/metric" scalars, for the training loop of
+    `model` (lm or sft); each call also writes DIR/eval/<model>-<step>/. The tokenizers load and the decoders
+    compile once."""
     generator: Generator | None = None
 
     def run(params: Any, step: int, mesh: Any) -> dict[str, float]:
         nonlocal generator
-        generator = (Generator.for_params(config, workdir, mesh, params, step) if generator is None
+        generator = (Generator.for_params(config, workdir, mesh, params, step, model) if generator is None
                      else generator.with_params(params, step))
         return flat_scalars(evaluate(config, workdir, generator))
 
@@ -154,18 +160,16 @@ def held_out_loss(config: ml_collections.ConfigDict, generator: Generator) -> di
     documents before each, no loss on them)."""
     import flax.linen as nn
 
-    from cm3jax.parallel import sharding
     from cm3jax.train.lm import held_out_batches, means_from_sums
+    from cm3jax.train.loop import summed_over
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.update(eval_split=config.eval.split, eval_num_retrieved=config.eval.num_retrieved)
     sums = _loss_sums_step(generator.decoder_config, float(config.train.z_loss_weight))
-    totals = None
     with jax.set_mesh(generator.mesh), nn.logical_axis_rules(generator.rules):
-        for local_batch in held_out_batches(config, generator.mesh, int(config.eval.loss_batches))():
-            batch = sharding.global_batch(local_batch, generator.mesh, int(config.train.global_batch_size))
-            step_sums = sums(generator.params, batch)
-            totals = step_sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, step_sums)
+        totals = summed_over(held_out_batches(config, generator.mesh, int(config.eval.loss_batches))(),
+                             lambda batch: sums(generator.params, batch), generator.mesh,
+                             int(config.train.global_batch_size))
     return {k: float(v) for k, v in jax.device_get(means_from_sums(totals)).items()}
 
 
@@ -314,6 +318,38 @@ def _conditioned_images(config, generator: Generator, examples: list[HeldOut], t
     return {"examples": len(items), **_mean_scores(rows)}
 
 
+def _grounded(config, generator: Generator, examples: list[HeldOut], predictions: list[dict], out_dir) -> dict:
+    """An image from each record's caption and its objects' boxes (the records that have boxes), every parsed object
+    checked against its box (`objects`: the share placed right; `all`: every one placed and nothing else drawn)."""
+    from cm3jax.data.sft import record_boxes
+    from cm3jax.evaluation.shapes_parser import parse_objects
+
+    items = [x for x in examples if x.meta.get("objects", {}).get("bbox")]
+    if not items:
+        return {"examples": 0}
+    options = dataclasses.replace(SamplingOptions.from_config(config.generate), guidance="cfg")
+    chosen = []
+    for batch_index, batch in _batches(items, int(config.eval.batch_size)):
+        prompts = [generator.prompter.grounded(x.caption, record_boxes(x.meta, generator.image_size)) for x in batch]
+        out, _ = generator.run_batch(prompts, options, int(config.eval.seed) + batch_index)
+        chosen += list(generator.vocab.image_codes(out).reshape(len(batch), generator.grid, generator.grid))
+    images = generator.decode_codes(np.stack(chosen))
+    rows = []
+    for example, image in zip(items, images):
+        objects = example.meta["objects"]
+        requested = list(zip(objects["color"], objects["kind"], objects["bbox"]))
+        parsed = parse_objects(image)
+        scores = scorers.grounding_scores(parsed, requested)
+        rows.append(scores)
+        predictions.append({"task": "grounded", "index": example.meta.get("index"), "prompt": example.caption,
+                            "boxes": [list(box) for box in objects["bbox"]],
+                            "generated": [[*dataclasses.astuple(o.shape), list(o.box)] for o in parsed],
+                            "scores": scores})
+    if int(config.eval.sheet_images) and jax.process_index() == 0:
+        save_png(out_dir / "grounded.png", contact_sheet(images[:int(config.eval.sheet_images)], columns=8))
+    return {"examples": len(items), **_mean_scores(rows)}
+
+
 def _text_to_image_prompter(generator: Generator, k: int) -> Callable[[str], tuple[Any, int]]:
     """caption -> (its text -> image prompt after up to k retrieved documents, how many were kept). The least
     relevant documents are dropped until prompt and image fit the model's positions, as training drops retrieved
@@ -375,11 +411,10 @@ def _text_prompts(generator: Generator, build: Callable[[int], list]) -> list:
 
 
 def _captions(generator: Generator, examples: list[HeldOut], dataset: str, predictions: list[dict]) -> dict:
-    g = generator.config.generate
     captions = []
     for batch_index, batch in _batches(examples, int(generator.config.eval.batch_size)):
         prompts = _text_prompts(generator, lambda n, batch=batch: [
-            generator.prompter.caption(x.codes, str(g.caption_style), n) for x in batch])
+            generator.prompter.caption(x.codes, generator.caption_style, n) for x in batch])
         out, lengths = generator.run_batch(prompts, GREEDY, int(generator.config.eval.seed) + batch_index)
         captions += [generator.decode_text(row[:n]) for row, n in zip(out, lengths)]
     rows = []

@@ -12,7 +12,9 @@ from cm3jax.errors import UserError
 from cm3jax.storage import atomic_write_text, is_remote, save_png
 from cm3jax.workdir import Workdir
 
-GENERATE_TASKS = ("image", "caption", "vqa", "infill")
+GENERATE_TASKS = ("image", "caption", "vqa", "infill", "edit", "structure", "grounded")
+# Tasks that read an image: the one to caption, question, infill or edit, or the segmentation map to follow.
+_IMAGE_TASKS = ("caption", "vqa", "infill", "edit", "structure")
 
 
 class GenerateInputError(UserError, ValueError):
@@ -31,12 +33,14 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
         g.guidance = "cdk"
     elif flags.get("cfg") is not None:
         g.guidance, g.cfg_scale = "cfg", flags["cfg"]
-    request: dict = {"task": task}
-    if task == "image":
+    request: dict = {"task": task, "model": flags.get("model")}
+    if request["model"] not in (None, "lm", "sft"):
+        raise GenerateInputError(f"--model must be lm or sft, got {request['model']!r}")
+    if task in ("image", "structure", "grounded"):
         if not (flags.get("prompt") or "").strip():
-            raise GenerateInputError("generate image needs a non-empty --prompt")
+            raise GenerateInputError(f"generate {task} needs a non-empty --prompt")
         request["prompt"] = flags["prompt"]
-    else:
+    if task in _IMAGE_TASKS:
         image = flags.get("image")
         if not image or not epath.Path(image).is_file():
             raise GenerateInputError(f"generate {task} needs --image PATH of an existing image file, got {image!r}")
@@ -53,7 +57,36 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
         if len(box) != 4:
             raise GenerateInputError(f"generate infill needs --box x0,y0,x1,y1 (pixels), got {flags.get('box')!r}")
         request["box"] = box
+    if task == "edit":
+        if not (flags.get("instruction") or "").strip():
+            raise GenerateInputError("generate edit needs a non-empty --instruction")
+        request["instruction"] = flags["instruction"]
+    if task == "grounded":
+        request["boxes"] = parse_boxes(flags.get("boxes"))
     return request
+
+
+def parse_boxes(text: str | None) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """"red circle:0,0,20,20;blue square:40,40,60,60" -> [(name, (x0, y0, x1, y1)), ...] in pixels."""
+    objects = []
+    for part in (text or "").split(";"):
+        name, _, corners = part.rpartition(":")
+        try:
+            box = tuple(int(v) for v in corners.split(","))
+        except ValueError:
+            box = ()
+        if not name.strip() or len(box) != 4:
+            raise GenerateInputError(f"generate grounded needs --boxes \"NAME:x0,y0,x1,y1;...\" (pixels), got "
+                                     f"{text!r}")
+        objects.append((name.strip(), box))
+    return objects
+
+
+def model_to_use(request: dict, workdir: Workdir) -> str:
+    """--model, else the instruction-tuned model where the run has one, else the LM."""
+    if request.get("model"):
+        return request["model"]
+    return "sft" if workdir.sft.checkpoints.is_dir() else "lm"
 
 
 def run_generate(config: ml_collections.ConfigDict, workdir: Workdir, request: dict) -> None:
@@ -64,24 +97,34 @@ def run_generate(config: ml_collections.ConfigDict, workdir: Workdir, request: d
     validate_generate_config(config)
     g, task, result = config.generate, request["task"], dict(request)
     options = SamplingOptions.from_config(g)
-    generator = Generator.load(config, workdir)
-    out_dir = workdir.generate_output(task)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = Generator.load(config, workdir, model=model_to_use(request, workdir))
+    images = None
     if task == "caption":
         result["caption"] = generator.caption(request["image"], seed=g.seed)
     elif task == "vqa":
         result["answer"] = generator.answer(request["image"], request["question"], seed=g.seed)
     else:
+        num, seed = int(g.num), int(g.seed)
         if task == "image":
-            images, _ = generator.images(request["prompt"], int(g.num), options, int(g.seed), int(g.retrieve),
+            images, _ = generator.images(request["prompt"], num, options, seed, int(g.retrieve),
                                          int(g.rerank_candidates))
+        elif task == "infill":
+            images = generator.infill(request["image"], request["box"], options, num=num, seed=seed)
+        elif task == "edit":
+            images = generator.edit(request["image"], request["instruction"], num, options, seed)
+        elif task == "structure":
+            images = generator.structure(request["image"], request["prompt"], num, options, seed)
         else:
-            images = generator.infill(request["image"], request["box"], options, num=int(g.num), seed=int(g.seed))
+            images = generator.grounded(request["prompt"], request["boxes"], num, options, seed)
+        result["images"] = len(images)
+    # Written once the request has run, so a request refused on the way leaves no folder behind.
+    out_dir = workdir.generate_output(task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if images is not None:
         for i, image in enumerate(images):
             save_png(out_dir / f"{i:03d}.png", image)
         save_png(out_dir / "sheet.png", contact_sheet(images, columns=min(len(images), 8)))
-        result["images"] = len(images)
-    result.update(lm_step=generator.step, generate=g.to_dict())
+    result.update(model=generator.model, step=generator.step, generate=g.to_dict())
     atomic_write_text(out_dir / "settings.json", json.dumps(result, indent=2, default=str))
     for key in ("caption", "answer"):
         if key in result:

@@ -9,6 +9,7 @@ retrieval-augmented prompts and the retriever for re-ranking.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -25,14 +26,18 @@ from cm3jax.parallel import sharding
 from cm3jax.tokenizers.image import ImageTokenizer
 from cm3jax.workdir import INPUTS_FILE, ChangedInputsError, StageDir, Workdir
 
+# The stages whose checkpoints generate, and the command that trains each.
+GENERATING_MODELS = {"lm": "cm3jax train", "sft": "cm3jax sft"}
+
 
 class Generator:
     def __init__(self, config: ml_collections.ConfigDict, workdir: Workdir, mesh, params: Any, decoder_config,
-                 vocab: vocab_lib.UnifiedVocab, text, image_tokenizer: ImageTokenizer, step: int):
+                 vocab: vocab_lib.UnifiedVocab, text, image_tokenizer: ImageTokenizer, step: int, model: str = "lm"):
         from cm3jax.parallel.sharding import logical_axis_rules
 
         self.config, self.workdir, self.mesh, self.params = config, workdir, mesh, params
         self.decoder_config, self.vocab, self.text, self.step = decoder_config, vocab, text, step
+        self.model = model  # the stage whose parameters these are: lm or sft
         self.rules = logical_axis_rules(config)
         self.image_tokenizer = image_tokenizer
         self.image_size, self.grid = image_tokenizer.image_size, image_tokenizer.grid
@@ -42,26 +47,27 @@ class Generator:
 
     @classmethod
     def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | str, devices=None,
-             step: int | None = None) -> Generator:
-        """The LM of the run (its latest checkpoint, or `step`) with the run's tokenizers."""
+             step: int | None = None, model: str = "lm") -> Generator:
+        """The run's LM (`model`="lm") or instruction-tuned LM ("sft"), its latest checkpoint or `step`, with the
+        run's tokenizers."""
         from cm3jax.parallel.mesh import create_mesh
         from cm3jax.train.lm import lm_state_init
         from cm3jax.train.loop import restore_latest_state
 
         workdir = Workdir.of(workdir)
         config = workdir.resolve(config)
-        lm_dir = workdir.lm
-        if not lm_dir.checkpoints.is_dir():
-            raise MissingInputError(f"no trained LM under {lm_dir}: run `cm3jax train` on this workdir first")
-        vocab_lib.require_saved_vocab(vocab_lib.UnifiedVocab.from_config(config.vocab), str(lm_dir))
+        model_dir, command = workdir.stage(model), GENERATING_MODELS[model]
+        if not model_dir.checkpoints.is_dir():
+            raise MissingInputError(f"no trained model under {model_dir}: run `{command}` on this workdir first")
+        vocab_lib.require_saved_vocab(vocab_lib.UnifiedVocab.from_config(config.vocab), str(model_dir))
         mesh = create_mesh(config, list(devices if devices is not None else jax.devices()))
         init_state, _, _, _ = lm_state_init(config)
-        state, step = restore_latest_state(init_state, config, mesh, str(lm_dir), "`cm3jax train`", step)
-        return cls.for_params(config, workdir, mesh, state.params, step)
+        state, step = restore_latest_state(init_state, config, mesh, str(model_dir), f"`{command}`", step)
+        return cls.for_params(config, workdir, mesh, state.params, step, model)
 
     @classmethod
     def for_params(cls, config: ml_collections.ConfigDict, workdir: Workdir, mesh, params: Any,
-                   step: int) -> Generator:
+                   step: int, model: str = "lm") -> Generator:
         """Generation with LM parameters already on `mesh` (e.g. those a training run holds), with the run's
         tokenizers."""
         from cm3jax.models.transformer import DecoderConfig
@@ -76,7 +82,7 @@ class Generator:
         require_tokens_vqgan(workdir.tokens, image_tokenizer)
         vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
         return cls(config, workdir, mesh, params, DecoderConfig.from_config(config.model, vocab.padded_size), vocab,
-                   TextTokenizer.load(str(workdir.text_tokenizer)), image_tokenizer, step)
+                   TextTokenizer.load(str(workdir.text_tokenizer)), image_tokenizer, step, model)
 
     def with_params(self, params: Any, step: int) -> Generator:
         """The same generator (tokenizers, compiled decoders) with other parameters of the same shapes."""
@@ -159,10 +165,18 @@ class Generator:
             codes = codes[np.argsort(-self.caption_image_scores(caption, codes), kind="stable")[:num]]
         return self.decode_codes(codes), codes
 
+    @property
+    def caption_style(self) -> str:
+        """generate.caption_style, with auto resolved: the SFT model's instruction, the LM's CM3 infilling."""
+        style = str(self.config.generate.caption_style)
+        if style == "auto":
+            return "instruction" if self.model == "sft" else "infill"
+        return style
+
     def caption(self, image: Any, style: str | None = None, options: SamplingOptions | None = None,
                 seed: int = 0) -> str:
         g = self.config.generate
-        prompt = self.prompter.caption(self.encode_image(image), style or g.caption_style, int(g.max_text_tokens))
+        prompt = self.prompter.caption(self.encode_image(image), style or self.caption_style, int(g.max_text_tokens))
         out, lengths = self.run(prompt, 1, options or GREEDY, seed)
         return self.decode_text(out[0, :lengths[0]])
 
@@ -180,6 +194,41 @@ class Generator:
         out, _ = self.run(self.prompter.infill(codes, box, caption), num, options, seed)
         filled = [self.prompter.fill_box(codes, box, row, self.vocab) for row in out]
         return self.decode_codes(np.stack(filled))
+
+    def conditioned_images(self, prompt: TaskPrompt, num: int, options: SamplingOptions,
+                           seed: int = 0) -> np.ndarray:
+        """num images (uint8 [num, size, size, 3]) for a task prompt that asks for one image (editing, structure,
+        grounding)."""
+        out, _ = self.run(prompt, num, options, seed)
+        return self.decode_codes(self.vocab.image_codes(out).reshape(num, self.grid, self.grid))
+
+    def edit(self, image: Any, instruction: str, num: int, options: SamplingOptions, seed: int = 0) -> np.ndarray:
+        """The image edited by the instruction, with the three-stream editing guidance."""
+        options = dataclasses.replace(options, guidance="edit")
+        return self.conditioned_images(self.prompter.edit(self.encode_image(image), instruction), num, options, seed)
+
+    def structure(self, segmentation: Any, caption: str, num: int, options: SamplingOptions,
+                  seed: int = 0) -> np.ndarray:
+        """An image with the layout of a segmentation map (an RGB rendering, or a one-channel label map drawn in
+        record_meta.LABEL_MAP_COLORS as training saw it) and the caption, with classifier-free guidance."""
+        from cm3jax.data.record_meta import MetaImage, decode_meta_image
+        from cm3jax.data.sources import load_image
+
+        label_map = load_image(segmentation).mode in ("L", "P", "I", "I;16")
+        condition = decode_meta_image(MetaImage(segmentation, label_map=label_map), self.image_size)
+        prompt = self.prompter.structure_to_image("segmentation", self.encode_image(condition), caption)
+        return self.conditioned_images(prompt, num, dataclasses.replace(options, guidance="cfg"), seed)
+
+    def grounded(self, caption: str, objects: list[tuple[str, tuple[int, int, int, int]]], num: int,
+                 options: SamplingOptions, seed: int = 0) -> np.ndarray:
+        """An image of the caption with each named object in its box (x0, y0, x1, y1 pixels of the image), with
+        classifier-free guidance."""
+        for name, (x0, y0, x1, y1) in objects:
+            if not (0 <= x0 < x1 <= self.image_size and 0 <= y0 < y1 <= self.image_size):
+                raise BadInputError(f"the box of {name!r} ({x0}, {y0}, {x1}, {y1}) must satisfy 0 <= x0 < x1 <= "
+                                    f"{self.image_size} and 0 <= y0 < y1 <= {self.image_size}")
+        prompt = self.prompter.grounded(caption, objects)
+        return self.conditioned_images(prompt, num, dataclasses.replace(options, guidance="cfg"), seed)
 
     # -- retrieval -------------------------------------------------------------------------------------------------
 

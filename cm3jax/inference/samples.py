@@ -1,4 +1,5 @@
-"""The pipeline's `samples` stage: what a finished run can do, written to DIR/samples.
+"""The pipeline's `samples` stage: what a finished run can do (its SFT model where the pipeline trains one, else its
+LM), written to DIR/samples.
 
 - `images.png`: one row per prompt of `generate.sample_prompts`, `generate.num` images each (config.generate's
   guidance, sampling, retrieval and re-ranking), with `images.json` listing the prompts row by row;
@@ -30,9 +31,9 @@ def held_out_images(config: ml_collections.ConfigDict, workdir: Workdir | str,
 
 def write_samples(config: ml_collections.ConfigDict, workdir: Workdir | str, out_dir: PathLike) -> dict:
     g, out_dir = config.generate, epath.Path(out_dir)
-    generator = Generator.load(config, workdir)
+    generator = Generator.load(config, workdir, model="sft" if int(config.sft.steps) > 0 else "lm")
     options = SamplingOptions.from_config(g)
-    summary: dict = {"lm_step": generator.step}
+    summary: dict = {"model": generator.model, "step": generator.step}
     prompts = list(g.sample_prompts)
     if prompts:
         rows = [generator.images(prompt, int(g.num), options, seed=int(g.seed) + i, retrieve=int(g.retrieve),

@@ -12,12 +12,18 @@ import dataclasses
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.data.sft import (
+    CAPTION_INSTRUCTION,
+    EDIT_INSTRUCTION,
+    GROUNDED_INSTRUCTION,
+    STRUCTURE_INSTRUCTION,
+    grounded_objects_text,
+)
 from cm3jax.inference.decode import FREE, SAMPLE_IMAGE, Schedule
 
 EOS, BREAK, EOSS = vocab_lib.EOS, vocab_lib.BREAK, vocab_lib.EOSS
-EDIT_TEMPLATE = "Edit first image following the instruction"
-STRUCTURE_TEMPLATE = "Make high quality image from {kind} features"
 STRUCTURE_KINDS = ("edge", "segmentation", "hed", "depth", "normal", "pose", "scribble")
+CAPTION_STYLES = ("infill", "continue", "instruction")
 
 
 @dataclasses.dataclass
@@ -62,13 +68,17 @@ class TaskPrompter:
 
     def caption(self, codes: np.ndarray, style: str = "infill", max_tokens: int = 32) -> TaskPrompt:
         """infill: `<eos> <mask:0> <break> image <mask:0>` -> caption `<eoss>` (the CM3 form of the training
-        documents); continue: `<eos> image <break>` -> caption `<eos>`."""
+        documents); continue: `<eos> image <break>` -> caption `<eos>`; instruction (SFT):
+        `<eos> Describe the given picture. <mask:0> <break> image <mask:0>` -> caption `<eoss>`."""
         if style == "infill":
             return TaskPrompt([_join(EOS, self.masked, BREAK, self.image(codes), self.masked)],
                               Schedule.text(max_tokens, (EOSS, EOS)))
         if style == "continue":
             return TaskPrompt([_join(EOS, self.image(codes), BREAK)], Schedule.text(max_tokens, (EOS, BREAK)))
-        raise ValueError(f"caption style must be infill or continue, got {style!r}")
+        if style == "instruction":
+            return TaskPrompt([_join(EOS, self.text(f"{CAPTION_INSTRUCTION} "), self.masked, BREAK, self.image(codes),
+                                     self.masked)], Schedule.text(max_tokens, (EOSS, EOS)))
+        raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {style!r}")
 
     def vqa(self, codes: np.ndarray, question: str, max_tokens: int = 16) -> TaskPrompt:
         """The SFT form `Question: q Answer: a. <break> image`, with the answer infilled."""
@@ -114,7 +124,7 @@ class TaskPrompter:
     def edit(self, codes: np.ndarray, instruction: str) -> TaskPrompt:
         """`Edit first image following the instruction <break> image <break> instruction <break>` -> image, with three
         streams: full, image only (instruction masked), unconditional (image and instruction masked)."""
-        head = _join(EOS, self.text(EDIT_TEMPLATE), BREAK)
+        head = _join(EOS, self.text(EDIT_INSTRUCTION), BREAK)
         full = _join(head, self.image(codes), BREAK, self.text(instruction), BREAK)
         image_only = _join(head, self.image(codes), BREAK, self.masked, BREAK)
         unconditional = _join(head, self.masked, BREAK, self.vocab.mask_id(1), BREAK)
@@ -125,6 +135,16 @@ class TaskPrompter:
         unconditional stream masks the caption (one CFG scale, 3 in CM3leon)."""
         if kind not in STRUCTURE_KINDS:
             raise ValueError(f"structure kind {kind!r} not in {STRUCTURE_KINDS}")
-        head = _join(EOS, self.text(STRUCTURE_TEMPLATE.format(kind=kind)), BREAK, self.image(condition), BREAK)
+        head = _join(EOS, self.text(STRUCTURE_INSTRUCTION.format(kind=kind)), BREAK, self.image(condition), BREAK)
         return TaskPrompt([_join(head, self.text(caption), BREAK), _join(head, self.masked, BREAK)],
                           Schedule.image(self.grid ** 2))
+
+    def grounded(self, caption: str, objects: list[tuple[str, tuple[int, int, int, int]]]) -> TaskPrompt:
+        """`Generate high quality image of {caption} with segmentations {name} at (x0, y0) -> (x1, y1), ... <break>`
+        -> image (`objects`: name and pixel corners); the unconditional stream masks the whole instruction."""
+        if not objects:
+            raise ValueError("grounded generation needs at least one object and its box")
+        head, tail = GROUNDED_INSTRUCTION.split("{caption}")
+        placed = tail.format(objects=grounded_objects_text(objects))
+        text = _join(self.text(head), self.text(caption), self.text(placed))
+        return TaskPrompt([_join(EOS, text, BREAK), _join(EOS, self.masked, BREAK)], Schedule.image(self.grid ** 2))

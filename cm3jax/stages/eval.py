@@ -1,4 +1,5 @@
-"""`cm3jax eval`: score the trained LM on held-out documents, every task the data allows (DIR/eval/<model>-<step>)."""
+"""`cm3jax eval`: score the trained models on held-out documents, every task the data allows
+(DIR/eval/<model>-<step>)."""
 from __future__ import annotations
 
 import json
@@ -8,16 +9,26 @@ import ml_collections
 from cm3jax.stages.stage import Stage
 from cm3jax.workdir import Workdir
 
-MODELS = ("lm",)
+MODELS = ("lm", "sft")
+
+
+def models_scored(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """eval.model, or when empty every model the pipeline trains: the LM, and the SFT model when sft.steps > 0."""
+    if str(config.eval.model):
+        return (str(config.eval.model),)
+    return ("lm", "sft") if int(config.sft.steps) > 0 else ("lm",)
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.evaluation.evaluate import evaluate
 
     config = workdir.resolve(config)
-    metrics = evaluate(config, workdir)
-    workdir.stage("eval").prepare(config).mark_complete({"latest": f"{metrics['model']}-{metrics['step']}"})
-    print(f"eval: {json.dumps(metrics, sort_keys=True)}", flush=True)
+    scored = []
+    for model in models_scored(config):
+        metrics = evaluate(config, workdir, model=model)
+        scored.append(f"{metrics['model']}-{metrics['step']}")
+        print(f"eval {model}: {json.dumps(metrics, sort_keys=True)}", flush=True)
+    workdir.stage("eval").prepare(config).mark_complete({"scored": scored})
     return True
 
 
@@ -31,7 +42,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from cm3jax.inference.decode import GUIDANCE_STREAMS
 
     e = config.eval
-    require(e.model in MODELS, "eval.model", f"{e.model!r} not in {MODELS}")
+    require(e.model in MODELS + ("",), "eval.model", f"{e.model!r} not in {MODELS} (or empty: every trained one)")
     unknown = [t for t in e.tasks if t not in TASKS]
     require(not unknown, "eval.tasks", f"{unknown} not in {TASKS}")
     image_guidance = tuple(g for g in GUIDANCE_STREAMS if g != "edit")
@@ -55,5 +66,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 STAGE = Stage(name="eval", command="eval", run=run, validate=validate, needs=("lm",),
               skipped_because=_skipped_because,
-              summary="score the trained LM on held-out documents: loss, text -> image, captions, VQA, editing, "
-                      "structure (DIR/eval/<model>-<step>: metrics.json, predictions.jsonl, image sheets)")
+              summary="score the trained LM and SFT model on held-out documents: loss, text -> image, captions, VQA, "
+                      "editing, structure, grounding (DIR/eval/<model>-<step>: metrics.json, predictions.jsonl, "
+                      "image sheets)")

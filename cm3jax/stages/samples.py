@@ -32,6 +32,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 STAGE = Stage(name="samples", command="samples", run=run, validate=validate, needs=("lm",),
-              config_fields=("generate",),
+              config_fields=("generate", "sft.steps"),
               skipped_because=_skipped_because,
               summary="draw generate.sample_prompts and caption held-out images with the trained LM (DIR/samples)")

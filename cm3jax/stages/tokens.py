@@ -35,18 +35,23 @@ from cm3jax.workdir import Workdir
 
 
 def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, workdir: Workdir) -> TextTokenizer:
-    """DIR/text_tokenizer/text.model; when absent, process 0 trains it on the train captions while the others wait
-    (the workdir is a filesystem every process sees)."""
+    """DIR/text_tokenizer/text.model; when absent, process 0 trains it on the train captions, the other texts of
+    their records (questions, answers, instructions) and the SFT instructions, while the others wait (the workdir is
+    a filesystem every process sees)."""
+    from cm3jax.data.sft import TEMPLATE_TEXTS
+
     path = workdir.text_tokenizer
     if not path.exists() and jax.process_index() == 0:
         source = open_raw_source(config.raw_data, "train", str(workdir.data))
         counts = open_counts(source)
-        captions = list(read_captions(source, counts))
+        texts = list(read_captions(source, counts, meta_texts=True))
         counts.log("text tokenizer captions")
-        if not captions:
+        if not texts:
             raise BadInputError(f"the train split of raw_data.dataset={config.raw_data.dataset!r} has no readable "
                              f"caption to train the text tokenizer on")
-        tokenizer = TextTokenizer.train(captions, vocab_size=int(config.vocab.text_size),
+        # The instructions weigh as much as a few hundred captions, so their words become pieces.
+        texts += list(TEMPLATE_TEXTS) * max(1, min(len(texts) // 100, 100))
+        tokenizer = TextTokenizer.train(texts, vocab_size=int(config.vocab.text_size),
                                         model_type=str(config.tokenize.text_model_type))
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)

@@ -76,6 +76,21 @@ class Checkpointer:
             raise damaged(self.directory, step, ValueError("the data item is empty"))
         return restored.state, restored.data
 
+    def restore_params(self, step: int, abstract_params: Any, shardings: Any) -> Any:
+        """The parameters alone of the `state` item (no optimizer state), laid out by `shardings`: what fine-tuning
+        starts from."""
+        target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         abstract_params, shardings)}
+        hooks = _quiet_background_reports()
+        try:
+            _require_index_files(self.directory / str(step))
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
+            raise damaged(self.directory, step, e) from e
+        sys.unraisablehook, threading.excepthook = hooks
+        return restored.state["params"]
+
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
 

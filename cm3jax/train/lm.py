@@ -30,11 +30,14 @@ from cm3jax.workdir import StageDir, neighbours_file
 Batch = dict[str, jax.Array]
 
 
-def loss_sums(logits: jax.Array, batch: Batch, z_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_sums(logits: jax.Array, batch: Batch, z_loss_weight: float,
+              task_names: tuple[str, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (objective summed over weighted tokens, per-metric sums).
 
     Sums, not means, so gradient accumulation and data parallelism normalise once by the total weight.
-    `modality` is the modality of each target token: text and image losses are reported separately.
+    `modality` is the modality of each target token: text and image losses are reported separately. With
+    `task_names`, the batch's per-token `task` (1 + the index of the token's task; 0 for padding) splits the loss by
+    task too (instruction tuning).
     """
     weights = batch["loss_weights"].astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -53,6 +56,10 @@ def loss_sums(logits: jax.Array, batch: Batch, z_loss_weight: float) -> tuple[ja
         "image_loss": jnp.sum(image * ce),
         "image_weight": jnp.sum(image),
     }
+    for index, name in enumerate(task_names):
+        in_task = weights * (batch["task"] == index + 1)
+        sums[f"task_loss/{name}"] = jnp.sum(in_task * ce)
+        sums[f"task_weight/{name}"] = jnp.sum(in_task)
     return objective, sums
 
 
@@ -61,13 +68,18 @@ def means_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     def mean(key, weight_key):
         return sums[key] / jnp.maximum(sums[weight_key], 1.0)
 
-    return {
+    means = {
         "loss": mean("loss", "weight"),
         "z_loss": mean("z_loss", "weight"),
         "text_loss": mean("text_loss", "text_weight"),
         "image_loss": mean("image_loss", "image_weight"),
         "loss_tokens": sums["weight"],
     }
+    for key in sums:
+        if key.startswith("task_loss/"):
+            name = key.removeprefix("task_loss/")
+            means[f"{name}_loss"] = mean(key, f"task_weight/{name}")
+    return means
 
 
 def forward(model: nn.Module, params: Any, batch: Batch) -> jax.Array:
@@ -84,10 +96,11 @@ def _split_microbatches(batch: Batch, accum: int) -> Batch:
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    z_loss_weight: float, grad_accum_steps: int) -> Callable[[TrainState, Batch], tuple]:
+                    z_loss_weight: float, grad_accum_steps: int,
+                    task_names: tuple[str, ...] = ()) -> Callable[[TrainState, Batch], tuple]:
     def grads_and_sums(params, batch):
         def objective(p):
-            return loss_sums(forward(model, p, batch), batch, z_loss_weight)
+            return loss_sums(forward(model, p, batch), batch, z_loss_weight, task_names)
 
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, sums
@@ -117,9 +130,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     return train_step
 
 
-def make_eval_step(model: nn.Module, z_loss_weight: float) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(model: nn.Module, z_loss_weight: float,
+                   task_names: tuple[str, ...] = ()) -> Callable[[TrainState, Batch], dict]:
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        return loss_sums(forward(model, state.params, batch), batch, z_loss_weight)[1]
+        return loss_sums(forward(model, state.params, batch), batch, z_loss_weight, task_names)[1]
 
     return eval_step
 
@@ -139,46 +153,63 @@ def lm_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, DecoderC
     return init_state, decoder_config, optimizer, schedule
 
 
-def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainTask, DecoderConfig]:
-    """The CM3leon LM as a TrainTask for the generic loop, fed by the configured data source."""
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+    """What turns LM training into instruction tuning (cm3jax/train/sft.py): the examples, the parameters a fresh
+    run starts from, and their identity."""
+    to_example: Callable[[PipelineOptions], Any]  # the pipeline's options -> its example maker
+    task_names: tuple[str, ...]  # the tasks whose losses are logged apart
+    initial_params: Callable[[Any, Any], Any]  # (abstract params, their shardings) -> params
+    inputs: dict  # recorded in inputs.json: a run resumes only from the parameters it started from
+
+
+def build_lm_task(config: ml_collections.ConfigDict, mesh: Mesh,
+                  fine_tuning: FineTuning | None = None) -> tuple[TrainTask, DecoderConfig]:
+    """The CM3leon LM as a TrainTask for the generic loop, fed by the configured data source (or, fine-tuning, by
+    its examples)."""
     t = config.train
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     init_state, decoder_config, optimizer, schedule = lm_state_init(config)
     model = CM3LeonDecoder(decoder_config)
+    task_names = fine_tuning.task_names if fine_tuning else ()
 
     rows = process_rows(mesh, t.global_batch_size)
     options = PipelineOptions.from_config(config, jax.process_count())
     tokens_per_step = t.global_batch_size * t.seq_len
     task = TrainTask(
         state_fields=LM_STATE_FIELDS,
-        name="lm",
+        name="sft" if fine_tuning else "lm",
         init_state=init_state,
-        train_step=make_train_step(model, optimizer, schedule, t.z_loss_weight, t.grad_accum_steps),
+        train_step=make_train_step(model, optimizer, schedule, t.z_loss_weight, t.grad_accum_steps, task_names),
         train_data=DocumentBatches(open_document_source(config.data, vocab, config.data.train_split), vocab, options,
-                                   rows, open_retrieval(config.data, vocab, config.data.train_split, evaluation=False)),
+                                   rows, open_retrieval(config.data, vocab, config.data.train_split, evaluation=False),
+                                   to_example=fine_tuning.to_example(options) if fine_tuning else None),
         global_batch_size=t.global_batch_size,
         flops_per_step=flops_per_token(decoder_config, t.seq_len) * tokens_per_step,
         tokens_per_step=tokens_per_step,
-        eval_step=make_eval_step(model, t.z_loss_weight),
-        eval_data=held_out_batches(config, mesh, int(t.eval_batches)) if t.eval_every else None,
+        eval_step=make_eval_step(model, t.z_loss_weight, task_names),
+        eval_data=held_out_batches(config, mesh, int(t.eval_batches), fine_tuning) if t.eval_every else None,
         summarize_eval=means_from_sums,
+        initial_params=fine_tuning.initial_params if fine_tuning else None,
     )
     return task, decoder_config
 
 
-def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh, num_batches: int) -> Callable[[], Iterator]:
+def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh, num_batches: int,
+                     fine_tuning: FineTuning | None = None) -> Callable[[], Iterator]:
     """A callable giving the same `num_batches` batches of data.eval_split every time, unshuffled, with
-    data.eval_num_retrieved documents retrieved before each. Held-out loss is the loss on the held-out documents
-    themselves: the retrieved ones are context (no loss)."""
+    data.eval_num_retrieved documents retrieved before each (fine-tuning: its examples of the split). Held-out loss
+    is the loss on the held-out documents themselves: the retrieved ones are context (no loss)."""
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     rows = process_rows(mesh, config.train.global_batch_size)
     options = dataclasses.replace(PipelineOptions.from_config(config, jax.process_count()), shuffle=False,
                                   num_workers=0, retrieved_loss_weight=0.0)
     source = open_document_source(config.data, vocab, config.data.eval_split)
     augment = open_retrieval(config.data, vocab, config.data.eval_split, evaluation=True)
+    to_example = fine_tuning.to_example(options) if fine_tuning else None
 
     def batches():
-        stream = DocumentBatches(source, vocab, options, rows, augment)
+        stream = DocumentBatches(source, vocab, options, rows, augment, to_example)
         return (next(stream) for _ in range(num_batches))
 
     return batches
@@ -201,9 +232,10 @@ def lm_inputs(config: ml_collections.ConfigDict) -> dict:
 
 def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None,
                          on_start: Callable[[], None] | None = None,
-                         task_eval: Callable[[Any, int, Mesh], dict] | None = None) -> TrainResult:
-    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`;
-    `task_eval(params, step, mesh)` scores it every eval.every steps.
+                         task_eval: Callable[[Any, int, Mesh], dict] | None = None,
+                         fine_tuning: FineTuning | None = None) -> TrainResult:
+    """Validates the config, builds the mesh over `devices` (default: all) and trains the LM under `stage_dir`
+    (`fine_tuning`: instruction-tunes it); `task_eval(params, step, mesh)` scores it every eval.every steps.
 
     Everything is checked (the config, the token folder's vocabulary, a resumed run's vocabulary and checkpoint)
     before `stage_dir/vocab.json` is written and `on_start` runs, so a refused run writes nothing."""
@@ -214,11 +246,11 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
         vocab_lib.require_saved_vocab(vocab, config.data.token_dir)
     if (epath.Path(stage_dir) / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, stage_dir)
-    inputs = lm_inputs(config)
-    # A run resumes on the token shards and neighbours it started with.
+    inputs = lm_inputs(config) | (fine_tuning.inputs if fine_tuning else {})
+    # A run resumes on the token shards and neighbours (and pretrained parameters) it started with.
     StageDir.at(stage_dir).check_inputs(inputs)
     mesh = create_mesh(config, devices)
-    task, _ = build_lm_task(config, mesh)
+    task, _ = build_lm_task(config, mesh, fine_tuning)
     if task_eval is not None:
         task.task_eval = lambda state, step: task_eval(state.params, step, mesh)
         task.task_eval_every = int(config.eval.every)

@@ -73,6 +73,9 @@ class TrainTask:
     # (state, step) -> scalars, logged as `tasks/*` every task_eval_every steps (e.g. the LM scored on every task).
     task_eval: Callable[[Any, int], dict] | None = None
     task_eval_every: int = 0
+    # (abstract params, their shardings) -> the parameters a fresh run starts from (fine-tuning); None: init_state's.
+    # Optimizer state, step and data order still start afresh.
+    initial_params: Callable[[Any, Any], Any] | None = None
     # Config fields (dotted names or section prefixes) that fix the state's shapes: a checkpoint saved with other
     # values cannot be resumed, and the run is refused with the fields named before anything is read or written.
     state_fields: tuple[str, ...] = ()
@@ -203,6 +206,8 @@ def run(task: TrainTask, config: ml_collections.ConfigDict, mesh: Mesh, workdir:
             print(f"{task.name}: resumed from step {restore_step} ({checkpoint_dir}/{restore_step})", flush=True)
     else:
         state = initialize_state(task.init_state, jax.random.key(t.seed), mesh, rules, shardings)
+        if task.initial_params is not None:
+            state = state.replace(params=task.initial_params(abstract.params, shardings.params))
     if on_start is not None:
         on_start()
     config_json = {"json": config_to_json(config)}
@@ -312,11 +317,17 @@ def _data_counters(data: CheckpointableIterator) -> dict:
     return {f"data_{k}": int(v) for k, v in zip(keys, values)}
 
 
+def summed_over(batches: Iterable[dict], sums: Callable[[dict], dict], mesh: Mesh, global_batch_size: int) -> Any:
+    """`sums(batch)` added up over `batches` (this process's rows of each global batch, assembled on `mesh`)."""
+    totals = None
+    for local_batch in batches:
+        batch_sums = sums(sharding.global_batch(local_batch, mesh, global_batch_size))
+        totals = batch_sums if totals is None else jax.tree.map(jnp.add, totals, batch_sums)
+    return totals
+
+
 def evaluate(task: TrainTask, eval_step: Callable, state: Any, mesh: Mesh) -> dict:
     """The held-out metrics: eval_step sums over task.eval_data(), turned into means by task.summarize_eval."""
-    totals = None
-    for local_batch in task.eval_data():
-        sums = eval_step(state, sharding.global_batch(local_batch, mesh, task.global_batch_size))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = summed_over(task.eval_data(), lambda batch: eval_step(state, batch), mesh, task.global_batch_size)
     means = task.summarize_eval(totals) if task.summarize_eval else totals
     return _to_host(means)

@@ -1,0 +1,213 @@
+"""data/sft.py: every template's tokens read back as its fields, loss weights exactly on the answer with
+sft.loss_on=target, and the task mixture's frequencies."""
+import collections
+
+import numpy as np
+import pytest
+
+from cm3jax import vocab as vocab_lib
+from cm3jax.data import cm3
+from cm3jax.data.documents import encode_document_record, image_segment, text_segment
+from cm3jax.data.embedded.shapes import caption, questions, random_edit, random_scene, shape_box
+from cm3jax.data.pipeline import PipelineOptions
+from cm3jax.data.sft import (
+    CAPTION_INSTRUCTION,
+    EDIT_INSTRUCTION,
+    STRUCTURE_INSTRUCTION,
+    TASKS,
+    TEMPLATE_TEXTS,
+    Record,
+    RecordToTaskExample,
+    SFTOptions,
+    TaskTemplates,
+    choose_task,
+)
+from cm3jax.tokenizers.text import TextTokenizer
+
+VOCAB = vocab_lib.UnifiedVocab(text_size=512, image_codebook_size=64, num_masks=8)
+IMAGE_SIZE, CODES = 32, 16
+
+
+def scene_record(rng):
+    """A shapes record as the tokens stage writes it: caption and image ids, the source's fields in meta (edited
+    image and segmentation map as image ids)."""
+    scene = random_scene(rng)
+    _, instruction, edited = random_edit(scene, rng)
+    pairs = questions(scene, rng)
+
+    def image_ids():
+        return VOCAB.image_ids(rng.integers(0, VOCAB.image_codebook_size, CODES))
+
+    meta = {
+        "objects": {"kind": [s.kind for s in scene], "color": [s.color for s in scene],
+                    "size": [s.size for s in scene], "position": [s.cell for s in scene],
+                    "bbox": [(shape_box(s, IMAGE_SIZE) / IMAGE_SIZE).tolist() for s in scene]},
+        "segmentation": np.asarray(image_ids(), "<i4").tobytes(),
+        "edit": {"instruction": instruction, "image": np.asarray(image_ids(), "<i4").tobytes(),
+                 "caption": caption(edited)},
+        "vqa": {"question": [q for q, _ in pairs], "answer": [a for _, a in pairs]},
+    }
+    return scene, [text_segment(VOCAB.text_ids(TEXT.encode(caption(scene)))), image_segment(image_ids())], meta
+
+
+def _sentences():
+    rng = np.random.default_rng(0)
+    out = list(TEMPLATE_TEXTS)
+    for _ in range(300):
+        scene = random_scene(rng)
+        out += [caption(scene), random_edit(scene, rng)[1]] + [f"{q} {a}" for q, a in questions(scene, rng)]
+    return out
+
+
+TEXT = TextTokenizer.train(_sentences(), vocab_size=VOCAB.text_size)
+
+
+def encode(text):
+    return VOCAB.text_ids(TEXT.encode(text))
+
+
+def decode(ids):
+    return TEXT.decode(VOCAB.text_pieces(np.asarray(ids)))
+
+
+def templates():
+    return TaskTemplates(encode, IMAGE_SIZE)
+
+
+def test_every_template_reads_back_as_its_fields():
+    rng = np.random.default_rng(1)
+    scene, document, meta = scene_record(rng)
+    record = Record(document[0].tokens, document[1].tokens, meta)
+    built = {task: templates().build(task, record, np.random.default_rng(2), image_first=False) for task in TASKS}
+    text = caption(scene)
+
+    def texts(example):
+        return [decode(s.tokens) if s.modality == vocab_lib.MODALITY_TEXT else s.tokens for s in example.document]
+
+    assert texts(built["text_to_image"])[0] == text
+    np.testing.assert_array_equal(texts(built["text_to_image"])[1], record.image)
+    caption_text, image = texts(built["caption"])
+    assert caption_text == f"{CAPTION_INSTRUCTION} {text}"
+    np.testing.assert_array_equal(image, record.image)
+    target = built["caption"].target
+    assert decode(built["caption"].document[0].tokens[target.start:target.end]) == text
+    question_text = texts(built["vqa"])[0]
+    asked = [(q, a) for q, a in zip(meta["vqa"]["question"], meta["vqa"]["answer"])
+             if question_text == f"Question: {q} Answer: {a}."]
+    assert len(asked) == 1
+    target = built["vqa"].target
+    assert decode(built["vqa"].document[0].tokens[target.start:target.end]) == f" {asked[0][1]}."
+    edit = texts(built["edit"])
+    assert edit[0] == EDIT_INSTRUCTION and edit[2] == meta["edit"]["instruction"]
+    np.testing.assert_array_equal(edit[1], record.image)
+    np.testing.assert_array_equal(edit[3], np.frombuffer(meta["edit"]["image"], "<i4"))
+    structure = texts(built["structure"])
+    assert structure[0] == STRUCTURE_INSTRUCTION.format(kind="segmentation") and structure[2] == text
+    np.testing.assert_array_equal(structure[1], np.frombuffer(meta["segmentation"], "<i4"))
+    grounded = texts(built["grounded"])[0]
+    boxes = []
+    for s in scene:
+        ymin, xmin, ymax, xmax = (round(float(v)) for v in shape_box(s, IMAGE_SIZE))
+        boxes.append(f"{s.color} {s.kind} at ({xmin}, {ymin}) -> ({xmax}, {ymax})")
+    assert grounded == f"Generate high quality image of {text} with segmentations {', '.join(boxes)}"
+    for task in ("text_to_image", "edit", "structure", "grounded"):
+        assert not built[task].infilled  # the image asked for is last
+    assert built["caption"].infilled and built["vqa"].infilled
+    image_first = templates().build("vqa", record, np.random.default_rng(2), image_first=True)
+    assert not image_first.infilled and image_first.document[0].modality == vocab_lib.MODALITY_IMAGE
+
+
+def make_examples(loss_on, cm3_on, mixture=None, seq_len=160):
+    options = PipelineOptions(seq_len=seq_len, global_batch_size=8, num_streams=1,
+                              cm3=cm3.CM3Options(poisson_lambda=1.0, min_spans=0, max_spans=4))
+    sft = SFTOptions(mixture=tuple((mixture or dict.fromkeys(TASKS, 1.0)).items()), loss_on=loss_on, cm3=cm3_on)
+    return RecordToTaskExample(VOCAB, options, sft, TEXT.model_proto, IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("cm3_on", [False, True])
+def test_target_loss_weights_only_the_answer(cm3_on):
+    """loss_on=target: weight 1 on predicting each answer token and the token that closes it (<eoss> after an
+    infilled answer, <eos> after one in place), 0 everywhere else; in particular the first answer token is weighted
+    and the prompt's last token is not."""
+    rng = np.random.default_rng(3)
+    to_example = make_examples("target", cm3_on)
+    seen = collections.Counter()
+    for index in range(60):
+        _, document, meta = scene_record(rng)
+        out = to_example((index, index, encode_document_record(document, meta)))
+        task = TASKS[out["task"][0] - 1]
+        seen[task] += 1
+        weighted = out["loss_weights"] > 0
+        assert set(np.unique(out["loss_weights"])) <= {0.0, 1.0}
+        # Rebuild the example the maker drew (same seed) to know its answer tokens.
+        drawn = np.random.default_rng([to_example.options.seed, index])
+        choose_task(dict(to_example.sft.mixture), to_example.templates.available(Record(
+            document[0].tokens, document[1].tokens, meta)), drawn)
+        example = to_example.templates.build(task, Record(document[0].tokens, document[1].tokens, meta), drawn,
+                                             image_first=bool(drawn.random() < to_example.options
+                                                              .image_first_probability))
+        answer = example.document[example.target.segment].tokens[example.target.start:example.target.end]
+        targets = out["targets"]
+        if not cm3_on:
+            # The weighted targets are exactly the answer and its closing token.
+            closing = vocab_lib.EOSS if example.infilled else vocab_lib.EOS
+            np.testing.assert_array_equal(targets[weighted], np.append(answer, closing))
+            first = np.flatnonzero(weighted)[0]
+            assert not weighted[first - 1]  # the token before the answer (the prompt's end) is not weighted
+            if example.infilled:
+                assert out["inputs"][first] == VOCAB.mask_id(0)  # predicted from the answer's <mask:0>
+            elif example.target.start:  # image first: `image <break> Question: q Answer: a.`
+                assert out["inputs"][first] == example.document[-1].tokens[example.target.start - 1]
+            else:  # an image asked for after the prompt
+                assert out["inputs"][first] == vocab_lib.BREAK
+        else:
+            # Random spans may move parts of the answer: the weighted tokens are its tokens, some <eoss> and <eos>.
+            answer_tokens = collections.Counter(answer.tolist())
+            other = collections.Counter(targets[weighted].tolist()) - answer_tokens
+            assert set(other) <= {vocab_lib.EOSS, vocab_lib.EOS}
+            assert sum(answer_tokens.values()) <= int(weighted.sum())
+    assert set(seen) == set(TASKS)
+
+
+def test_all_loss_weights_everything_but_the_masks():
+    rng = np.random.default_rng(4)
+    to_example = make_examples("all", True)
+    for index in range(30):
+        _, document, meta = scene_record(rng)
+        out = to_example((index, index, encode_document_record(document, meta)))
+        masks = VOCAB.is_mask(out["targets"])
+        np.testing.assert_array_equal(out["loss_weights"], np.where(masks, 0.0, 1.0))
+
+
+def test_mixture_frequencies():
+    """Over 3,000 records every task is drawn with its weight's share, within 3 standard errors."""
+    rng = np.random.default_rng(5)
+    mixture = {"text_to_image": 2.0, "caption": 1.0, "vqa": 1.0, "edit": 0.5, "structure": 0.5, "grounded": 0.0}
+    to_example = make_examples("all", False, mixture)
+    _, document, meta = scene_record(rng)
+    record = encode_document_record(document, meta)
+    n = 3000
+    counts = collections.Counter(TASKS[to_example((i, 0, record))["task"][0] - 1] for i in range(n))
+    total = sum(mixture.values())
+    for task, weight in mixture.items():
+        p = weight / total
+        assert abs(counts[task] / n - p) <= 3 * np.sqrt(p * (1 - p) / n) + 1e-9, (task, counts[task])
+
+
+def test_a_prompt_too_long_for_seq_len_becomes_text_to_image_and_is_counted():
+    rng = np.random.default_rng(6)
+    to_example = make_examples("all", False, {"vqa": 1.0}, seq_len=CODES + 8)
+    _, document, meta = scene_record(rng)
+    out = to_example((0, 0, encode_document_record(document, meta)))
+    assert out["sft_too_long"] == 1 and out["task_text_to_image"] == 1 and out["task_vqa"] == 0
+    assert len(out["inputs"]) <= CODES + 8
+
+
+def test_digits_vqa_asks_for_the_label_name():
+    rng = np.random.default_rng(7)
+    names = tuple(f"digit{i}" for i in range(10))
+    record = Record(encode("a handwritten three"), VOCAB.image_ids(rng.integers(0, 64, CODES)), {"label": 3})
+    built = TaskTemplates(encode, IMAGE_SIZE, names)
+    assert built.available(record) == ["text_to_image", "caption", "vqa"]
+    example = built.build("vqa", record, rng, image_first=True)
+    assert decode(example.document[1].tokens) == "Question: what digit is this? Answer: digit3."
