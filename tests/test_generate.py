@@ -77,7 +77,7 @@ def test_bad_generate_requests_get_one_line_errors(run, args, message):
 def test_a_workdir_without_a_model_gets_a_one_line_error(tmp_path):
     done = _cli("generate", "image", "--prompt=a seven", "--config=configs/tiny.py", f"--workdir={tmp_path}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "no trained LM" in done.stderr and "run `cm3jax train`" in done.stderr
+    assert "no trained model" in done.stderr and "run `cm3jax train`" in done.stderr
 
 
 def test_text_tasks_return_text_and_never_image_codes(generator, run):

@@ -14,6 +14,7 @@ from cm3jax.parallel.sharding import logical_axis_rules
 from cm3jax.train import loop
 from cm3jax.train.checkpoint import Checkpointer
 from cm3jax.train.lm import build_lm_task
+from cm3jax.workdir import Workdir
 
 from helpers import config_flags, copy_run, launch_command, read_metrics_rows, tiny_pipeline_config
 
@@ -128,6 +129,6 @@ def test_two_processes_fine_tune_like_one(tmp_path, tiny_pipeline_run):
         assert rows[2][step]["loss"] == pytest.approx(rows[1][step]["loss"], rel=1e-5)
         counts = {k: v for k, v in rows[2][step].items() if k.startswith("data_task_")}
         assert counts and counts == {k: rows[1][step][k] for k in counts}
-    config = tiny_pipeline_config()
+    config = Workdir(runs[1]).resolve(tiny_pipeline_config())  # reads the run's token shards
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
                  _final_params(config, str(runs[2]), 3, 2, "sft"), _final_params(config, str(runs[1]), 3, 1, "sft"))

@@ -24,6 +24,8 @@ STAGE_ORDER = tuple(stage.name for stage in stages.STAGES)
 def _copy_stages_before(source, to, stage):
     os.makedirs(to)
     for name in STAGE_ORDER[:STAGE_ORDER.index(stage)]:
+        if not os.path.exists(os.path.join(source, name)):  # a stage the config leaves out
+            continue
         for folder in (name, "text_tokenizer") if name == "tokens" else (name,):
             shutil.copytree(os.path.join(source, folder), os.path.join(to, folder), symlinks=True)
     return str(to)
