@@ -60,18 +60,8 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
         """Restores `state` laid out by `shardings` (any mesh) and the `data` iterator state; a checkpoint whose
         files cannot be read raises DamagedCheckpointError."""
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, shardings)
-        hooks = _quiet_background_reports()
-        try:
-            _require_index_files(self.directory / str(step))
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
-            )
-        except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
-            raise damaged(self.directory, step, e) from e  # the reports stay quiet: the run ends here
-        sys.unraisablehook, threading.excepthook = hooks
+        restored = self._restore(step, state=ocp.args.StandardRestore(_target(abstract_state, shardings)),
+                                 data=ocp.args.JsonRestore())
         if not isinstance(restored.data, dict):
             raise damaged(self.directory, step, ValueError("the data item is empty"))
         return restored.state, restored.data
@@ -79,23 +69,33 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any, shardings: Any) -> Any:
         """The parameters alone of the `state` item (no optimizer state), laid out by `shardings`: what fine-tuning
         starts from."""
-        target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                         abstract_params, shardings)}
+        target = {"params": _target(abstract_params, shardings)}
+        restored = self._restore(step, state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        return restored.state["params"]
+
+    def _restore(self, step: int, **items) -> Any:
+        """The checkpoint's `items` (orbax restore args by item name); files that cannot be read raise
+        DamagedCheckpointError."""
         hooks = _quiet_background_reports()
         try:
             _require_index_files(self.directory / str(step))
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
-            raise damaged(self.directory, step, e) from e
+            raise damaged(self.directory, step, e) from e  # the reports stay quiet: the run ends here
         sys.unraisablehook, threading.excepthook = hooks
-        return restored.state["params"]
+        return restored
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _target(abstract: Any, shardings: Any) -> Any:
+    """Shapes and dtypes of `abstract` with the shardings to restore them onto."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def gather_process_states(local_state: dict) -> dict:
