@@ -90,7 +90,7 @@ def test_sft_refuses_a_pretrained_model_of_another_shape(sft_run, tmp_path):
     workdir = Workdir(copy_run(str(sft_run), tmp_path / "run"))
     config = sft_config(steps=6)
     config.model.d_model = 64
-    with pytest.raises(ConfigError, match=r"sft.init_from.*model.d_model=64 here but 32 there"):
+    with pytest.raises(ConfigError, match=r"sft.init_from.*config.model.d_model=64 but 32 in the checkpoint"):
         stages.by_command("sft").run(config, workdir)
 
 
@@ -107,6 +107,24 @@ def test_the_sft_model_is_scored_on_every_instruction_task(sft_run):
     predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     assert sum(p["task"] == "grounded" for p in predictions) == 4
     assert (folder / "grounded.png").exists()
+
+
+def test_eval_every_scores_the_sft_model_while_it_trains_as_the_eval_stage_does(sft_run, tmp_path):
+    workdir = Workdir(copy_run(str(sft_run), tmp_path / "run"))
+    config = sft_config(steps=6)  # tunes on from step 4
+    config.eval.update(every=2, tasks=("caption", "vqa", "grounded"))
+    assert stages.by_command("sft").run(config, workdir)
+    rows = [r for r in read_metrics_rows(workdir.sft) if r["split"] == "tasks"]
+    assert [r["step"] for r in rows] == [6]
+    folder = workdir.stage("eval") / "sft-6"
+    during_training = json.loads((folder / "metrics.json").read_text())
+    assert during_training["model"] == "sft" and during_training["step"] == 6
+    assert rows[0]["grounded/objects"] == during_training["grounded"]["objects"]
+    assert rows[0]["vqa/exact"] == during_training["vqa"]["exact"]
+    (folder / "metrics.json").unlink()
+    config.eval.model = "sft"
+    assert stages.by_command("eval").run(config, workdir)  # the saved step-6 checkpoint, scored afterwards
+    assert json.loads((folder / "metrics.json").read_text()) == during_training
 
 
 def _request(config, task, **flags):

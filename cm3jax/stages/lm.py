@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cm3jax.stages.stage import Stage
+from cm3jax.stages.stage import Stage, run_training_stage
 from cm3jax.workdir import Workdir
 
 
@@ -11,18 +11,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.train.lm import train_language_model
 
     config, stage_dir = workdir.resolve(config), workdir.lm
-    task_eval = None
-    if int(config.eval.every):
-        from cm3jax.evaluation.evaluate import evaluator_for_training
-
-        task_eval = evaluator_for_training(config, workdir)
-    result = train_language_model(config, str(stage_dir), on_start=lambda: stage_dir.prepare(config),
-                                  task_eval=task_eval)
-    if not result.preempted:
-        stage_dir.mark_complete({"step": result.step, **result.last_metrics})
-        print(f"lm: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, logs in {stage_dir.logs}",
-              flush=True)
-    return not result.preempted
+    return run_training_stage(config, workdir, "lm", stage_dir,
+                              lambda **hooks: train_language_model(config, str(stage_dir), **hooks))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -3,25 +3,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from cm3jax.stages.stage import Stage
+from cm3jax.stages.stage import Stage, run_training_stage
 from cm3jax.workdir import Workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.train.sft import train_sft
 
-    stage_dir = workdir.sft
-    task_eval = None
-    if int(config.eval.every):
-        from cm3jax.evaluation.evaluate import evaluator_for_training
-
-        task_eval = evaluator_for_training(workdir.resolve(config), workdir, model="sft")
-    result = train_sft(config, workdir, on_start=lambda: stage_dir.prepare(config), task_eval=task_eval)
-    if not result.preempted:
-        stage_dir.mark_complete({"step": result.step, **result.last_metrics})
-        print(f"sft: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, logs in {stage_dir.logs}",
-              flush=True)
-    return not result.preempted
+    return run_training_stage(config, workdir, "sft", workdir.sft, lambda **hooks: train_sft(config, workdir, **hooks))
 
 
 def _skipped_because(config: ml_collections.ConfigDict) -> str | None:

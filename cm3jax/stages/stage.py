@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from cm3jax.workdir import Workdir
+from cm3jax.workdir import StageDir, Workdir
 
 
 def always(config: ml_collections.ConfigDict) -> str | None:
@@ -33,3 +33,20 @@ class Stage:
     skipped_because: Callable[[ml_collections.ConfigDict], str | None] = always
     # Raises ConfigError naming the field when the stage's own sections cannot run (before anything runs).
     validate: Callable[[ml_collections.ConfigDict], None] = nothing_to_check
+
+
+def run_training_stage(config: ml_collections.ConfigDict, workdir: Workdir, model: str, stage_dir: StageDir,
+                       train: Callable[..., object]) -> bool:
+    """What the LM and SFT stages share: `train(on_start=, task_eval=)` with the evaluator of `model` where
+    eval.every scores it while it trains, then the stage marked complete unless preempted (False then)."""
+    task_eval = None
+    if int(config.eval.every):
+        from cm3jax.evaluation.evaluate import evaluator_for_training
+
+        task_eval = evaluator_for_training(workdir.resolve(config), workdir, model=model)
+    result = train(on_start=lambda: stage_dir.prepare(config), task_eval=task_eval)
+    if not result.preempted:
+        stage_dir.mark_complete({"step": result.step, **result.last_metrics})
+        print(f"{model}: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, logs in "
+              f"{stage_dir.logs}", flush=True)
+    return not result.preempted

@@ -181,11 +181,17 @@ def saved_config(directory: PathLike, step: int) -> dict:
         raise damaged(directory, step, e) from e
 
 
+def state_differences(config, saved: dict, state_fields: Sequence[str]) -> str:
+    """The state-fixing fields (shapes, vocabulary) where `config` differs from a checkpoint's saved config, as one
+    line naming each (`config.model.d_model=64 but 32 in the checkpoint`); "" where none differs."""
+    differences = config_differences(config, saved, state_fields, only_saved_fields=True)
+    return "; ".join(f"config.{n}={g!r} but {s!r} in the checkpoint" for n, g, s in differences)
+
+
 def require_resumable(config, saved: dict, state_fields: Sequence[str], where: str) -> None:
     """Refuses (ConfigError naming each field) to resume the checkpoint at `where` with other state-fixing values."""
-    differences = config_differences(config, saved, state_fields, only_saved_fields=True)
-    if differences:
-        listed = "; ".join(f"config.{n}={g!r} but {s!r} in the checkpoint" for n, g, s in differences)
+    listed = state_differences(config, saved, state_fields)
+    if listed:
         raise ConfigError(f"{listed}: {where} cannot be resumed with another model shape. Set these back, or train "
                           f"in a new --workdir")
 

@@ -16,7 +16,7 @@ import ml_collections
 from cm3jax import vocab as vocab_lib
 from cm3jax.config_validation import ConfigError
 from cm3jax.errors import MissingInputError
-from cm3jax.train.checkpoint import Checkpointer, checkpoint_steps, saved_config
+from cm3jax.train.checkpoint import Checkpointer, checkpoint_steps, saved_config, state_differences
 from cm3jax.train.lm import LM_STATE_FIELDS, FineTuning, train_language_model
 from cm3jax.train.loop import TrainResult
 from cm3jax.workdir import StageDir, Workdir
@@ -47,12 +47,8 @@ def pretrained_step(config: ml_collections.ConfigDict, source: StageDir) -> int:
     if step not in steps:
         raise ConfigError(f"config.sft.init_step: no checkpoint of step {step} under {source.checkpoints} (there "
                           f"are {steps})")
-    from cm3jax.config import config_differences
-
-    differences = config_differences(config, saved_config(source.checkpoints, step), LM_STATE_FIELDS,
-                                     only_saved_fields=True)
-    if differences:
-        listed = "; ".join(f"{name}={given!r} here but {saved!r} there" for name, given, saved in differences)
+    listed = state_differences(config, saved_config(source.checkpoints, step), LM_STATE_FIELDS)
+    if listed:
         raise ConfigError(f"config.sft.init_from: {source.checkpoints}/{step} is another model ({listed}); SFT "
                           f"starts from a checkpoint of this config's vocabulary and model shape")
     return step
