@@ -321,6 +321,17 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # `cm3jax export` (cm3jax/export/): a trained model for use outside its run (DIR/export/<model>-<step>-<format>).
+    c.export = ml_collections.ConfigDict(
+        dict(
+            model="",  # lm | sft | "": sft where the run has one, else lm
+            step=-1,  # -1: its latest checkpoint
+            format="hf",  # hf: transformers' OPT, tokenizer, safetensors (docs/export.md) | params: a cm3jax bundle
+            dtype="float32",  # float32 | bfloat16: of the exported tensors
+            max_shard_mb=4096,  # hf: larger models are split into safetensors shards with an index
+        )
+    )
+
     c.runtime = ml_collections.ConfigDict(
         dict(
             # CPU training: keep freed host memory in the process so XLA's per-step buffers are not faulted in again

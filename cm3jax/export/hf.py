@@ -1,4 +1,4 @@
-"""The `hf` export: a folder that transformers loads with no cm3jax installed.
+"""The `hf` export: a folder that transformers loads with no cm3jax installed (docs/export.md).
 
     config.json, generation_config.json, model.safetensors (or shards + index)   OPTForCausalLM
     tokenizer.json, tokenizer_config.json                                         AutoTokenizer, cm3jax's ids
@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
+import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.export import opt
@@ -18,6 +19,9 @@ from cm3jax.export.params_reader import ParamsReader, abstract_params, leaves
 from cm3jax.export.safetensors_writer import write_safetensors
 from cm3jax.export.tokenizer import save_tokenizer
 from cm3jax.workdir import StageDir
+
+TensorSpec = tuple[str, tuple[int, ...], np.dtype]
+
 
 def numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
@@ -27,14 +31,13 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _opt_specs(config: ml_collections.ConfigDict, dtype: np.dtype) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+def opt_specs(config: ml_collections.ConfigDict, dtype: np.dtype) -> list[TensorSpec]:
     """The planned (name, shape, dtype) of every OPT tensor, from shapes alone."""
     specs = []
     for path, leaf in leaves(abstract_params(config)):
-        # Shapes only (a zero-stride view allocates nothing); a 7B model's shapes must not cost its memory.
+        # Shapes only (a zero-stride view allocates nothing): a 7B model's plan must not cost its memory.
         zeros = np.broadcast_to(np.zeros((), np.int8), leaf.shape)
-        for name, value in opt.opt_tensors(path, zeros):
-            specs.append((name, tuple(value.shape), dtype))
+        specs += [(name, tuple(value.shape), dtype) for name, value in opt.opt_tensors(path, zeros)]
     return specs
 
 
@@ -45,25 +48,28 @@ def _opt_values(config: ml_collections.ConfigDict, reader: ParamsReader,
             yield name, value.astype(dtype)
 
 
-def export_hf(config: ml_collections.ConfigDict, stage_dir: StageDir, step: int, text_model: bytes, out: str,
-              dtype_name: str, max_shard_bytes: int) -> list[str]:
-    """Writes the LM of `stage_dir` at `step` and its tokenizer into `out`; returns the files written."""
+def generation_config() -> dict:
+    """transformers' generation defaults for the unified vocabulary: a sequence ends at <eos>, rows pad with <pad>."""
+    return {"bos_token_id": vocab_lib.EOS, "eos_token_id": vocab_lib.EOS, "pad_token_id": vocab_lib.PAD,
+            "decoder_start_token_id": vocab_lib.EOS}
+
+
+def export_hf(config: ml_collections.ConfigDict, source: StageDir, step: int, text_model: bytes, out: epath.Path,
+              dtype_name: str, max_shard_bytes: int) -> None:
+    """Writes the LM of `source` at `step` and its tokenizer into `out` (process 0; the others only read)."""
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     model_config = opt.opt_config(config.model, vocab, dtype_name)
     dtype = numpy_dtype(dtype_name)
-    os.makedirs(out, exist_ok=True)
-    reader = ParamsReader(stage_dir, step)
+    reader = ParamsReader(source, step)
     try:
-        files = write_safetensors(out, _opt_specs(config, dtype), _opt_values(config, reader, dtype),
-                                  max_shard_bytes, {"cm3jax_step": str(step)})
+        values = _opt_values(config, reader, dtype)
+        if jax.process_index() != 0:
+            for _ in values:
+                pass
+            return
+        write_safetensors(out, opt_specs(config, dtype), values, max_shard_bytes, {"cm3jax_step": str(step)})
     finally:
         reader.close()
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(model_config, f, indent=2)
-    generation = {"bos_token_id": vocab_lib.EOS, "eos_token_id": vocab_lib.EOS, "pad_token_id": vocab_lib.PAD,
-                  "decoder_start_token_id": vocab_lib.EOS}
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
-    files += ["config.json", "generation_config.json"]
-    files += save_tokenizer(out, vocab, text_model)
-    return files
+    (out / "config.json").write_text(json.dumps(model_config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2))
+    save_tokenizer(out, vocab, text_model)

@@ -8,11 +8,11 @@ never the model. `{"format": "pt"}` metadata is what transformers requires to lo
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Iterable
 
 import numpy as np
+from etils import epath
 
 from cm3jax.storage import PathLike
 
@@ -48,7 +48,8 @@ def _header(specs: list[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[s
     entries, offset = {"__metadata__": metadata}, 0
     for name, shape, dtype in specs:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        entries[name] = {"dtype": safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {"dtype": safetensors_dtype(dtype), "shape": list(shape),
+                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header = json.dumps(entries, separators=(",", ":")).encode()
     return header + b" " * (-(len(header) + 8) % _ALIGNMENT)
@@ -68,8 +69,7 @@ def write_safetensors(folder: PathLike, specs: list[tuple[str, tuple[int, ...], 
     weight_map, total = {}, 0
     for file_name, shard in zip(names, shards):
         shard_specs = [specs[i] for i in shard]
-        path = os.path.join(folder, file_name)
-        with open(path + ".partial", "wb") as f:
+        with (epath.Path(folder) / file_name).open("wb") as f:
             header = _header(shard_specs, metadata)
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
@@ -82,10 +82,8 @@ def write_safetensors(folder: PathLike, specs: list[tuple[str, tuple[int, ...], 
                 f.write(value.tobytes())
                 weight_map[name] = file_name
                 total += value.nbytes
-        os.replace(path + ".partial", path)
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(folder, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
+        (epath.Path(folder) / INDEX_FILE).write_text(json.dumps(index, indent=2))
         names.append(INDEX_FILE)
     return names

@@ -2,29 +2,41 @@
 
 Every id of the layout (vocab.py) is one entry of a Unigram model, in id order: the special and mask tokens, the
 SentencePiece pieces with their scores (the text range; ids past the trained pieces are unused placeholders), then one
-`<img:i>` token per image code. Tokens that text must never produce (specials, placeholders, image codes) get a score
-no segmentation would choose, and are not "added tokens": transformers would cut a literal "<eos>" out of the text,
-while cm3jax's text tokenizer spells it in pieces. The pre-tokenizer and decoder repeat the SentencePiece settings of
-tokenizers/text.py: identity normalisation, split at whitespace with no dummy prefix, digits split, byte fallback.
+token per image code. The pre-tokenizer and decoder repeat the SentencePiece settings of tokenizers/text.py: identity
+normalisation, split at whitespace with no dummy prefix, digits split, byte fallback.
+
+Text must never produce a special, mask, placeholder or image-code token, nor SentencePiece's own `<unk>`: cm3jax's
+text tokenizer spells a literal "<eos>" in pieces. So their names hold a plain space ("<cm3 eos>"), which the
+pre-tokenizer has already turned into "▁" in any text the model segments, and they are not "added tokens" (those
+transformers would cut out of the raw text). Their score is 0, as SentencePiece gives its own control pieces, so the
+penalty for an unknown character (the lowest score less 10) is SentencePiece's. Byte pieces ("<0x41>") keep their
+names, which byte fallback looks up; text cannot produce them either, since every digit is a pre-token of its own.
 """
 from __future__ import annotations
 
 import json
-import os
+
+from etils import epath
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.export.opt import UnexportableModelError
 from cm3jax.storage import PathLike
 
-UNREACHABLE_SCORE = -1e9
 SPACE = "\u2581"
+UNREACHABLE_SCORE = 0.0
+
+
+def special_token(name: str) -> str:
+    """'<eos>' -> '<cm3 eos>': the tokenizer's name of a token that text never produces."""
+    return f"<cm3 {name.strip('<>')}>"
 
 
 def image_token(code: int) -> str:
-    return f"<img:{code}>"
+    return f"<cm3 img {code}>"
 
 
 def mask_token(index: int) -> str:
-    return f"<mask:{index}>"
+    return f"<cm3 mask {index}>"
 
 
 def unified_pieces(vocab: vocab_lib.UnifiedVocab, sentencepiece_model: bytes) -> list[tuple[str, float]]:
@@ -33,12 +45,19 @@ def unified_pieces(vocab: vocab_lib.UnifiedVocab, sentencepiece_model: bytes) ->
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sentencepiece_model)
-    pieces = [(name, UNREACHABLE_SCORE) for name in vocab_lib.SPECIAL_TOKENS]
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+        raise UnexportableModelError(f"config.tokenize.text_model_type={kind!r}: the hf export writes a unigram "
+                                     f"text tokenizer only; export with --config.export.format=params")
+    normal = (proto.SentencePiece.NORMAL, proto.SentencePiece.BYTE)
+    pieces = [(special_token(name), UNREACHABLE_SCORE) for name in vocab_lib.SPECIAL_TOKENS]
     pieces += [(mask_token(i), UNREACHABLE_SCORE) for i in range(vocab.num_masks)]
-    trained = [(p.piece, float(p.score)) for p in proto.pieces]
-    pieces += trained + [(f"<unused_text:{i}>", UNREACHABLE_SCORE) for i in range(len(trained), vocab.text_size)]
+    pieces += [(p.piece, float(p.score)) if p.type in normal else (special_token(f"sp {p.piece}"), float(p.score))
+               for p in proto.pieces]
+    pieces += [(special_token(f"unused text {i}"), UNREACHABLE_SCORE)
+               for i in range(len(proto.pieces), vocab.text_size)]
     pieces += [(image_token(c), UNREACHABLE_SCORE) for c in range(vocab.image_codebook_size)]
-    pieces += [(f"<unused:{i}>", UNREACHABLE_SCORE) for i in range(vocab.size, vocab.padded_size)]
+    pieces += [(special_token(f"unused {i}"), UNREACHABLE_SCORE) for i in range(vocab.size, vocab.padded_size)]
     return pieces
 
 
@@ -66,18 +85,16 @@ def tokenizer_json(vocab: vocab_lib.UnifiedVocab, sentencepiece_model: bytes) ->
 
 
 def save_tokenizer(folder: PathLike, vocab: vocab_lib.UnifiedVocab, sentencepiece_model: bytes) -> list[str]:
-    """Writes tokenizer.json and tokenizer_config.json (AutoTokenizer loads them with no custom code)."""
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(tokenizer_json(vocab, sentencepiece_model), f, ensure_ascii=False)
+    """Writes tokenizer.json and tokenizer_config.json (AutoTokenizer loads them with no custom code). No pad or eos
+    token is declared: transformers would then match their names in raw text; generation_config.json gives the ids."""
+    folder = epath.Path(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab, sentencepiece_model), ensure_ascii=False))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": vocab_lib.SPECIAL_TOKENS[vocab_lib.PAD],
-        "eos_token": vocab_lib.SPECIAL_TOKENS[vocab_lib.EOS],
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 30,
     }
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return ["tokenizer.json", "tokenizer_config.json"]

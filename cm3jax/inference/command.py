@@ -82,10 +82,10 @@ def parse_boxes(text: str | None) -> list[tuple[str, tuple[int, int, int, int]]]
     return objects
 
 
-def model_to_use(request: dict, workdir: Workdir) -> str:
-    """--model, else the instruction-tuned model where the run has one, else the LM."""
-    if request.get("model"):
-        return request["model"]
+def model_to_use(model: str | None, workdir: Workdir) -> str:
+    """`model` (lm or sft) when given, else the instruction-tuned model where the run has one, else the LM."""
+    if model:
+        return model
     return "sft" if workdir.sft.checkpoints.is_dir() else "lm"
 
 
@@ -97,7 +97,7 @@ def run_generate(config: ml_collections.ConfigDict, workdir: Workdir, request: d
     validate_generate_config(config)
     g, task, result = config.generate, request["task"], dict(request)
     options = SamplingOptions.from_config(g)
-    generator = Generator.load(config, workdir, model=model_to_use(request, workdir))
+    generator = Generator.load(config, workdir, model=model_to_use(request.get("model"), workdir))
     images = None
     if task == "caption":
         result["caption"] = generator.caption(request["image"], seed=g.seed)

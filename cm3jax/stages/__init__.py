@@ -6,12 +6,12 @@ one entry below; `cm3jax <command>`, `cm3jax pipeline` and the usage text follow
 """
 from __future__ import annotations
 
-from cm3jax.stages import data, lm, retrieval, samples, sft, tokens, vqgan
+from cm3jax.stages import data, export, lm, retrieval, samples, sft, tokens, vqgan
 from cm3jax.stages import eval as eval_stage  # (not the builtin)
 from cm3jax.stages.stage import Stage
 
 STAGES: tuple[Stage, ...] = (data.STAGE, vqgan.STAGE, tokens.STAGE, retrieval.STAGE, lm.STAGE, sft.STAGE,
-                             eval_stage.STAGE, samples.STAGE)
+                             eval_stage.STAGE, samples.STAGE, export.STAGE)
 
 
 def by_name(name: str) -> Stage:

@@ -15,13 +15,15 @@ from etils import epath
 from jax.sharding import Mesh
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.config_validation import validate_config
+from cm3jax.config_validation import ConfigError, validate_config
 from cm3jax.data.pipeline import DocumentBatches, PipelineOptions, open_document_source, open_retrieval
+from cm3jax.errors import MissingInputError
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
 from cm3jax.parallel.mesh import create_mesh, num_slices
 from cm3jax.parallel.sharding import process_rows
 from cm3jax.storage import files_digest
 from cm3jax.train import loop
+from cm3jax.train.checkpoint import checkpoint_steps, saved_config, state_differences
 from cm3jax.train.loop import TrainResult, TrainTask
 from cm3jax.train.optim import make_optimizer
 from cm3jax.train.state import TrainState
@@ -218,6 +220,24 @@ def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh, num_batches:
 # The config fields that fix the LM's parameter shapes.
 LM_STATE_FIELDS = ("vocab", "model.num_layers", "model.d_model", "model.num_heads", "model.head_dim", "model.ffn_dim",
                    "model.activation", "model.max_seq_len", "model.tie_embeddings", "model.param_dtype")
+
+
+def lm_checkpoint_step(config: ml_collections.ConfigDict, source: StageDir, step: int, source_field: str,
+                       step_field: str, use: str, how_to_train: str) -> int:
+    """`step` (-1: the latest) of the LM checkpoints under `source` after checking that it exists and that its model
+    has this config's vocabulary and shapes; errors name `source_field` / `step_field` and say what `use` needs."""
+    steps = checkpoint_steps(source.checkpoints) if source.checkpoints.exists() else []
+    if not steps:
+        raise MissingInputError(f"no checkpoint under {source.checkpoints}: {how_to_train}")
+    step = steps[-1] if step < 0 else step
+    if step not in steps:
+        raise ConfigError(f"config.{step_field}: no checkpoint of step {step} under {source.checkpoints} (there "
+                          f"are {steps})")
+    listed = state_differences(config, saved_config(source.checkpoints, step), LM_STATE_FIELDS)
+    if listed:
+        raise ConfigError(f"config.{source_field}: {source.checkpoints}/{step} is another model ({listed}); {use} "
+                          f"a checkpoint of this config's vocabulary and model shape")
+    return step
 
 
 def lm_inputs(config: ml_collections.ConfigDict) -> dict:

@@ -14,10 +14,9 @@ from typing import Any
 import ml_collections
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.config_validation import ConfigError
 from cm3jax.errors import MissingInputError
-from cm3jax.train.checkpoint import Checkpointer, checkpoint_steps, saved_config, state_differences
-from cm3jax.train.lm import LM_STATE_FIELDS, FineTuning, train_language_model
+from cm3jax.train.checkpoint import Checkpointer
+from cm3jax.train.lm import FineTuning, lm_checkpoint_step, train_language_model
 from cm3jax.train.loop import TrainResult
 from cm3jax.workdir import StageDir, Workdir
 
@@ -39,19 +38,9 @@ def init_dir(config: ml_collections.ConfigDict, workdir: Workdir) -> StageDir:
 def pretrained_step(config: ml_collections.ConfigDict, source: StageDir) -> int:
     """The checkpoint step SFT starts from (sft.init_step, or the latest), after checking it exists and that its
     model has this config's vocabulary and shapes."""
-    steps = checkpoint_steps(source.checkpoints) if source.checkpoints.exists() else []
-    if not steps:
-        raise MissingInputError(f"no checkpoint under {source.checkpoints} to start SFT from: train the LM first "
-                                f"(cm3jax train), or point sft.init_from at a stage folder with checkpoints")
-    step = steps[-1] if int(config.sft.init_step) < 0 else int(config.sft.init_step)
-    if step not in steps:
-        raise ConfigError(f"config.sft.init_step: no checkpoint of step {step} under {source.checkpoints} (there "
-                          f"are {steps})")
-    listed = state_differences(config, saved_config(source.checkpoints, step), LM_STATE_FIELDS)
-    if listed:
-        raise ConfigError(f"config.sft.init_from: {source.checkpoints}/{step} is another model ({listed}); SFT "
-                          f"starts from a checkpoint of this config's vocabulary and model shape")
-    return step
+    return lm_checkpoint_step(config, source, int(config.sft.init_step), "sft.init_from", "sft.init_step",
+                              "SFT starts from", "train the LM first (cm3jax train), or point sft.init_from at a "
+                                                 "stage folder with checkpoints")
 
 
 def fine_tuning(config: ml_collections.ConfigDict, workdir: Workdir) -> FineTuning:

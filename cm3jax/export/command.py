@@ -1,0 +1,66 @@
+"""`cm3jax export`: a trained LM (or SFT model) written for use outside its run, as DIR/export/<model>-<step>-<format>.
+
+The folder is written as `<name>.partial` and renamed when whole, so an interrupted export never leaves a folder
+that looks finished; exporting again replaces it. Every process reads the parameters (a checkpoint read is
+collective), process 0 writes.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+from etils import epath
+
+from cm3jax.errors import MissingInputError
+from cm3jax.export import opt
+from cm3jax.inference.command import model_to_use
+from cm3jax.train.lm import lm_checkpoint_step
+from cm3jax.workdir import Workdir
+
+FORMATS = ("hf",)
+DTYPES = ("float32", "bfloat16")
+MODELS = ("lm", "sft")
+
+
+def unexportable_because(config: ml_collections.ConfigDict) -> str | None:
+    """Why config.export.format cannot hold this model (None when it can)."""
+    if config.export.format == "hf":
+        try:
+            opt.require_opt_expressible(config.model)
+        except opt.UnexportableModelError as e:
+            return str(e)
+    return None
+
+
+def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.Path:
+    """Writes the export that config.export asks for; returns its folder."""
+    from cm3jax.export.hf import export_hf
+
+    e = config.export
+    if e.format == "hf":
+        opt.require_opt_expressible(config.model)
+    model = model_to_use(str(config.export.model), workdir)
+    source = workdir.stage(model)
+    command = "cm3jax sft" if model == "sft" else "cm3jax train"
+    step = lm_checkpoint_step(config, source, int(e.step), "export.model", "export.step", "export writes",
+                              f"run `{command}` on this workdir first, or choose another --config.export.model")
+    if not workdir.text_tokenizer.exists():
+        raise MissingInputError(f"{workdir.text_tokenizer} not found: the export carries the run's text tokenizer "
+                                f"(cm3jax tokenize)")
+    out = workdir.stage("export").path / f"{model}-{step}-{e.format}"
+    partial = out.parent / f"{out.name}.partial"
+    if jax.process_index() == 0:
+        _remove(partial)
+        partial.mkdir(parents=True)
+    if e.format == "hf":
+        export_hf(config, source, step, workdir.text_tokenizer.read_bytes(), partial, str(e.dtype),
+                  int(e.max_shard_mb) << 20)
+    if jax.process_index() == 0:
+        _remove(out)
+        partial.rename(out)
+    return out
+
+
+def _remove(path: epath.Path) -> None:
+    if path.exists():
+        path.rmtree()
+
