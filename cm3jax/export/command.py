@@ -34,15 +34,16 @@ def unexportable_because(config: ml_collections.ConfigDict) -> str | None:
 def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.Path:
     """Writes the export that config.export asks for; returns its folder."""
     from cm3jax.export.hf import export_hf
+    from cm3jax.inference.generate import GENERATING_MODELS
 
     e = config.export
     if e.format == "hf":
         opt.require_opt_expressible(config.model)
     model = model_to_use(str(config.export.model), workdir)
     source = workdir.stage(model)
-    command = "cm3jax sft" if model == "sft" else "cm3jax train"
     step = lm_checkpoint_step(config, source, int(e.step), "export.model", "export.step", "export writes",
-                              f"run `{command}` on this workdir first, or choose another --config.export.model")
+                              f"run `{GENERATING_MODELS[model]}` on this workdir first, or choose another "
+                              f"--config.export.model")
     if not workdir.text_tokenizer.exists():
         raise MissingInputError(f"{workdir.text_tokenizer} not found: the export carries the run's text tokenizer "
                                 f"(cm3jax tokenize)")
@@ -52,8 +53,7 @@ def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.P
         _remove(partial)
         partial.mkdir(parents=True)
     if e.format == "hf":
-        export_hf(config, source, step, workdir.text_tokenizer.read_bytes(), partial, str(e.dtype),
-                  int(e.max_shard_mb) << 20)
+        export_hf(config, workdir, model, step, partial, str(e.dtype), int(e.max_shard_mb) << 20)
     if jax.process_index() == 0:
         _remove(out)
         partial.rename(out)

@@ -2,6 +2,8 @@
 
     config.json, generation_config.json, model.safetensors (or shards + index)   OPTForCausalLM
     tokenizer.json, tokenizer_config.json                                         AutoTokenizer, cm3jax's ids
+    vqgan/                                                                        AutoModel, trust_remote_code
+    README.md (the model card and its PyTorch example), cm3jax_config.json
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import numpy as np
 from etils import epath
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.config import config_to_json
 from cm3jax.export import opt
+from cm3jax.export.model_card import model_card
 from cm3jax.export.params_reader import ParamsReader, abstract_params, leaves
 from cm3jax.export.safetensors_writer import write_safetensors
 from cm3jax.export.tokenizer import save_tokenizer
-from cm3jax.workdir import StageDir
+from cm3jax.export.vqgan import export_torch_vqgan
+from cm3jax.workdir import Workdir
 
 TensorSpec = tuple[str, tuple[int, ...], np.dtype]
 
@@ -54,13 +59,17 @@ def generation_config() -> dict:
             "decoder_start_token_id": vocab_lib.EOS}
 
 
-def export_hf(config: ml_collections.ConfigDict, source: StageDir, step: int, text_model: bytes, out: epath.Path,
+def export_hf(config: ml_collections.ConfigDict, workdir: Workdir, model: str, step: int, out: epath.Path,
               dtype_name: str, max_shard_bytes: int) -> None:
-    """Writes the LM of `source` at `step` and its tokenizer into `out` (process 0; the others only read)."""
+    """Writes the run's `model` (lm or sft) at `step`, its tokenizer, its VQ-GAN and a model card into `out`
+    (process 0; the others only read)."""
+    from cm3jax.tokenizers.image import ImageTokenizer
+
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     model_config = opt.opt_config(config.model, vocab, dtype_name)
     dtype = numpy_dtype(dtype_name)
-    reader = ParamsReader(source, step)
+    image_tokenizer = ImageTokenizer.load(config, workdir)
+    reader = ParamsReader(workdir.stage(model), step)
     try:
         values = _opt_values(config, reader, dtype)
         if jax.process_index() != 0:
@@ -72,4 +81,9 @@ def export_hf(config: ml_collections.ConfigDict, source: StageDir, step: int, te
         reader.close()
     (out / "config.json").write_text(json.dumps(model_config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2))
-    save_tokenizer(out, vocab, text_model)
+    save_tokenizer(out, vocab, workdir.text_tokenizer.read_bytes())
+    export_torch_vqgan(image_tokenizer.model_config, jax.device_get(image_tokenizer.params), out / "vqgan")
+    (out / "cm3jax_config.json").write_text(config_to_json(config))
+    metrics_file = workdir.stage("eval").path / f"{model}-{step}" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    (out / "README.md").write_text(model_card(config, model, step, metrics))

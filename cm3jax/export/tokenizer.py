@@ -52,7 +52,7 @@ def unified_pieces(vocab: vocab_lib.UnifiedVocab, sentencepiece_model: bytes) ->
     normal = (proto.SentencePiece.NORMAL, proto.SentencePiece.BYTE)
     pieces = [(special_token(name), UNREACHABLE_SCORE) for name in vocab_lib.SPECIAL_TOKENS]
     pieces += [(mask_token(i), UNREACHABLE_SCORE) for i in range(vocab.num_masks)]
-    pieces += [(p.piece, float(p.score)) if p.type in normal else (special_token(f"sp {p.piece}"), float(p.score))
+    pieces += [(p.piece, float(p.score)) if p.type in normal else (f"<cm3 sp {p.piece}>", float(p.score))
                for p in proto.pieces]
     pieces += [(special_token(f"unused text {i}"), UNREACHABLE_SCORE)
                for i in range(len(proto.pieces), vocab.text_size)]

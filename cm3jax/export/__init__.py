@@ -1,0 +1,1 @@
+"""Trained models written for use outside cm3jax (`cm3jax export`, docs/export.md)."""
