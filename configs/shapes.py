@@ -31,6 +31,7 @@ def get_config(arg=None):
     # loss_on=all with CM3 (docs/sft.md: VQA 61.9% against 19.7% after 400 steps).
     c.sft.update(steps=400, peak_lr=1e-3, warmup_steps=20, loss_on="target", cm3=False)
     c.eval.tasks = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure", "grounded")
+    c.eval.guidance = ("cfg",)  # CM3leon's setting; unguided text -> image costs ~45 s a model (--config.eval.guidance)
     c.generate.update(sample_prompts=("a large red circle in the center",
                                       "a small blue square in the top left and a large yellow triangle at the bottom"))
     if arg == "smoke":
