@@ -3,7 +3,10 @@
 speed: per-token time at a 1,024-token context with the KV cache (one new token against the cache) vs recomputing
 the whole sequence (what decoding without a cache does for every token), and the latency of one image (grid^2
 tokens) with classifier-free guidance (two streams in one batch) after a short prompt; for the demo model's shape
-and the cm3leon_350m shape, random weights (position tables sized for the test).
+and the cm3leon_350m shape, random weights (position tables sized for the test). Side by side, the peer a user would
+otherwise pick: the same weights exported as OPT (cm3jax/export/) and run by transformers' `generate` (its KV cache,
+greedy, batch 1, image codes only through suppress_tokens, CFG through guidance_scale and negative_prompt_ids), float32
+on CPU with every core (bfloat16 on a GPU), in the same process.
 
 quality: on a finished demo run (`make demo`), the share of generated digits that an independent classifier reads as
 the prompted digit without guidance, with CFG and with CD-K, with the demo config's generate settings, and with those
@@ -39,6 +42,7 @@ def parse_args():
     p.add_argument("--models", default="demo,cm3leon:350m")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peer", type=int, default=1, help="speed: also time transformers' generate on the same weights")
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdir", "demo"))
     p.add_argument("--per_class", type=int, default=20, help="quality: images generated per digit and setting")
     p.add_argument("--cfg", default="1.5,3", help="quality: comma-separated CFG scales")
@@ -95,10 +99,70 @@ def speed_row(name: str, args) -> dict:
     tokens, mask = left_pad([caption, unconditional])
     latency = compiled_best_time(image, (params, tokens, mask, jax.random.key(0)), max(1, args.repeats - 1))
     params_count = sum(x.size for x in jax.tree.leaves(params))
-    return {"model": name, "params_m": params_count / 1e6, "context": args.context,
-            "kv_cache_ms_per_token": cached * 1e3, "recompute_ms_per_token": recompute * 1e3,
-            "speedup": recompute / cached, "image_tokens": grid * grid, "image_latency_s": latency,
-            "compute_dtype": str(cfg.compute_dtype.name if hasattr(cfg.compute_dtype, "name") else cfg.compute_dtype)}
+    row = {"model": name, "params_m": params_count / 1e6, "context": args.context,
+           "kv_cache_ms_per_token": cached * 1e3, "recompute_ms_per_token": recompute * 1e3,
+           "speedup": recompute / cached, "image_tokens": grid * grid, "image_latency_s": latency,
+           "compute_dtype": str(cfg.compute_dtype.name if hasattr(cfg.compute_dtype, "name") else cfg.compute_dtype)}
+    if args.peer:
+        peer = transformers_speed(config, vocab, jax.device_get(params), prompt(args.context - 2 * n), n, caption,
+                                  unconditional, grid, args.repeats)
+        row.update(peer)
+        row["vs_transformers_per_token"] = peer["transformers_ms_per_token"] / row["kv_cache_ms_per_token"]
+        row["vs_transformers_image"] = peer["transformers_image_latency_s"] / latency
+    return row
+
+
+def transformers_speed(config, vocab, params, prompt, n: int, caption, unconditional, grid: int,
+                       repeats: int) -> dict:
+    """The same model exported as OPT and decoded by transformers' generate: per-token time (generating 2n against
+    n tokens after `prompt`, as for cm3jax) and one image's latency with CFG."""
+    import tempfile
+    import time
+
+    import torch
+    import transformers
+
+    from cm3jax.export import opt
+    from cm3jax.export.params_reader import leaves
+    from cm3jax.export.safetensors_files import write_safetensors
+
+    on_gpu = torch.cuda.is_available()
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as folder:
+        tensors = [t for path, leaf in leaves(params) for t in opt.opt_tensors(path, np.asarray(leaf))]
+        write_safetensors(folder, [(k, v.shape, v.dtype) for k, v in tensors], tensors, max_shard_bytes=1 << 62)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(opt.opt_config(config.model, vocab, "float32"), f)
+        model = transformers.OPTForCausalLM.from_pretrained(folder).eval()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model = model.to("cuda" if on_gpu else "cpu", dtype)
+    device = model.device
+    not_image = [i for i in range(vocab.padded_size) if not vocab.image_offset <= i < vocab.size]
+
+    def generate(ids, steps, **guidance):
+        ids = torch.tensor(np.asarray(ids)[None], device=device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                           min_new_tokens=steps, suppress_tokens=not_image, **guidance)
+
+    def timed(fn, times):
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(times):
+            if on_gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if on_gpu:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    short, long = (timed(lambda steps=steps: generate(prompt, steps), repeats) for steps in (n, 2 * n))
+    cfg = {"guidance_scale": 3.0, "negative_prompt_ids": torch.tensor(unconditional[None], device=device)}
+    image = timed(lambda: generate(caption, grid * grid, **cfg), max(1, repeats - 1))
+    return {"transformers_ms_per_token": (long - short) / n * 1e3, "transformers_image_latency_s": image,
+            "transformers_dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads()}
 
 
 def speed_part(args) -> None:
@@ -114,6 +178,13 @@ def speed_part(args) -> None:
         print(f"{r['model']:>14s}{r['params_m']:10.1f}{r['kv_cache_ms_per_token']:11.2f}"
               f"{r['recompute_ms_per_token']:18.2f}{r['speedup']:7.1f}{r['image_tokens']:14d}"
               f"{r['image_latency_s']:15.2f}")
+    if args.peer:
+        print(f"\nagainst transformers' generate on the same weights ({rows[0]['transformers_dtype']}, "
+              f"{rows[0]['torch_threads']} torch threads); ratio = transformers time / cm3jax time")
+        print(f"{'model':>14s}{'HF ms/tok':>11s}{'ratio':>8s}{'HF image s (CFG)':>18s}{'ratio':>8s}")
+        for r in rows:
+            print(f"{r['model']:>14s}{r['transformers_ms_per_token']:11.2f}{r['vs_transformers_per_token']:8.2f}"
+                  f"{r['transformers_image_latency_s']:18.2f}{r['vs_transformers_image']:8.2f}")
     print(json.dumps({"benchmark": "decode_speed", "device": device, "rows": rows}))
 
 

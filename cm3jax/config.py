@@ -286,6 +286,10 @@ def base_config() -> ml_collections.ConfigDict:
             async_checkpointing=True,
             peak_tflops_per_device=-1.0,  # -1: from the device kind when known; MFU is logged only then
             restore_step=-1,  # -1: resume from the latest checkpoint; N: from step N (later ones are moved aside)
+            # A fresh run's parameters from a stage folder's checkpoint or an export (params or hf; docs/export.md)
+            # in place of a random init; the optimizer, schedule and step start anew.
+            init_from="",
+            init_step=-1,  # init_from's checkpoint step; -1: its latest
         )
     )
 

@@ -30,6 +30,10 @@ def require(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"config.{field}: {message}")
 
 
+def require_checkpoint_step(value: int, field: str) -> None:
+    require(int(value) >= -1, field, f"must be a checkpoint step or -1 (the latest), got {value}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1,
                     num_processes: int = 1) -> None:
     """Raises ConfigError naming the field when the config cannot run on `num_devices` devices."""
@@ -60,6 +64,7 @@ def validate_model_and_train_config(config: ml_collections.ConfigDict) -> None:
         require(m.d_model % m.num_heads == 0, "model.num_heads",
                 f"{m.num_heads} heads do not divide d_model={m.d_model} (or set model.head_dim)")
     require(m.activation in ACTIVATIONS, "model.activation", f"{m.activation!r} not in {ACTIVATIONS}")
+    require_checkpoint_step(t.init_step, "train.init_step")
     require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
             f"{m.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
     require(m.attention_block_size >= 1, "model.attention_block_size", f"must be >= 1, got {m.attention_block_size}")
@@ -208,7 +213,7 @@ def validate_sft_config(config: ml_collections.ConfigDict) -> None:
     require(int(s.steps) >= 0, "sft.steps", f"must be >= 0, got {s.steps}")
     require(float(s.peak_lr) > 0, "sft.peak_lr", f"must be > 0, got {s.peak_lr}")
     require(int(s.warmup_steps) >= 0, "sft.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-    require(int(s.init_step) >= -1, "sft.init_step", f"must be a checkpoint step or -1 (the latest), got {s.init_step}")
+    require_checkpoint_step(s.init_step, "sft.init_step")
     require(s.loss_on in LOSS_ON, "sft.loss_on", f"{s.loss_on!r} not in {LOSS_ON}")
     unknown = sorted(set(s.mixture) - set(TASKS))
     require(not unknown, "sft.mixture", f"{unknown} not in {TASKS}")

@@ -8,7 +8,9 @@
       retrieval/        retriever/, bank/, index/, neighbours/ (chunks), neighbours-{split}.npy
       lm/               the language model's checkpoints/, logs/
       sft/              the instruction-tuned LM's checkpoints/, logs/ (same layout as lm/)
+      eval/             <model>-<step>/: metrics.json, predictions.jsonl, image sheets
       samples/          what the finished run generates
+      export/           <model>-<step>-<format>/: the model for use outside cm3jax (docs/export.md)
 
 Every stage folder holds `config.json` (the resolved config it ran with), `COMPLETE.json` once it has finished, and
 `inputs.json` where its outputs depend on another stage's (the digest later stages record, so no stage runs on,
@@ -200,6 +202,11 @@ class Workdir:
     @property
     def samples(self) -> StageDir:
         return self.stage("samples")
+
+    @property
+    def export(self) -> StageDir:
+        """DIR/export: one folder per export, <model>-<step>-<format>."""
+        return self.stage("export")
 
     @property
     def text_tokenizer(self) -> epath.Path:

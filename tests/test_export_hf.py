@@ -70,7 +70,7 @@ def _export(workdir, **export):
     config = tiny_pipeline_config()
     config.export.update(export)
     assert stages.by_command("export").run(config, workdir)
-    return workdir.stage("export").path / f"lm-{EXPORTED_STEP}-hf"
+    return workdir.export.path / f"lm-{EXPORTED_STEP}-hf"
 
 
 @pytest.fixture(scope="module")

@@ -132,3 +132,25 @@ def test_two_processes_fine_tune_like_one(tmp_path, tiny_pipeline_run):
     config = Workdir(runs[1]).resolve(tiny_pipeline_config())  # reads the run's token shards
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
                  _final_params(config, str(runs[2]), 3, 2, "sft"), _final_params(config, str(runs[1]), 3, 1, "sft"))
+
+
+@pytest.mark.parametrize("export_format", ["hf", "params"])
+def test_two_processes_export_like_one(tmp_path, tiny_pipeline_run, export_format):
+    """Every process reads the checkpoint, process 0 writes: the same files as one process writes."""
+    from cm3jax.export.params_bundle import load_pretrained
+    from configs import tiny
+
+    runs = {n: copy_run(tiny_pipeline_run, tmp_path / f"processes_{n}") for n in (1, 2)}
+    flags = ["export", *config_flags(tiny_pipeline_config(), tiny.get_config()),
+             f"--config.export.format={export_format}"]
+    folders = {}
+    for num_processes, run in runs.items():
+        shutil.rmtree(run / "export")
+        launch_command(flags, str(run), num_processes=num_processes, devices_per_process=2 // num_processes)
+        folders[num_processes] = run / "export" / f"lm-4-{export_format}"
+    if export_format == "hf":
+        for name in ("model.safetensors", "tokenizer.json", "config.json", "vqgan/model.safetensors"):
+            assert (folders[2] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+    else:
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_pretrained(folders[2]).params),
+                     jax.device_get(load_pretrained(folders[1]).params))

@@ -1,6 +1,6 @@
 """`cm3jax sft` (train/sft.py) on the tiny shapes run: it starts from the LM's parameters alone at step 0, logs each
-task's loss and count, resumes bit-exactly, refuses another model shape, and the SFT model is scored and generates
-every instruction task."""
+task's loss and count, resumes bit-exactly, refuses another model shape, and the SFT model is scored, exported and
+generates every instruction task."""
 import glob
 import json
 import os
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from cm3jax import stages
+from cm3jax import vocab as vocab_lib
 from cm3jax.config_validation import ConfigError
 from cm3jax.data.sft import TASKS
 from cm3jax.inference.command import GenerateInputError, generate_request, run_generate
+from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
 from cm3jax.parallel.mesh import create_mesh
 from cm3jax.parallel.sharding import logical_axis_rules
 from cm3jax.train.lm import lm_state_init
@@ -92,6 +94,26 @@ def test_sft_refuses_a_pretrained_model_of_another_shape(sft_run, tmp_path):
     config.model.d_model = 64
     with pytest.raises(ConfigError, match=r"sft.init_from.*config.model.d_model=64 but 32 in the checkpoint"):
         stages.by_command("sft").run(config, workdir)
+
+
+def test_an_sft_checkpoint_exports_and_transformers_computes_its_logits(sft_run, tmp_path):
+    import torch
+    import transformers
+
+    from cm3jax.train.sft import sft_training_config
+
+    workdir = Workdir(copy_run(str(sft_run), tmp_path / "run"))
+    assert stages.by_command("export").run(sft_config(), workdir)  # export.model empty: the SFT model
+    folder = workdir.export.path / "sft-4-hf"
+    config = sft_training_config(workdir.resolve(sft_config()))
+    params = _state(config, workdir.sft).params
+    vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
+    tokens = np.random.RandomState(0).randint(0, vocab.size, (1, 10))
+    model = CM3LeonDecoder(DecoderConfig.from_config(config.model, vocab.padded_size, "cpu"))
+    expected = np.asarray(model.apply({"params": params}, tokens))
+    with torch.no_grad():
+        logits = transformers.OPTForCausalLM.from_pretrained(folder)(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
 def test_the_sft_model_is_scored_on_every_instruction_task(sft_run):

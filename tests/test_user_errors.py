@@ -55,6 +55,16 @@ def test_bad_eval_settings_are_one_line(tmp_path, flag, field):
     assert not (tmp_path / "run" / "eval").exists()
 
 
+@pytest.mark.parametrize("flags,fragments", [
+    (["--config.export.format=onnx"], ["config.export.format"]),
+    (["--config.model.activation=swiglu"], ["model.activation='swiglu'", "export.format=params"]),
+    ([], ["no checkpoint under", "cm3jax train"]),
+])
+def test_an_export_that_cannot_be_written_is_one_line(tmp_path, flags, fragments):
+    assert_one_line_error(cm3jax("export", *flags, workdir=tmp_path / "run"), *fragments)
+    assert not (tmp_path / "run" / "export").exists()
+
+
 def test_bad_config_files_and_workdirs_are_one_line(tmp_path):
     result = cm3jax("train", "--config=configs/no_such_recipe.py", f"--workdir={tmp_path}")
     assert_one_line_error(result, "configs/no_such_recipe.py not found")

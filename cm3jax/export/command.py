@@ -6,6 +6,8 @@ collective), process 0 writes.
 """
 from __future__ import annotations
 
+import json
+
 import jax
 import ml_collections
 from etils import epath
@@ -16,7 +18,7 @@ from cm3jax.inference.command import model_to_use
 from cm3jax.train.lm import lm_checkpoint_step
 from cm3jax.workdir import Workdir
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "params")
 DTYPES = ("float32", "bfloat16")
 MODELS = ("lm", "sft")
 
@@ -34,6 +36,7 @@ def unexportable_because(config: ml_collections.ConfigDict) -> str | None:
 def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.Path:
     """Writes the export that config.export asks for; returns its folder."""
     from cm3jax.export.hf import export_hf
+    from cm3jax.export.params_bundle import EXPORT_RECORD, export_params
     from cm3jax.inference.generate import GENERATING_MODELS
 
     e = config.export
@@ -47,16 +50,25 @@ def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.P
     if not workdir.text_tokenizer.exists():
         raise MissingInputError(f"{workdir.text_tokenizer} not found: the export carries the run's text tokenizer "
                                 f"(cm3jax tokenize)")
-    out = workdir.stage("export").path / f"{model}-{step}-{e.format}"
+    out = workdir.export.path / f"{model}-{step}-{e.format}"
     partial = out.parent / f"{out.name}.partial"
     if jax.process_index() == 0:
         _remove(partial)
         partial.mkdir(parents=True)
     if e.format == "hf":
         export_hf(config, workdir, model, step, partial, str(e.dtype), int(e.max_shard_mb) << 20)
+    else:
+        export_params(config, workdir, model, step, partial, str(e.dtype))
     if jax.process_index() == 0:
+        record = {"format": str(e.format), "model": model, "step": step, "dtype": str(e.dtype),
+                  "source_inputs": source.identity()}
+        (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         _remove(out)
         partial.rename(out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("cm3jax export written")
     return out
 
 

@@ -20,20 +20,12 @@ from cm3jax.config import config_to_json
 from cm3jax.export import opt
 from cm3jax.export.model_card import model_card
 from cm3jax.export.params_reader import ParamsReader, abstract_params, leaves
-from cm3jax.export.safetensors_writer import write_safetensors
+from cm3jax.export.safetensors_files import numpy_dtype, write_safetensors
 from cm3jax.export.tokenizer import save_tokenizer
 from cm3jax.export.vqgan import export_torch_vqgan
 from cm3jax.workdir import Workdir
 
 TensorSpec = tuple[str, tuple[int, ...], np.dtype]
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def opt_specs(config: ml_collections.ConfigDict, dtype: np.dtype) -> list[TensorSpec]:

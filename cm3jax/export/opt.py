@@ -7,7 +7,7 @@ ids and logits line up with cm3jax's one for one. Options OPT cannot express are
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -110,3 +110,26 @@ def _layer_tensor(name: str, index: int, value: np.ndarray) -> tuple[str, np.nda
     else:  # [in, out] -> [out, in]
         matrix = value.T
     return f"model.decoder.layers.{index}.{_LAYER_NAMES[name]}", np.ascontiguousarray(matrix)
+
+
+def cm3jax_param(path: tuple[str, ...], shape: tuple[int, ...], read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The inverse of `opt_tensors`: the cm3jax parameter at `path`, of `shape`, from the OPT tensors `read(name)`
+    returns."""
+    name = "/".join(path)
+    if name == "token_embedding":
+        return read("model.decoder.embed_tokens.weight")
+    if name == "position_embedding":
+        return read("model.decoder.embed_positions.weight")[OPT_POSITION_OFFSET:]
+    if name == "lm_head":
+        return read("lm_head.weight").T
+    if name.startswith("layers/") and name.removeprefix("layers/") in _LAYER_NAMES:
+        layer_name = name.removeprefix("layers/")
+        return np.stack([_from_layer_tensor(read(f"model.decoder.layers.{i}.{_LAYER_NAMES[layer_name]}"), shape[1:])
+                         for i in range(shape[0])])
+    raise KeyError(f"no OPT tensor for the parameter {name!r}")
+
+
+def _from_layer_tensor(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """torch's [out, in] -> cm3jax's layout: [in, out], attention's heads axis split out ([d_model, heads, head_dim]
+    for query, key and value, [heads, head_dim, d_model] for out)."""
+    return np.ascontiguousarray(matrix.T.reshape(shape))

@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 
 from cm3jax.export.params_reader import leaves
-from cm3jax.export.safetensors_writer import write_safetensors
+from cm3jax.export.safetensors_files import write_safetensors
 from cm3jax.models.vqgan import VQGANConfig
 
 MODELING_FILE = epath.Path(__file__).parent / "pytorch" / "modeling_cm3jax_vqgan.py"

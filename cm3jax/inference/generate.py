@@ -31,7 +31,7 @@ GENERATING_MODELS = {"lm": "cm3jax train", "sft": "cm3jax sft"}
 
 
 class Generator:
-    def __init__(self, config: ml_collections.ConfigDict, workdir: Workdir, mesh, params: Any, decoder_config,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Workdir | None, mesh, params: Any, decoder_config,
                  vocab: vocab_lib.UnifiedVocab, text, image_tokenizer: ImageTokenizer, step: int, model: str = "lm"):
         from cm3jax.parallel.sharding import logical_axis_rules
 
@@ -235,6 +235,9 @@ class Generator:
     def memory(self):
         from cm3jax.retrieval.memory import MemoryBank
 
+        if self.workdir is None:
+            raise MissingInputError("retrieval needs the run's memory bank (DIR/retrieval); a model loaded from an "
+                                    "export has none: generate without retrieved documents or re-ranking")
         if self._memory is None:
             self._memory = MemoryBank.load(self.config, self.workdir)
         return self._memory

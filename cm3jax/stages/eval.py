@@ -37,7 +37,7 @@ def _skipped_because(config: ml_collections.ConfigDict) -> str | None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    from cm3jax.config_validation import require, validate_generate_config
+    from cm3jax.config_validation import require, require_checkpoint_step, validate_generate_config
     from cm3jax.evaluation.evaluate import TASKS
     from cm3jax.inference.decode import GUIDANCE_STREAMS
 
@@ -53,7 +53,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         require(int(e[field]) >= 1, f"eval.{field}", f"must be >= 1, got {e[field]}")
     for field in ("num_retrieved", "sheet_images", "rerank_candidates", "every"):
         require(int(e[field]) >= 0, f"eval.{field}", f"must be >= 0, got {e[field]}")
-    require(int(e.step) >= -1, "eval.step", f"must be a checkpoint step or -1 (the latest), got {e.step}")
+    require_checkpoint_step(e.step, "eval.step")
     if str(e.inception_weights):
         from etils import epath
 

@@ -12,7 +12,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
 
     config = workdir.resolve(config)
     folder = export_model(config, workdir)
-    workdir.stage("export").prepare(config).mark_complete({"exported": folder.name})
+    workdir.export.prepare(config).mark_complete({"exported": folder.name})
     print(f"export: written to {folder}", flush=True)
     return True
 
@@ -25,14 +25,14 @@ def _skipped_because(config: ml_collections.ConfigDict) -> str | None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    from cm3jax.config_validation import require
+    from cm3jax.config_validation import require, require_checkpoint_step
     from cm3jax.export.command import DTYPES, FORMATS, MODELS
 
     e = config.export
     require(e.model in MODELS + ("",), "export.model", f"{e.model!r} not in {MODELS} (or empty: sft where it exists)")
     require(e.format in FORMATS, "export.format", f"{e.format!r} not in {FORMATS}")
     require(e.dtype in DTYPES, "export.dtype", f"{e.dtype!r} not in {DTYPES}")
-    require(int(e.step) >= -1, "export.step", f"must be a checkpoint step or -1 (the latest), got {e.step}")
+    require_checkpoint_step(e.step, "export.step")
     require(int(e.max_shard_mb) >= 1, "export.max_shard_mb", f"must be >= 1, got {e.max_shard_mb}")
 
 

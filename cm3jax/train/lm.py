@@ -250,6 +250,20 @@ def lm_inputs(config: ml_collections.ConfigDict) -> dict:
     return inputs
 
 
+def init_from_params(config: ml_collections.ConfigDict) -> tuple[Callable[[Any, Any], Any] | None, dict]:
+    """(what a fresh LM run's parameters are restored from, what inputs.json records of it) for train.init_from;
+    (None, {}) for a random init."""
+    if not str(config.train.init_from):
+        return None, {}
+    from cm3jax.train.init_from import starting_point
+
+    start = starting_point(config, str(config.train.init_from), int(config.train.init_step), "train.init_from",
+                           "train.init_step", "training starts from",
+                           "point train.init_from at a stage folder with checkpoints or at an export")
+    return (lambda abstract, shardings: start.restore(config, abstract, shardings),
+            {"init_from_step": start.step, "init_from_inputs": start.identity})
+
+
 def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None,
                          on_start: Callable[[], None] | None = None,
                          task_eval: Callable[[Any, int, Mesh], dict] | None = None,
@@ -266,11 +280,14 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
         vocab_lib.require_saved_vocab(vocab, config.data.token_dir)
     if (epath.Path(stage_dir) / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, stage_dir)
-    inputs = lm_inputs(config) | (fine_tuning.inputs if fine_tuning else {})
+    initial_params, init_inputs = init_from_params(config)
+    inputs = lm_inputs(config) | (fine_tuning.inputs if fine_tuning else init_inputs)
     # A run resumes on the token shards and neighbours (and pretrained parameters) it started with.
     StageDir.at(stage_dir).check_inputs(inputs)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh, fine_tuning)
+    if fine_tuning is None and initial_params is not None:
+        task.initial_params = initial_params
     if task_eval is not None:
         task.task_eval = lambda state, step: task_eval(state.params, step, mesh)
         task.task_eval_every = int(config.eval.every)

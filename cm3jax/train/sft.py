@@ -9,16 +9,14 @@ in inputs.json, and a resume from another one is refused.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import ml_collections
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.errors import MissingInputError
-from cm3jax.train.checkpoint import Checkpointer
-from cm3jax.train.lm import FineTuning, lm_checkpoint_step, train_language_model
+from cm3jax.train.init_from import StartingPoint, starting_point
+from cm3jax.train.lm import FineTuning, train_language_model
 from cm3jax.train.loop import TrainResult
-from cm3jax.workdir import StageDir, Workdir
+from cm3jax.workdir import Workdir
 
 
 def sft_training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -30,17 +28,13 @@ def sft_training_config(config: ml_collections.ConfigDict) -> ml_collections.Con
     return c
 
 
-def init_dir(config: ml_collections.ConfigDict, workdir: Workdir) -> StageDir:
-    """The stage folder SFT starts from: sft.init_from, or the run's LM."""
-    return StageDir.at(str(config.sft.init_from)) if str(config.sft.init_from) else workdir.lm
-
-
-def pretrained_step(config: ml_collections.ConfigDict, source: StageDir) -> int:
-    """The checkpoint step SFT starts from (sft.init_step, or the latest), after checking it exists and that its
-    model has this config's vocabulary and shapes."""
-    return lm_checkpoint_step(config, source, int(config.sft.init_step), "sft.init_from", "sft.init_step",
-                              "SFT starts from", "train the LM first (cm3jax train), or point sft.init_from at a "
-                                                 "stage folder with checkpoints")
+def init_source(config: ml_collections.ConfigDict, workdir: Workdir) -> StartingPoint:
+    """What SFT starts from, checked: sft.init_from (a stage folder, a params or an hf export) at sft.init_step,
+    or the run's LM."""
+    return starting_point(config, str(config.sft.init_from) or str(workdir.lm), int(config.sft.init_step),
+                          "sft.init_from", "sft.init_step", "SFT starts from",
+                          "train the LM first (cm3jax train), or point sft.init_from at a stage folder with "
+                          "checkpoints or at an export")
 
 
 def fine_tuning(config: ml_collections.ConfigDict, workdir: Workdir) -> FineTuning:
@@ -48,8 +42,7 @@ def fine_tuning(config: ml_collections.ConfigDict, workdir: Workdir) -> FineTuni
     from cm3jax.data.embedded.digits import NAMES as DIGIT_NAMES
     from cm3jax.data.sft import TASKS, RecordToTaskExample, SFTOptions
 
-    source = init_dir(config, workdir)
-    step = pretrained_step(config, source)
+    source = init_source(config, workdir)
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     if not workdir.text_tokenizer.exists():
         raise MissingInputError(f"{workdir.text_tokenizer} not found: SFT writes its instructions with the run's text "
@@ -58,19 +51,12 @@ def fine_tuning(config: ml_collections.ConfigDict, workdir: Workdir) -> FineTuni
     sft_options = SFTOptions.from_config(config.sft)
     label_names = DIGIT_NAMES if str(config.raw_data.dataset) == "digits" else None
 
-    def initial_params(abstract_params: Any, shardings: Any) -> Any:
-        checkpointer = Checkpointer(source.checkpoints, keep=1)
-        try:
-            return checkpointer.restore_params(step, abstract_params, shardings)
-        finally:
-            checkpointer.close()
-
     return FineTuning(
         to_example=lambda options: RecordToTaskExample(vocab, options, sft_options, text_model,
                                                        int(config.vqgan.image_size), label_names),
-        task_names=TASKS, initial_params=initial_params,
+        task_names=TASKS, initial_params=lambda abstract, shardings: source.restore(config, abstract, shardings),
         # Where the LM lives may change (a copied or moved workdir); what it was trained on and its step do not.
-        inputs={"pretrained_step": step, "pretrained_inputs": source.identity()})
+        inputs={"pretrained_step": source.step, "pretrained_inputs": source.identity})
 
 
 def train_sft(config: ml_collections.ConfigDict, workdir: Workdir, on_start=None, task_eval=None) -> TrainResult:

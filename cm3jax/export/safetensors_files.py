@@ -1,4 +1,4 @@
-"""Safetensors files written one tensor at a time, sharded with an index above a size.
+"""Safetensors files written one tensor at a time, sharded with an index above a size, and read back one at a time.
 
 The format (https://huggingface.co/docs/safetensors) is a little-endian u64 header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the bytes. Every shape is known before any value is read (the checkpoint's
@@ -87,3 +87,54 @@ def write_safetensors(folder: PathLike, specs: list[tuple[str, tuple[int, ...], 
         (epath.Path(folder) / INDEX_FILE).write_text(json.dumps(index, indent=2))
         names.append(INDEX_FILE)
     return names
+
+
+class SafetensorsReader:
+    """Single tensors of a safetensors folder (model.safetensors, or shards with an index), each read from its byte
+    range alone."""
+
+    def __init__(self, folder: PathLike):
+        folder = epath.Path(folder)
+        if (folder / INDEX_FILE).exists():
+            files = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
+        elif (folder / SINGLE_FILE).exists():
+            files = [SINGLE_FILE]
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+        self._entries = {}
+        for file_name in files:
+            with (folder / file_name).open("rb") as f:
+                header_size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_size))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                self._entries[name] = (folder / file_name, 8 + header_size, entry)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._entries:
+            raise KeyError(f"no tensor {name} in the safetensors files")
+        path, data_start, entry = self._entries[name]
+        start, end = entry["data_offsets"]
+        with path.open("rb") as f:
+            f.seek(data_start + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, _numpy_dtype(entry["dtype"])).reshape(entry["shape"])
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """'float32', 'bfloat16', ... as a numpy dtype (bfloat16 from ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _numpy_dtype(code: str) -> np.dtype:
+    names = {code: name for name, code in _DTYPES.items()}
+    if code not in names:
+        raise ValueError(f"safetensors dtype {code} is not read here (only {sorted(names)})")
+    return numpy_dtype(names[code])
