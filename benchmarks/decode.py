@@ -43,6 +43,8 @@ def parse_args():
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peer", type=int, default=1, help="speed: also time transformers' generate on the same weights")
+    p.add_argument("--image_latency", type=int, default=1, help="speed: also time one whole image with CFG "
+                                                                "(minutes per run for the 350M shape on CPU)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdir", "demo"))
     p.add_argument("--per_class", type=int, default=20, help="quality: images generated per digit and setting")
     p.add_argument("--cfg", default="1.5,3", help="quality: comma-separated CFG scales")
@@ -95,9 +97,11 @@ def speed_row(name: str, args) -> dict:
     grid = int(config.vqgan.image_size) // 2 ** (len(config.vqgan.channel_multipliers) - 1)
     caption = prompt(12)
     unconditional = np.array([vocab_lib.EOS, vocab.mask_id(0), vocab_lib.BREAK])
-    image = make_decoder(cfg, vocab, Schedule.image(grid * grid), SamplingOptions(guidance="cfg", cfg_scale=3.0))
-    tokens, mask = left_pad([caption, unconditional])
-    latency = compiled_best_time(image, (params, tokens, mask, jax.random.key(0)), max(1, args.repeats - 1))
+    latency = float("nan")
+    if args.image_latency:
+        image = make_decoder(cfg, vocab, Schedule.image(grid * grid), SamplingOptions(guidance="cfg", cfg_scale=3.0))
+        tokens, mask = left_pad([caption, unconditional])
+        latency = compiled_best_time(image, (params, tokens, mask, jax.random.key(0)), max(1, args.repeats - 1))
     params_count = sum(x.size for x in jax.tree.leaves(params))
     row = {"model": name, "params_m": params_count / 1e6, "context": args.context,
            "kv_cache_ms_per_token": cached * 1e3, "recompute_ms_per_token": recompute * 1e3,
@@ -105,7 +109,7 @@ def speed_row(name: str, args) -> dict:
            "compute_dtype": str(cfg.compute_dtype.name if hasattr(cfg.compute_dtype, "name") else cfg.compute_dtype)}
     if args.peer:
         peer = transformers_speed(config, vocab, jax.device_get(params), prompt(args.context - 2 * n), n, caption,
-                                  unconditional, grid, args.repeats)
+                                  unconditional, grid if args.image_latency else 0, args.repeats)
         row.update(peer)
         row["vs_transformers_per_token"] = peer["transformers_ms_per_token"] / row["kv_cache_ms_per_token"]
         row["vs_transformers_image"] = peer["transformers_image_latency_s"] / latency
@@ -115,7 +119,7 @@ def speed_row(name: str, args) -> dict:
 def transformers_speed(config, vocab, params, prompt, n: int, caption, unconditional, grid: int,
                        repeats: int) -> dict:
     """The same model exported as OPT and decoded by transformers' generate: per-token time (generating 2n against
-    n tokens after `prompt`, as for cm3jax) and one image's latency with CFG."""
+    n tokens after `prompt`, as for cm3jax) and one image's latency with CFG (grid 0: not timed)."""
     import tempfile
     import time
 
@@ -160,7 +164,7 @@ def transformers_speed(config, vocab, params, prompt, n: int, caption, unconditi
 
     short, long = (timed(lambda steps=steps: generate(prompt, steps), repeats) for steps in (n, 2 * n))
     cfg = {"guidance_scale": 3.0, "negative_prompt_ids": torch.tensor(unconditional[None], device=device)}
-    image = timed(lambda: generate(caption, grid * grid, **cfg), max(1, repeats - 1))
+    image = timed(lambda: generate(caption, grid * grid, **cfg), max(1, repeats - 1)) if grid else float("nan")
     return {"transformers_ms_per_token": (long - short) / n * 1e3, "transformers_image_latency_s": image,
             "transformers_dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads()}
 
