@@ -64,7 +64,8 @@ class ImageTokenizer:
         folder = epath.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(folder / "params", self.params, force=True)
+            # Host copies: every process holds the whole VQ-GAN; orbax writes numpy arrays from the primary process.
+            checkpointer.save(folder / "params", jax.device_get(self.params), force=True)
         atomic_write_text(folder / EXPORTED_CONFIG, json.dumps(
             {"model": dataclasses.asdict(self.model_config), "step": self.step, "params_sha256": self.digest()},
             indent=1))
