@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/vqgan.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/export.py
 
 clean:
 	rm -rf $(VENV) workdir

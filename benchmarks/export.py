@@ -54,7 +54,7 @@ def make_run(recipe: str, workdir: str) -> None:
     sentences = [f"a {c} {s} at the {p}" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle")
                  for p in ("top", "bottom", "left", "right", "center")]
     w.text_tokenizer.parent.mkdir(parents=True, exist_ok=True)
-    TextTokenizer.train(sentences * 20, vocab_size=64).save(w.text_tokenizer)
+    TextTokenizer.train(sentences * 20, vocab_size=512).save(w.text_tokenizer)
     for stage_dir, stage_config, init_state, mesh in (
             (w.lm, config, lm_state_init(config)[0], create_mesh(config)),
             (w.vqgan, vqgan_stage_config(config), vqgan_state_init(vqgan_stage_config(config))[0],

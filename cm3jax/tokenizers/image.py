@@ -48,15 +48,26 @@ class ImageTokenizer:
     def load(cls, config: ml_collections.ConfigDict, workdir: Workdir | PathLike,
              mesh: Mesh | None = None) -> ImageTokenizer:
         """The latest checkpoint of the run's VQ-GAN (DIR/vqgan); MissingInputError naming `cm3jax vqgan` when
-        there is none."""
-        from cm3jax.train.loop import restore_latest_state
+        there is none. Only the VQ-GAN's parameters are read (not the discriminator, not the optimizer state)."""
+        from cm3jax.parallel.sharding import logical_axis_rules
+        from cm3jax.train.checkpoint import Checkpointer
+        from cm3jax.train.loop import abstract_state_and_shardings
         from cm3jax.train.vqgan import vqgan_stage_config, vqgan_state_init
 
         mesh = mesh if mesh is not None else data_parallel_mesh(jax.local_devices()[:1])
         stage = vqgan_stage_config(config)
-        state, step = restore_latest_state(vqgan_state_init(stage)[0], stage, mesh, str(Workdir.of(workdir).vqgan),
-                                           "`cm3jax vqgan`")
-        return cls(VQGANConfig.from_config(config), state.params["vqgan"], step, mesh)
+        abstract, shardings = abstract_state_and_shardings(vqgan_state_init(stage)[0], mesh,
+                                                           logical_axis_rules(stage))
+        checkpointer = Checkpointer(Workdir.of(workdir).vqgan.checkpoints, keep=1)
+        try:
+            step = checkpointer.latest_step()
+            if step is None:
+                raise MissingInputError(f"no checkpoint under {checkpointer.directory}: run `cm3jax vqgan` first")
+            params = checkpointer.restore_params(step, {"vqgan": abstract.params["vqgan"]},
+                                                 {"vqgan": shardings.params["vqgan"]})
+        finally:
+            checkpointer.close()
+        return cls(VQGANConfig.from_config(config), params["vqgan"], step, mesh)
 
     def save(self, folder: PathLike) -> epath.Path:
         """Writes the parameters (no discriminator, no optimizer state) as an orbax checkpoint and the model config,
