@@ -110,9 +110,6 @@ class SafetensorsReader:
             for name, entry in header.items():
                 self._entries[name] = (folder / file_name, 8 + header_size, entry)
 
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
     def read(self, name: str) -> np.ndarray:
         if name not in self._entries:
             raise KeyError(f"no tensor {name} in the safetensors files")
