@@ -32,7 +32,7 @@ class StartingPoint:
     step: int  # of the checkpoint the parameters were trained to (an hf folder made elsewhere: 0)
     identity: str | None  # recorded in inputs.json: a run resumes only from the parameters it started from
 
-    def restore(self, config: ml_collections.ConfigDict, abstract_params: Any, shardings: Any) -> Any:
+    def restore(self, abstract_params: Any, shardings: Any) -> Any:
         """The parameters laid out by `shardings`."""
         if self.kind == "params":
             from cm3jax.export.params_bundle import restore_bundle_params
@@ -57,10 +57,7 @@ def starting_point(config: ml_collections.ConfigDict, path: str, step: int, sour
     record = json.loads((folder / EXPORT_RECORD).read_text()) if (folder / EXPORT_RECORD).exists() else {}
     if record.get("format") == "params":
         saved, _ = read_bundle_config(folder)
-        listed = state_differences(config, saved.to_dict(), LM_STATE_FIELDS)
-        if listed:
-            raise ConfigError(f"config.{source_field}: {folder} is another model ({listed}); {use} a model of this "
-                              f"config's vocabulary and shape")
+        _refuse_another_model(folder, state_differences(config, saved.to_dict(), LM_STATE_FIELDS), source_field, use)
         return StartingPoint("params", str(folder), int(record["step"]), files_digest(folder / EXPORT_RECORD))
     if _is_opt_folder(folder):
         _require_same_opt_shape(config, folder, source_field, use)
@@ -85,6 +82,11 @@ def _require_same_opt_shape(config: ml_collections.ConfigDict, folder: epath.Pat
     saved = json.loads((folder / "config.json").read_text())
     listed = "; ".join(f"{key}={saved.get(key)!r} there but {expected[key]!r} for this config"
                        for key in _OPT_SHAPE_KEYS if saved.get(key) != expected[key])
+    _refuse_another_model(folder, listed, source_field, use)
+
+
+def _refuse_another_model(folder: epath.Path, listed: str, source_field: str, use: str) -> None:
+    """ConfigError naming the `listed` differences between the export in `folder` and the config (none: nothing)."""
     if listed:
         raise ConfigError(f"config.{source_field}: {folder} is another model ({listed}); {use} a model of this "
                           f"config's vocabulary and shape")

@@ -260,8 +260,7 @@ def init_from_params(config: ml_collections.ConfigDict) -> tuple[Callable[[Any, 
     start = starting_point(config, str(config.train.init_from), int(config.train.init_step), "train.init_from",
                            "train.init_step", "training starts from",
                            "point train.init_from at a stage folder with checkpoints or at an export")
-    return (lambda abstract, shardings: start.restore(config, abstract, shardings),
-            {"init_from_step": start.step, "init_from_inputs": start.identity})
+    return start.restore, {"init_from_step": start.step, "init_from_inputs": start.identity}
 
 
 def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devices=None,
@@ -280,13 +279,14 @@ def train_language_model(config: ml_collections.ConfigDict, stage_dir: str, devi
         vocab_lib.require_saved_vocab(vocab, config.data.token_dir)
     if (epath.Path(stage_dir) / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, stage_dir)
-    initial_params, init_inputs = init_from_params(config)
-    inputs = lm_inputs(config) | (fine_tuning.inputs if fine_tuning else init_inputs)
+    # SFT starts from its pretrained model; an LM run from train.init_from, or a random init.
+    initial_params, init_inputs = (None, fine_tuning.inputs) if fine_tuning else init_from_params(config)
+    inputs = lm_inputs(config) | init_inputs
     # A run resumes on the token shards and neighbours (and pretrained parameters) it started with.
     StageDir.at(stage_dir).check_inputs(inputs)
     mesh = create_mesh(config, devices)
     task, _ = build_lm_task(config, mesh, fine_tuning)
-    if fine_tuning is None and initial_params is not None:
+    if initial_params is not None:
         task.initial_params = initial_params
     if task_eval is not None:
         task.task_eval = lambda state, step: task_eval(state.params, step, mesh)

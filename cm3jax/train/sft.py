@@ -54,7 +54,7 @@ def fine_tuning(config: ml_collections.ConfigDict, workdir: Workdir) -> FineTuni
     return FineTuning(
         to_example=lambda options: RecordToTaskExample(vocab, options, sft_options, text_model,
                                                        int(config.vqgan.image_size), label_names),
-        task_names=TASKS, initial_params=lambda abstract, shardings: source.restore(config, abstract, shardings),
+        task_names=TASKS, initial_params=source.restore,
         # Where the LM lives may change (a copied or moved workdir); what it was trained on and its step do not.
         inputs={"pretrained_step": source.step, "pretrained_inputs": source.identity})
 
