@@ -18,6 +18,7 @@ from PIL import Image
 
 from cm3jax import stages
 from cm3jax import vocab as vocab_lib
+from cm3jax.export.params_reader import ParamsReader, abstract_params, is_stacked_layers, leaves
 from cm3jax.inference.decode import GREEDY, SamplingOptions, Schedule, left_pad, make_decoder
 from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
 from cm3jax.parallel.mesh import create_mesh
@@ -26,7 +27,7 @@ from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.train.checkpoint import Checkpointer, saved_config
 from cm3jax.train.lm import lm_state_init
 from cm3jax.train.loop import abstract_state_and_shardings
-from cm3jax.workdir import Workdir
+from cm3jax.workdir import StageDir, Workdir
 
 from helpers import copy_run, tiny_pipeline_config
 
@@ -124,6 +125,44 @@ def test_a_checkpoint_of_the_8_device_mesh_exports_the_bytes_of_a_one_device_one
         if name == "vqgan":
             name = "vqgan/model.safetensors"
         assert (exported["float32"] / name).read_bytes() == (exported["sharded"] / name).read_bytes(), name
+
+
+def _stacked_leaves(exported):
+    config = exported["workdir"].resolve(tiny_pipeline_config())
+    return [(path, leaf) for path, leaf in leaves(abstract_params(config)) if is_stacked_layers(path)]
+
+
+def _param(params, path):
+    for key in path:
+        params = params[key]
+    return np.asarray(params)
+
+
+def test_export_reads_a_stacked_parameter_one_layer_at_a_time(exported):
+    reader = ParamsReader(exported["workdir"].lm, EXPORTED_STEP)
+    stacked = _stacked_leaves(exported)
+    assert stacked
+    for path, leaf in stacked:
+        blocks = list(reader.read_layer_blocks(path, leaf))
+        assert [(first, block.shape[0]) for first, block in blocks] == [(i, 1) for i in range(leaf.shape[0])]
+        np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), _param(exported["params"], path))
+
+
+def test_a_checkpoint_stored_in_whole_array_chunks_is_read_in_one_block(exported, tmp_path, monkeypatch):
+    """Checkpoints written before layers were chunked one by one still export (a parameter at once)."""
+    import cm3jax.train.checkpoint as checkpoint_lib
+
+    monkeypatch.setattr(checkpoint_lib, "layer_chunked_save_args", lambda tree: None)
+    stage = StageDir.at(tmp_path / "lm")
+    checkpointer = Checkpointer(stage.checkpoints, keep=1, async_save=False)
+    checkpointer.save(EXPORTED_STEP, {"params": exported["params"]}, {}, {"json": "{}"})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    reader = ParamsReader(stage, EXPORTED_STEP)
+    for path, leaf in _stacked_leaves(exported):
+        [(first, block)] = reader.read_layer_blocks(path, leaf)
+        assert first == 0
+        np.testing.assert_array_equal(block, _param(exported["params"], path))
 
 
 def test_a_model_above_the_shard_size_is_split_with_an_index_that_transformers_follows(exported, tmp_path):

@@ -1,8 +1,8 @@
 """`cm3jax export`: a trained LM (or SFT model) written for use outside its run, as DIR/export/<model>-<step>-<format>.
 
 The folder is written as `<name>.partial` and renamed when whole, so an interrupted export never leaves a folder
-that looks finished; exporting again replaces it. Every process reads the parameters (a checkpoint read is
-collective), process 0 writes.
+that looks finished; exporting again replaces it. Process 0 reads and writes the parameters (hf; in the params
+format every process writes its shards); the other processes take part in loading the VQ-GAN and wait.
 """
 from __future__ import annotations
 

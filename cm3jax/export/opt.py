@@ -72,9 +72,10 @@ def opt_config(model: ml_collections.ConfigDict, vocab: vocab_lib.UnifiedVocab, 
     }
 
 
-def opt_tensors(path: tuple[str, ...], value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+def opt_tensors(path: tuple[str, ...], value: np.ndarray, first_layer: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """The OPT tensors (name, array in torch's [out, in] layout) of one cm3jax parameter, given by its path in the
-    params tree: a stacked layer parameter [layers, ...] gives one tensor per layer."""
+    params tree: a stacked layer parameter gives one tensor per layer of `value` ([layers, ...], a block of the
+    stack starting at `first_layer`)."""
     name = "/".join(path)
     if name == "token_embedding":
         yield "model.decoder.embed_tokens.weight", value
@@ -82,9 +83,9 @@ def opt_tensors(path: tuple[str, ...], value: np.ndarray) -> Iterator[tuple[str,
         offset_rows = np.zeros((OPT_POSITION_OFFSET, value.shape[1]), value.dtype)
         yield "model.decoder.embed_positions.weight", np.concatenate([offset_rows, value])
     elif name == "lm_head":
-        yield "lm_head.weight", value.T
+        yield "lm_head.weight", np.ascontiguousarray(value.T)
     elif name.startswith("layers/"):
-        for i, layer in enumerate(value):
+        for i, layer in enumerate(value, start=first_layer):
             yield _layer_tensor(name.removeprefix("layers/"), i, layer)
     else:
         raise KeyError(f"no OPT tensor for the parameter {name!r}")

@@ -79,7 +79,7 @@ def write_safetensors(folder: PathLike, specs: list[tuple[str, tuple[int, ...], 
                 if given_name != name or tuple(value.shape) != tuple(shape) or value.dtype != np.dtype(dtype):
                     raise ValueError(f"tensor {given_name} {value.dtype}{list(value.shape)} arrived where "
                                      f"{name} {np.dtype(dtype)}{list(shape)} was planned")
-                f.write(value.tobytes())
+                f.write(value.reshape(-1).view(np.uint8))  # the array's own bytes: no copy
                 weight_map[name] = file_name
                 total += value.nbytes
     if len(names) > 1:

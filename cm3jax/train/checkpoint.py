@@ -6,6 +6,9 @@ Before a run resumes, its checkpoint's saved config is compared with the given o
 state's shapes (a mismatch is refused with the fields named), and a checkpoint that cannot be read back is reported
 as damaged with the step to resume from instead (`train.restore_step`); checkpoints after a chosen restore step are
 moved aside to `checkpoints_set_aside/`, not deleted.
+
+A parameter stacked over layers (under a `layers` key: nn.scan's leading layer axis) is stored in chunks of one
+layer, so one layer can be read without the others (export streams a model layer by layer this way).
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(state, save_args=layer_chunked_save_args(state)),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
             ),
@@ -91,6 +94,18 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+STACKED_LAYERS_KEY = "layers"
+
+
+def layer_chunked_save_args(tree: Any) -> Any:
+    """orbax SaveArgs for `tree`: arrays under a `layers` key (layer axis first) are chunked one layer each."""
+    def save_args(path, leaf) -> ocp.SaveArgs:
+        stacked = any(getattr(key, "key", None) == STACKED_LAYERS_KEY for key in path) and np.ndim(leaf) >= 2
+        return ocp.SaveArgs(shard_axes=(0,) if stacked else ())
+
+    return jax.tree_util.tree_map_with_path(save_args, tree)
 
 
 def _target(abstract: Any, shardings: Any) -> Any:
