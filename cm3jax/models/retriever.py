@@ -75,7 +75,7 @@ class TokenTower(nn.Module):
         x = (jnp.take(embedding, tokens, axis=0) + positions[None, :length]).astype(cfg.compute_dtype)
         index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         # Segment 1 for tokens read, 0 for the rest: masked tokens never reach the ones that are read.
-        x = layer_stack(cfg, packed=True)(x, index, mask.astype(jnp.int32))
+        x, _ = layer_stack(cfg, packed=True)(x, index, mask.astype(jnp.int32))
         weights = mask.astype(jnp.float32)[..., None]
         pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
         projection = logical_param(self, "projection", init, (cfg.d_model, self.embed_dim), ("embed", None))

@@ -11,13 +11,18 @@ and the z-loss lives in the loss. Layers are stacked on a leading `layers` axis 
 time does not grow with depth; each layer is rematerialised by the configured policy.
 
 Packed sequences: `segment_ids` (0 = padding, 1.. = documents) stop attention across documents, and `positions`
-restart at every document. Decoding: with `decode=True` each layer keeps a KV cache in the `cache` collection
-(allocated by `init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index.
+restart at every document. Decoding: with `decode=True` the decoder keeps a KV cache in the `cache` collection
+(allocated by `init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index. The
+cache is stacked over layers, heads before positions ([layers, batch, heads, length, head_dim]); inside the layer
+scan it is only read, each layer returning its new keys and values, which are written into the stack once after the
+scan. (A cache that each layer updates itself is copied whole by the scan at every step, and the positions-first
+layout makes XLA transpose it for the attention products: together 1.4x slower per token at a 1,024-token context
+on CPU, benchmarks/decode.py.)
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -141,13 +146,44 @@ def causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, im
     return block_causal_attention(q, k, v, segment_ids, block_size)
 
 
+class LayerCache(NamedTuple):
+    """One layer's view of the KV cache while decoding: what earlier calls wrote, read-only."""
+
+    keys: Array  # [batch, heads, length, head_dim]
+    values: Array  # [batch, heads, length, head_dim]
+    segment_ids: Array  # [batch, length]
+    start: Array  # where this call's tokens go: positions before it are filled
+
+
+def cached_attention(q: Array, k: Array, v: Array, cached: LayerCache, query_index: Array,
+                     query_segments: Array) -> Array:
+    """This call's queries against the cache's filled positions and, causally, against this call's own keys, as one
+    softmax over both: q, k, v [b, t, n, h] -> [b, t, n, h]. The cache is read in place (no copy, no transpose)."""
+    scale = q.shape[-1] ** -0.5
+    f32 = jnp.float32
+    cache_scores = jnp.einsum("btnh,bnsh->bnts", q, cached.keys, preferred_element_type=f32) * scale
+    cache_visible = ((jnp.arange(cached.keys.shape[2]) < cached.start)[None, None, :]
+                     & (query_segments[:, :, None] == cached.segment_ids[:, None, :]))[:, None]
+    own_scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=f32) * scale
+    own_visible = attention_mask(query_index, query_index, query_segments, query_segments)
+    cache_scores = jnp.where(cache_visible, cache_scores, -jnp.inf)
+    own_scores = jnp.where(own_visible, own_scores, -jnp.inf)  # a query always sees itself: every row has a max
+    peak = jnp.maximum(cache_scores.max(-1, keepdims=True), own_scores.max(-1, keepdims=True))
+    cache_weights, own_weights = jnp.exp(cache_scores - peak), jnp.exp(own_scores - peak)
+    total = cache_weights.sum(-1) + own_weights.sum(-1)  # [b, n, t]
+    out = (jnp.einsum("bnts,bnsh->btnh", cache_weights.astype(v.dtype), cached.values, preferred_element_type=f32)
+           + jnp.einsum("bnts,bsnh->btnh", own_weights.astype(v.dtype), v, preferred_element_type=f32))
+    return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(q.dtype)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
-    decode: bool = False
     packed: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, query_index: Array, segment_ids: Array) -> Array:
+    def __call__(self, x: Array, query_index: Array, segment_ids: Array,
+                 cached: LayerCache | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """-> (output, this call's (keys, values) [b, t, n, h] when decoding against `cached`, else None)."""
         cfg = self.cfg
         init = truncated_normal(cfg.init_std)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
@@ -161,11 +197,10 @@ class Attention(nn.Module):
             q = _layer_norm(q, cfg.layer_norm_epsilon)
             k = _layer_norm(k, cfg.layer_norm_epsilon)
 
-        if self.decode:
-            # A few new queries against the whole cache: XLA's masked attention on every platform.
-            k, v, key_index, key_segments = self._update_cache(k, v, segment_ids, query_index[0, 0])
-            mask = attention_mask(query_index, key_index, segment_ids, key_segments)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        new_keys_values = None
+        if cached is not None:
+            out = cached_attention(q, k, v, cached, query_index, segment_ids)
+            new_keys_values = (k, v)
         elif not cfg.causal:
             out = bidirectional_attention(q, k, v, segment_ids if self.packed else None)
         else:
@@ -174,27 +209,7 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, head_axes)
         wo = logical_param(self, "out", nn.initializers.zeros, (cfg.num_heads, cfg.head_dim, cfg.d_model),
                     ("heads", "kv", "embed"))
-        return jnp.einsum("btnh,nhd->btd", out, wo)
-
-    def _update_cache(self, k: Array, v: Array, segment_ids: Array, start: Array):
-        """Writes this call's keys/values at cache position `start`; returns the whole cache, key indices and segments.
-
-        `init` with a [batch, max_decode_len] input only allocates the cache (zeros).
-        """
-        allocated = self.has_variable("cache", "key")
-        batch, length, heads, head_dim = k.shape
-        cached_key = self.variable("cache", "key", jnp.zeros, (batch, length, heads, head_dim), k.dtype)
-        cached_value = self.variable("cache", "value", jnp.zeros, (batch, length, heads, head_dim), v.dtype)
-        cached_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
-        max_length = cached_key.value.shape[1]
-        key_index = jnp.broadcast_to(jnp.arange(max_length), (batch, max_length))
-        if not allocated:
-            return k, v, key_index[:, :length], segment_ids
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
-        cached_segments.value = jax.lax.dynamic_update_slice(
-            cached_segments.value, segment_ids.astype(jnp.int32), (0, start))
-        return cached_key.value, cached_value.value, key_index, cached_segments.value
+        return jnp.einsum("btnh,nhd->btd", out, wo), new_keys_values
 
 
 class FeedForward(nn.Module):
@@ -220,43 +235,46 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-LN block; shaped as a scan body: (carry, broadcast inputs) -> (carry, None)."""
+    """One pre-LN block; shaped as a scan body: (carry, broadcast inputs, this layer's cache) -> (carry, this call's
+    keys and values when decoding, else None)."""
 
     cfg: DecoderConfig
-    decode: bool = False
     packed: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, query_index: Array, segment_ids: Array):
+    def __call__(self, x: Array, query_index: Array, segment_ids: Array, cached: LayerCache | None = None):
         cfg = self.cfg
         embed_axes = ("activation_batch", "activation_length", "activation_embed")
         x = nn.with_logical_constraint(x, embed_axes)
-        h = Attention(cfg, self.decode, self.packed, name="attention")(
-            _layer_norm(x, cfg.layer_norm_epsilon), query_index, segment_ids)
+        h, new_keys_values = Attention(cfg, self.packed, name="attention")(
+            _layer_norm(x, cfg.layer_norm_epsilon), query_index, segment_ids, cached)
         x = x + h
         x = x + FeedForward(cfg, name="mlp")(_layer_norm(x, cfg.layer_norm_epsilon))
-        return nn.with_logical_constraint(x, embed_axes), None
+        return nn.with_logical_constraint(x, embed_axes), new_keys_values
 
 
-def layer_stack(cfg: DecoderConfig, decode: bool = False, packed: bool = False) -> nn.Module:
+def layer_stack(cfg: DecoderConfig, packed: bool = False, decode: bool = False) -> nn.Module:
     """The scanned, rematerialised blocks (a submodule named `layers` of the calling module) followed by the final
-    LayerNorm, as a function (x [b, t, d], query_index [b, t], segment_ids [b, t]) -> [b, t, d]."""
+    LayerNorm, as a function (x [b, t, d], query_index [b, t], segment_ids [b, t], cache) -> (x [b, t, d], new keys
+    and values [layers, b, t, n, h] each when decoding against `cache` (a LayerCache stacked over layers), else
+    None)."""
     layer = DecoderLayer
     if cfg.remat_policy != "none":
         layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     layers = nn.scan(
         layer,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        # While decoding, each layer reads its slice of the stacked keys and values.
+        in_axes=(nn.broadcast, nn.broadcast) + ((LayerCache(0, 0, nn.broadcast, nn.broadcast),) if decode else ()),
         length=cfg.num_layers,
         unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, decode, packed, name="layers")
+    )(cfg, packed, name="layers")
 
-    def apply(x: Array, query_index: Array, segment_ids: Array) -> Array:
-        x, _ = layers(x, query_index, segment_ids)
-        return _layer_norm(x, cfg.layer_norm_epsilon)
+    def apply(x: Array, query_index: Array, segment_ids: Array, cache: LayerCache | None = None):
+        x, new_keys_values = layers(x, query_index, segment_ids, *((cache,) if decode else ()))
+        return _layer_norm(x, cfg.layer_norm_epsilon), new_keys_values
 
     return apply
 
@@ -274,7 +292,8 @@ class CM3LeonDecoder(nn.Module):
         packed = segment_ids is not None
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-        start = self._advance_cache_index(length) if self.decode else 0
+        cache = self._cache(tokens.shape, segment_ids) if self.decode else None
+        start = cache.start if self.decode else 0
         query_index = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
         if positions is None:
             positions = query_index
@@ -289,7 +308,9 @@ class CM3LeonDecoder(nn.Module):
         x = jnp.take(embedding, tokens, axis=0) + jnp.take(position_embedding, positions, axis=0)
         x = x.astype(cfg.compute_dtype)
 
-        x = layer_stack(cfg, self.decode, packed)(x, query_index, segment_ids)
+        x, new_keys_values = layer_stack(cfg, packed, self.decode)(x, query_index, segment_ids, cache)
+        if self.decode:
+            self._append_to_cache(new_keys_values, segment_ids, start)
 
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
@@ -299,14 +320,29 @@ class CM3LeonDecoder(nn.Module):
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
 
-    def _advance_cache_index(self, length: int) -> Array:
-        """Returns where this call's tokens go in the KV cache and moves the index past them (not during init)."""
-        allocated = self.has_variable("cache", "index")
+    def _cache(self, shape: tuple[int, int], segment_ids: Array) -> LayerCache:
+        """The KV cache as the layers read it (allocated, zeros, by `init`: its input's length is the cache's)."""
+        cfg = self.cfg
+        batch, length = shape
+        stacked = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
+        keys = self.variable("cache", "key", jnp.zeros, stacked, cfg.compute_dtype)
+        values = self.variable("cache", "value", jnp.zeros, stacked, cfg.compute_dtype)
+        segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        start = index.value
-        if allocated:
-            index.value = start + length
-        return start
+        return LayerCache(keys.value, values.value, segments.value, index.value)
+
+    def _append_to_cache(self, new_keys_values: tuple[Array, Array], segment_ids: Array, start: Array) -> None:
+        """Writes this call's keys and values ([layers, b, t, n, h]) and segments at `start`; moves the index past
+        them. Not during `init`, which only allocates."""
+        if self.is_initializing():
+            return
+        for name, new in zip(("key", "value"), new_keys_values):
+            cached = self.get_variable("cache", name)
+            self.put_variable("cache", name, jax.lax.dynamic_update_slice(
+                cached, jnp.swapaxes(new, 2, 3).astype(cached.dtype), (0, 0, 0, start, 0)))
+        self.put_variable("cache", "segment_ids", jax.lax.dynamic_update_slice(
+            self.get_variable("cache", "segment_ids"), segment_ids.astype(jnp.int32), (0, start)))
+        self.put_variable("cache", "index", start + segment_ids.shape[1])
 
 
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
