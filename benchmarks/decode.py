@@ -34,6 +34,7 @@ from timing import best_time  # benchmarks/ is on the path when run as a script
 from cm3jax.evaluation.digits import caption_digit, digit_classifier, ink_8x8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT, LONG = 32, 160  # tokens generated after the same prompt; per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)
 
 
 def parse_args():
@@ -82,14 +83,14 @@ def speed_row(name: str, args) -> dict:
     def prompt(length):
         return np.concatenate([[vocab_lib.EOS], vocab.text_ids(rng.integers(0, vocab.text_size, length - 1))])
 
-    # KV cache: generating 2n instead of n tokens after the same prompt costs n tokens at ~context positions.
-    n = 32
-    tokens, mask = left_pad([prompt(args.context - 2 * n)])
+    # KV cache: generating LONG instead of SHORT tokens after the same prompt costs LONG - SHORT tokens at ~context
+    # positions (a wide gap: the prompt's prefill, in both times, varies from run to run).
+    tokens, mask = left_pad([prompt(args.context - LONG)])
     timed = {}
-    for steps in (n, 2 * n):
+    for steps in (SHORT, LONG):
         run = make_decoder(cfg, vocab, Schedule.image(steps), greedy)
         timed[steps] = compiled_best_time(run, (params, tokens, mask, jax.random.key(0)), args.repeats)
-    cached = (timed[2 * n] - timed[n]) / n
+    cached = (timed[LONG] - timed[SHORT]) / (LONG - SHORT)
     forward = jax.jit(lambda p, t: CM3LeonDecoder(cfg).apply({"params": p}, t)[:, -1])
     full = jnp.asarray(prompt(args.context))[None]
     recompute = compiled_best_time(forward, (params, full), args.repeats)
@@ -108,7 +109,7 @@ def speed_row(name: str, args) -> dict:
            "speedup": recompute / cached, "image_tokens": grid * grid, "image_latency_s": latency,
            "compute_dtype": str(cfg.compute_dtype.name if hasattr(cfg.compute_dtype, "name") else cfg.compute_dtype)}
     if args.peer:
-        peer = transformers_speed(config, vocab, jax.device_get(params), prompt(args.context - 2 * n), n, caption,
+        peer = transformers_speed(config, vocab, jax.device_get(params), prompt(args.context - LONG), caption,
                                   unconditional, grid if args.image_latency else 0, args.repeats)
         row.update(peer)
         row["vs_transformers_per_token"] = peer["transformers_ms_per_token"] / row["kv_cache_ms_per_token"]
@@ -116,10 +117,9 @@ def speed_row(name: str, args) -> dict:
     return row
 
 
-def transformers_speed(config, vocab, params, prompt, n: int, caption, unconditional, grid: int,
-                       repeats: int) -> dict:
-    """The same model exported as OPT and decoded by transformers' generate: per-token time (generating 2n against
-    n tokens after `prompt`, as for cm3jax) and one image's latency with CFG (grid 0: not timed)."""
+def transformers_speed(config, vocab, params, prompt, caption, unconditional, grid: int, repeats: int) -> dict:
+    """The same model exported as OPT and decoded by transformers' generate: per-token time (generating LONG against
+    SHORT tokens after `prompt`, as for cm3jax) and one image's latency with CFG (grid 0: not timed)."""
     import tempfile
     import time
 
@@ -162,10 +162,10 @@ def transformers_speed(config, vocab, params, prompt, n: int, caption, unconditi
             best = min(best, time.perf_counter() - start)
         return best
 
-    short, long = (timed(lambda steps=steps: generate(prompt, steps), repeats) for steps in (n, 2 * n))
+    short, long = (timed(lambda steps=steps: generate(prompt, steps), repeats) for steps in (SHORT, LONG))
     cfg = {"guidance_scale": 3.0, "negative_prompt_ids": torch.tensor(unconditional[None], device=device)}
     image = timed(lambda: generate(caption, grid * grid, **cfg), max(1, repeats - 1)) if grid else float("nan")
-    return {"transformers_ms_per_token": (long - short) / n * 1e3, "transformers_image_latency_s": image,
+    return {"transformers_ms_per_token": (long - short) / (LONG - SHORT) * 1e3, "transformers_image_latency_s": image,
             "transformers_dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads()}
 
 
