@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from cm3jax.train.checkpoint import STACKED_LAYERS_KEY, damaged
+from cm3jax.models.transformer import STACKED_LAYERS
+from cm3jax.train.checkpoint import damaged
 from cm3jax.workdir import StageDir
 
 ParamPath = tuple[str, ...]
@@ -49,14 +50,14 @@ def leaves(tree: dict, prefix: ParamPath = ()) -> Iterator[tuple[ParamPath, jax.
 
 def is_stacked_layers(path: ParamPath) -> bool:
     """Whether the parameter at `path` is stacked over layers (leading layer axis)."""
-    return path[0] == STACKED_LAYERS_KEY
+    return path[0] == STACKED_LAYERS
 
 
 class ParamsReader:
     """Reads parameters of `stage_dir`'s checkpoint at `step` (the `params` of its `state` item)."""
 
     def __init__(self, stage_dir: StageDir, step: int):
-        self.step = step
+        self._step = step
         self._checkpoints = stage_dir.checkpoints
         self._state_dir = self._checkpoints / str(step) / "state"
         try:
@@ -74,7 +75,7 @@ class ParamsReader:
         try:
             store = ts.open(tspec, open=True, read=True, context=self._context).result()
         except Exception as e:  # tensorstore reports a missing or unreadable array in several ways
-            raise damaged(self._checkpoints, self.step, e) from e
+            raise damaged(self._checkpoints, self._step, e) from e
         if tuple(store.shape) != tuple(spec.shape):
             raise ValueError(f"params/{'/'.join(path)}: the checkpoint holds shape {tuple(store.shape)}, "
                              f"the config gives {tuple(spec.shape)}")

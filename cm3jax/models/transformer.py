@@ -16,8 +16,8 @@ restart at every document. Decoding: with `decode=True` the decoder keeps a KV c
 cache is stacked over layers, heads before positions ([layers, batch, heads, length, head_dim]); inside the layer
 scan it is only read, each layer returning its new keys and values, which are written into the stack once after the
 scan. (A cache that each layer updates itself is copied whole by the scan at every step, and the positions-first
-layout makes XLA transpose it for the attention products: together 1.4x slower per token at a 1,024-token context
-on CPU, benchmarks/decode.py.)
+layout makes XLA transpose it for the attention products: together 1.55x slower per token at the cm3leon_350m shape
+near a 1,024-token context on CPU, docs/performance.md.)
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from cm3jax.config import default
 from cm3jax.models.block_attention import block_causal_attention
 
 Array = jax.Array
+
+STACKED_LAYERS = "layers"  # the layer scan's name: every parameter under it has a leading layer axis
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -270,7 +272,7 @@ def layer_stack(cfg: DecoderConfig, packed: bool = False, decode: bool = False) 
         length=cfg.num_layers,
         unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, packed, name="layers")
+    )(cfg, packed, name=STACKED_LAYERS)
 
     def apply(x: Array, query_index: Array, segment_ids: Array, cache: LayerCache | None = None):
         x, new_keys_values = layers(x, query_index, segment_ids, *((cache,) if decode else ()))

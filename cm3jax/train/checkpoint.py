@@ -96,13 +96,12 @@ class Checkpointer:
         self._manager.close()
 
 
-STACKED_LAYERS_KEY = "layers"
-
-
 def layer_chunked_save_args(tree: Any) -> Any:
     """orbax SaveArgs for `tree`: arrays under a `layers` key (layer axis first) are chunked one layer each."""
+    from cm3jax.models.transformer import STACKED_LAYERS
+
     def save_args(path, leaf) -> ocp.SaveArgs:
-        stacked = any(getattr(key, "key", None) == STACKED_LAYERS_KEY for key in path) and np.ndim(leaf) >= 2
+        stacked = any(getattr(key, "key", None) == STACKED_LAYERS for key in path) and np.ndim(leaf) >= 2
         return ocp.SaveArgs(shard_axes=(0,) if stacked else ())
 
     return jax.tree_util.tree_map_with_path(save_args, tree)
