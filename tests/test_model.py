@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, flops_per_token
+from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, decoding_params, flops_per_token
 
 CFG = DecoderConfig(vocab_size=128, num_layers=2, d_model=32, num_heads=4, head_dim=8, ffn_dim=64, max_seq_len=64)
 
@@ -58,7 +58,8 @@ def test_kv_cache_decoding_matches_full_forward():
     full = model.apply({"params": params}, tokens)
     decoder = CM3LeonDecoder(CFG, decode=True)
     cache = decoder.init(jax.random.key(0), jnp.zeros((2, 24), jnp.int32))["cache"]
-    step = jax.jit(lambda p, c, t: decoder.apply({"params": p, "cache": c}, t, mutable=["cache"]))
+    step = jax.jit(lambda p, c, t: decoder.apply({"params": decoding_params(p, CFG.num_layers), "cache": c}, t,
+                                                 mutable=["cache"]))
     logits, mutated = step(params, cache, tokens[:, :7])  # prefill
     pieces = [logits]
     for i in range(7, 20):

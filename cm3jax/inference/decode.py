@@ -22,7 +22,7 @@ import numpy as np
 from cm3jax import vocab as vocab_lib
 from cm3jax.config import default
 from cm3jax.inference import processors
-from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
+from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, decoding_params
 
 FREE = -1  # schedule entry: sample this position (under its modality constraint)
 SAMPLE_IMAGE, SAMPLE_TEXT = 0, 1
@@ -115,6 +115,7 @@ def decode(cfg: DecoderConfig, vocab: vocab_lib.UnifiedVocab, params: Any, token
            schedule: Schedule, options: SamplingOptions, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Generates `len(schedule)` positions after each prompt.
 
+    params: the decoder's, stacked as trained (split per layer here, a copy) or already split by `decoding_params`.
     tokens, mask [streams * B, P] (left-padded, from `left_pad`); returns (generated [B, T] int32 with <pad> after an
     example stopped, lengths [B] including the stop token). Jit it with the schedule and options static, e.g. via
     `make_decoder`.
@@ -127,6 +128,7 @@ def decode(cfg: DecoderConfig, vocab: vocab_lib.UnifiedVocab, params: Any, token
         raise ValueError(f"prompt ({prompt_len}) + generated ({steps}) tokens exceed the model's {cfg.max_seq_len} "
                          f"positions")
     model = CM3LeonDecoder(cfg, decode=True)
+    params = decoding_params(params, cfg.num_layers)
     cache = _empty_cache(model, rows, prompt_len + steps)
     segment = mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segment, axis=1) - 1, 0)

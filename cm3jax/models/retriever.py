@@ -66,16 +66,15 @@ class TokenTower(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, mask: Array) -> Array:
         cfg = self.cfg
-        batch, length = tokens.shape
+        length = tokens.shape[1]
         init = truncated_normal(cfg.init_std)
         embedding = self.param("token_embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
         positions = self.param("position_embedding", nn.with_logical_partitioning(init, ("position", "embed")),
                                (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
         x = (jnp.take(embedding, tokens, axis=0) + positions[None, :length]).astype(cfg.compute_dtype)
-        index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         # Segment 1 for tokens read, 0 for the rest: masked tokens never reach the ones that are read.
-        x, _ = layer_stack(cfg, packed=True)(x, index, mask.astype(jnp.int32))
+        x = layer_stack(cfg, packed=True)(x, mask.astype(jnp.int32))
         weights = mask.astype(jnp.float32)[..., None]
         pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
         projection = logical_param(self, "projection", init, (cfg.d_model, self.embed_dim), ("embed", None))

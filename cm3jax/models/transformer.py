@@ -12,12 +12,12 @@ time does not grow with depth; each layer is rematerialised by the configured po
 
 Packed sequences: `segment_ids` (0 = padding, 1.. = documents) stop attention across documents, and `positions`
 restart at every document. Decoding: with `decode=True` the decoder keeps a KV cache in the `cache` collection
-(allocated by `init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index. The
-cache is stacked over layers, heads before positions ([layers, batch, heads, length, head_dim]); inside the layer
-scan it is only read, each layer returning its new keys and values, which are written into the stack once after the
-scan. (A cache that each layer updates itself is copied whole by the scan at every step, and the positions-first
-layout makes XLA transpose it for the attention products: together 1.55x slower per token at the cm3leon_350m shape
-near a 1,024-token context on CPU, docs/performance.md.)
+(allocated by `init` with a [batch, max_decode_len] input), and every call appends its tokens at the cache index.
+Decoding runs the layers one by one, not as a scan, on per-layer parameters (`decoding_params` turns the stacked
+training layout into `layers_0` .. `layers_{n-1}`), and each layer keeps its own cache, updated in place: keys
+[batch, heads, head_dim, length], values [batch, heads, length, head_dim], so both attention products read the
+cache as stored. (A scan over stacked parameters and caches copies every layer's weights and cache slice out of the
+stack at every step, which made decoding the cm3leon_350m shape on CPU slower than transformers; docs/performance.md.)
 """
 from __future__ import annotations
 
@@ -148,34 +148,38 @@ def causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, im
     return block_causal_attention(q, k, v, segment_ids, block_size)
 
 
-class LayerCache(NamedTuple):
-    """One layer's view of the KV cache while decoding: what earlier calls wrote, read-only."""
+class CacheView(NamedTuple):
+    """What every layer needs to read and extend its KV cache in one decoding call."""
 
-    keys: Array  # [batch, heads, length, head_dim]
-    values: Array  # [batch, heads, length, head_dim]
-    segment_ids: Array  # [batch, length]
-    start: Array  # where this call's tokens go: positions before it are filled
+    start: Array  # the cache index where this call's tokens go: the positions before it are filled
+    visible: Array  # [batch, 1, tokens, cache length + tokens] bool: the cached, then this call's, keys each query sees
 
 
-def cached_attention(q: Array, k: Array, v: Array, cached: LayerCache, query_index: Array,
-                     query_segments: Array) -> Array:
-    """This call's queries against the cache's filled positions and, causally, against this call's own keys, as one
-    softmax over both: q, k, v [b, t, n, h] -> [b, t, n, h]. The cache is read in place (no copy, no transpose)."""
-    scale = q.shape[-1] ** -0.5
+def cached_attention(module: nn.Module, q: Array, k: Array, v: Array, view: CacheView) -> Array:
+    """This call's queries against `module`'s cache as it was and, causally, against this call's own keys, in one
+    softmax: q, k, v [b, t, n, h] -> [b, t, n, h]. The new keys and values are written into the cache after it is
+    read (not during `init`, which only allocates), so XLA updates it in place."""
+    batch, length, heads, head_dim = k.shape
+    cache_length = view.visible.shape[-1] - length
+    keys = module.variable("cache", "key", jnp.zeros, (batch, heads, head_dim, cache_length), k.dtype)
+    values = module.variable("cache", "value", jnp.zeros, (batch, heads, cache_length, head_dim), v.dtype)
     f32 = jnp.float32
-    cache_scores = jnp.einsum("btnh,bnsh->bnts", q, cached.keys, preferred_element_type=f32) * scale
-    cache_visible = ((jnp.arange(cached.keys.shape[2]) < cached.start)[None, None, :]
-                     & (query_segments[:, :, None] == cached.segment_ids[:, None, :]))[:, None]
-    own_scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=f32) * scale
-    own_visible = attention_mask(query_index, query_index, query_segments, query_segments)
-    cache_scores = jnp.where(cache_visible, cache_scores, -jnp.inf)
-    own_scores = jnp.where(own_visible, own_scores, -jnp.inf)  # a query always sees itself: every row has a max
-    peak = jnp.maximum(cache_scores.max(-1, keepdims=True), own_scores.max(-1, keepdims=True))
-    cache_weights, own_weights = jnp.exp(cache_scores - peak), jnp.exp(own_scores - peak)
-    total = cache_weights.sum(-1) + own_weights.sum(-1)  # [b, n, t]
-    out = (jnp.einsum("bnts,bnsh->btnh", cache_weights.astype(v.dtype), cached.values, preferred_element_type=f32)
-           + jnp.einsum("bnts,bsnh->btnh", own_weights.astype(v.dtype), v, preferred_element_type=f32))
-    return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(q.dtype)
+    scores = jnp.concatenate([jnp.einsum("btnh,bnhs->bnts", q, keys.value, preferred_element_type=f32),
+                              jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=f32)], axis=-1)
+    # A query always sees itself: no row is all -inf.
+    weights = jax.nn.softmax(jnp.where(view.visible, scores * head_dim ** -0.5, -jnp.inf), axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bnts,bnsh->btnh", weights[..., :cache_length], values.value, preferred_element_type=f32)
+           + jnp.einsum("bnts,bsnh->btnh", weights[..., cache_length:], v, preferred_element_type=f32))
+    if not module.is_initializing():
+        # XLA updates a loop-carried cache in place only when the write provably comes after the reads; otherwise
+        # it copies the cache twice per layer and step. Adding 0 * (one output value of the row) makes the write
+        # depend on the reads without changing it (a row whose output is not finite has non-finite logits anyway).
+        after_reads = 0.0 * out[:, :1, :1, :1].astype(k.dtype)
+        keys.value = jax.lax.dynamic_update_slice(keys.value, jnp.transpose(k + after_reads, (0, 2, 3, 1)),
+                                                  (0, 0, 0, view.start))
+        values.value = jax.lax.dynamic_update_slice(values.value, jnp.transpose(v + after_reads, (0, 2, 1, 3)),
+                                                    (0, 0, view.start, 0))
+    return out.astype(q.dtype)
 
 
 class Attention(nn.Module):
@@ -183,9 +187,8 @@ class Attention(nn.Module):
     packed: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, query_index: Array, segment_ids: Array,
-                 cached: LayerCache | None = None) -> tuple[Array, tuple[Array, Array] | None]:
-        """-> (output, this call's (keys, values) [b, t, n, h] when decoding against `cached`, else None)."""
+    def __call__(self, x: Array, segment_ids: Array, cache: CacheView | None = None) -> Array:
+        """cache: decode against (and extend) this layer's KV cache."""
         cfg = self.cfg
         init = truncated_normal(cfg.init_std)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
@@ -199,10 +202,8 @@ class Attention(nn.Module):
             q = _layer_norm(q, cfg.layer_norm_epsilon)
             k = _layer_norm(k, cfg.layer_norm_epsilon)
 
-        new_keys_values = None
-        if cached is not None:
-            out = cached_attention(q, k, v, cached, query_index, segment_ids)
-            new_keys_values = (k, v)
+        if cache is not None:
+            out = cached_attention(self, q, k, v, cache)
         elif not cfg.causal:
             out = bidirectional_attention(q, k, v, segment_ids if self.packed else None)
         else:
@@ -210,8 +211,12 @@ class Attention(nn.Module):
                                    cfg.attention_block_size)
         out = nn.with_logical_constraint(out, head_axes)
         wo = logical_param(self, "out", nn.initializers.zeros, (cfg.num_heads, cfg.head_dim, cfg.d_model),
-                    ("heads", "kv", "embed"))
-        return jnp.einsum("btnh,nhd->btd", out, wo), new_keys_values
+                           ("heads", "kv", "embed"))
+        if cache is not None:
+            # One [n * h, d] product: with two contracting axes XLA on CPU transposes the whole weight every step.
+            batch, length = x.shape[:2]
+            return out.reshape(batch, length, -1) @ wo.reshape(-1, cfg.d_model)
+        return jnp.einsum("btnh,nhd->btd", out, wo)
 
 
 class FeedForward(nn.Module):
@@ -237,29 +242,25 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-LN block; shaped as a scan body: (carry, broadcast inputs, this layer's cache) -> (carry, this call's
-    keys and values when decoding, else None)."""
+    """One pre-LN block; shaped as a scan body: (carry, broadcast inputs) -> (carry, None)."""
 
     cfg: DecoderConfig
     packed: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, query_index: Array, segment_ids: Array, cached: LayerCache | None = None):
+    def __call__(self, x: Array, segment_ids: Array, cache: CacheView | None = None):
         cfg = self.cfg
         embed_axes = ("activation_batch", "activation_length", "activation_embed")
         x = nn.with_logical_constraint(x, embed_axes)
-        h, new_keys_values = Attention(cfg, self.packed, name="attention")(
-            _layer_norm(x, cfg.layer_norm_epsilon), query_index, segment_ids, cached)
-        x = x + h
+        x = x + Attention(cfg, self.packed, name="attention")(_layer_norm(x, cfg.layer_norm_epsilon), segment_ids,
+                                                              cache)
         x = x + FeedForward(cfg, name="mlp")(_layer_norm(x, cfg.layer_norm_epsilon))
-        return nn.with_logical_constraint(x, embed_axes), new_keys_values
+        return nn.with_logical_constraint(x, embed_axes), None
 
 
-def layer_stack(cfg: DecoderConfig, packed: bool = False, decode: bool = False) -> nn.Module:
+def layer_stack(cfg: DecoderConfig, packed: bool = False) -> nn.Module:
     """The scanned, rematerialised blocks (a submodule named `layers` of the calling module) followed by the final
-    LayerNorm, as a function (x [b, t, d], query_index [b, t], segment_ids [b, t], cache) -> (x [b, t, d], new keys
-    and values [layers, b, t, n, h] each when decoding against `cache` (a LayerCache stacked over layers), else
-    None)."""
+    LayerNorm, as a function (x [b, t, d], segment_ids [b, t]) -> x [b, t, d]."""
     layer = DecoderLayer
     if cfg.remat_policy != "none":
         layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -267,22 +268,36 @@ def layer_stack(cfg: DecoderConfig, packed: bool = False, decode: bool = False) 
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        # While decoding, each layer reads its slice of the stacked keys and values.
-        in_axes=(nn.broadcast, nn.broadcast) + ((LayerCache(0, 0, nn.broadcast, nn.broadcast),) if decode else ()),
+        in_axes=nn.broadcast,
         length=cfg.num_layers,
         unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, packed, name=STACKED_LAYERS)
 
-    def apply(x: Array, query_index: Array, segment_ids: Array, cache: LayerCache | None = None):
-        x, new_keys_values = layers(x, query_index, segment_ids, *((cache,) if decode else ()))
-        return _layer_norm(x, cfg.layer_norm_epsilon), new_keys_values
+    def apply(x: Array, segment_ids: Array) -> Array:
+        x, _ = layers(x, segment_ids)
+        return _layer_norm(x, cfg.layer_norm_epsilon)
 
     return apply
 
 
+def decoding_layer_name(layer: int) -> str:
+    return f"{STACKED_LAYERS}_{layer}"
+
+
+def decoding_params(params: dict, num_layers: int) -> dict:
+    """The decoder's parameters as `CM3LeonDecoder(decode=True)` reads them: the stacked `layers` subtree split into
+    one subtree per layer (a copy of the layer parameters). Parameters already split are returned as they are."""
+    if STACKED_LAYERS not in params:
+        return params
+    split = {decoding_layer_name(i): jax.tree.map(lambda stacked, i=i: stacked[i], params[STACKED_LAYERS])
+             for i in range(num_layers)}
+    return {**{name: value for name, value in params.items() if name != STACKED_LAYERS}, **split}
+
+
 class CM3LeonDecoder(nn.Module):
-    """tokens [batch, length] -> logits [batch, length, vocab_size] (float32)."""
+    """tokens [batch, length] -> logits [batch, length, vocab_size] (float32). With `decode=True` the parameters
+    are in the decoding layout (`decoding_params`)."""
 
     cfg: DecoderConfig
     decode: bool = False
@@ -294,11 +309,10 @@ class CM3LeonDecoder(nn.Module):
         packed = segment_ids is not None
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-        cache = self._cache(tokens.shape, segment_ids) if self.decode else None
-        start = cache.start if self.decode else 0
-        query_index = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        cache = self._extend_cache(segment_ids) if self.decode else None
         if positions is None:
-            positions = query_index
+            start = cache.start if self.decode else 0
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
         init = truncated_normal(cfg.init_std)
         embedding = self.param("token_embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
@@ -310,9 +324,12 @@ class CM3LeonDecoder(nn.Module):
         x = jnp.take(embedding, tokens, axis=0) + jnp.take(position_embedding, positions, axis=0)
         x = x.astype(cfg.compute_dtype)
 
-        x, new_keys_values = layer_stack(cfg, packed, self.decode)(x, query_index, segment_ids, cache)
         if self.decode:
-            self._append_to_cache(new_keys_values, segment_ids, start)
+            for layer in range(cfg.num_layers):
+                x, _ = DecoderLayer(cfg, packed, name=decoding_layer_name(layer))(x, segment_ids, cache)
+            x = _layer_norm(x, cfg.layer_norm_epsilon)
+        else:
+            x = layer_stack(cfg, packed)(x, segment_ids)
 
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
@@ -322,29 +339,22 @@ class CM3LeonDecoder(nn.Module):
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
 
-    def _cache(self, shape: tuple[int, int], segment_ids: Array) -> LayerCache:
-        """The KV cache as the layers read it (allocated, zeros, by `init`: its input's length is the cache's)."""
-        cfg = self.cfg
-        batch, length = shape
-        stacked = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
-        keys = self.variable("cache", "key", jnp.zeros, stacked, cfg.compute_dtype)
-        values = self.variable("cache", "value", jnp.zeros, stacked, cfg.compute_dtype)
+    def _extend_cache(self, segment_ids: Array) -> CacheView:
+        """Records this call's segments in the cache and moves its index past them (not during `init`, which only
+        allocates: the cache's length is `init`'s input length); -> what the layers need to attend: the filled
+        cache positions and this call's tokens up to the query, within the query's document."""
+        batch, length = segment_ids.shape
         segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        return LayerCache(keys.value, values.value, segments.value, index.value)
-
-    def _append_to_cache(self, new_keys_values: tuple[Array, Array], segment_ids: Array, start: Array) -> None:
-        """Writes this call's keys and values ([layers, b, t, n, h]) and segments at `start`; moves the index past
-        them. Not during `init`, which only allocates."""
-        if self.is_initializing():
-            return
-        for name, new in zip(("key", "value"), new_keys_values):
-            cached = self.get_variable("cache", name)
-            self.put_variable("cache", name, jax.lax.dynamic_update_slice(
-                cached, jnp.swapaxes(new, 2, 3).astype(cached.dtype), (0, 0, 0, start, 0)))
-        self.put_variable("cache", "segment_ids", jax.lax.dynamic_update_slice(
-            self.get_variable("cache", "segment_ids"), segment_ids.astype(jnp.int32), (0, start)))
-        self.put_variable("cache", "index", start + segment_ids.shape[1])
+        start, cached_segments = index.value, segments.value
+        filled = jnp.arange(cached_segments.shape[1]) < start
+        cache_visible = filled[None, None, :] & (segment_ids[:, :, None] == cached_segments[:, None, :])
+        query_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        own_visible = attention_mask(query_index, query_index, segment_ids, segment_ids)
+        if not self.is_initializing():
+            segments.value = jax.lax.dynamic_update_slice(cached_segments, segment_ids.astype(jnp.int32), (0, start))
+            index.value = start + length
+        return CacheView(start, jnp.concatenate([cache_visible[:, None], own_visible], axis=-1))
 
 
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
