@@ -58,11 +58,15 @@ def test_kv_cache_decoding_matches_full_forward():
     full = model.apply({"params": params}, tokens)
     decoder = CM3LeonDecoder(CFG, decode=True)
     cache = decoder.init(jax.random.key(0), jnp.zeros((2, 24), jnp.int32))["cache"]
-    step = jax.jit(lambda p, c, t: decoder.apply({"params": decoding_params(p, CFG.num_layers), "cache": c}, t,
-                                                 mutable=["cache"]))
-    logits, mutated = step(params, cache, tokens[:, :7])  # prefill
+    step = jax.jit(lambda p, c, t, prefill=False: decoder.apply(
+        {"params": decoding_params(p, CFG.num_layers), "cache": c}, t, prefill=prefill, mutable=["cache"]),
+                   static_argnames="prefill")
+    logits, mutated = step(params, cache, tokens[:, :7], prefill=True)
     pieces = [logits]
-    for i in range(7, 20):
+    # Several tokens against a filled cache (a prompt continued) are also exact.
+    logits, mutated = step(params, mutated["cache"], tokens[:, 7:10])
+    pieces.append(logits)
+    for i in range(10, 20):
         logits, mutated = step(params, mutated["cache"], tokens[:, i:i + 1])
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)

@@ -132,7 +132,8 @@ def decode(cfg: DecoderConfig, vocab: vocab_lib.UnifiedVocab, params: Any, token
     cache = _empty_cache(model, rows, prompt_len + steps)
     segment = mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(segment, axis=1) - 1, 0)
-    logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segment, mutable=["cache"])
+    logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segment, prefill=True,
+                                  mutable=["cache"])
     next_position = positions[:, -1] + 1
     allowed = jnp.asarray(allowed_tokens(vocab, schedule.stop_tokens))
     forced, modality = jnp.asarray(schedule.forced), jnp.asarray(schedule.modality)

@@ -152,24 +152,31 @@ class CacheView(NamedTuple):
     """What every layer needs to read and extend its KV cache in one decoding call."""
 
     start: Array  # the cache index where this call's tokens go: the positions before it are filled
-    visible: Array  # [batch, 1, tokens, cache length + tokens] bool: the cached, then this call's, keys each query sees
+    length: int  # the cache's
+    # [batch, 1, tokens, cache length + tokens] bool: the cached, then this call's, keys each query sees; None for a
+    # prefill (the cache is empty), whose attention stays within the call
+    visible: Array | None
 
 
-def cached_attention(module: nn.Module, q: Array, k: Array, v: Array, view: CacheView) -> Array:
+def cached_attention(module: nn.Module, q: Array, k: Array, v: Array, segment_ids: Array, view: CacheView) -> Array:
     """This call's queries against `module`'s cache as it was and, causally, against this call's own keys, in one
-    softmax: q, k, v [b, t, n, h] -> [b, t, n, h]. The new keys and values are written into the cache after it is
-    read (not during `init`, which only allocates), so XLA updates it in place."""
-    batch, length, heads, head_dim = k.shape
-    cache_length = view.visible.shape[-1] - length
-    keys = module.variable("cache", "key", jnp.zeros, (batch, heads, head_dim, cache_length), k.dtype)
-    values = module.variable("cache", "value", jnp.zeros, (batch, heads, cache_length, head_dim), v.dtype)
+    softmax (a prefill: block-causal within the call, as in training): q, k, v [b, t, n, h] -> [b, t, n, h]. The
+    new keys and values are written into the cache after it is read (not during `init`, which only allocates), so
+    XLA updates it in place."""
+    batch, _, heads, head_dim = k.shape
+    keys = module.variable("cache", "key", jnp.zeros, (batch, heads, head_dim, view.length), k.dtype)
+    values = module.variable("cache", "value", jnp.zeros, (batch, heads, view.length, head_dim), v.dtype)
     f32 = jnp.float32
-    scores = jnp.concatenate([jnp.einsum("btnh,bnhs->bnts", q, keys.value, preferred_element_type=f32),
-                              jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=f32)], axis=-1)
-    # A query always sees itself: no row is all -inf.
-    weights = jax.nn.softmax(jnp.where(view.visible, scores * head_dim ** -0.5, -jnp.inf), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bnts,bnsh->btnh", weights[..., :cache_length], values.value, preferred_element_type=f32)
-           + jnp.einsum("bnts,bsnh->btnh", weights[..., cache_length:], v, preferred_element_type=f32))
+    if view.visible is None:
+        out = causal_attention(q, k, v, segment_ids, module.cfg.attention, module.cfg.attention_block_size)
+    else:
+        scores = jnp.concatenate([jnp.einsum("btnh,bnhs->bnts", q, keys.value, preferred_element_type=f32),
+                                  jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=f32)], axis=-1)
+        # A query always sees itself: no row is all -inf.
+        weights = jax.nn.softmax(jnp.where(view.visible, scores * head_dim ** -0.5, -jnp.inf), axis=-1)
+        weights = weights.astype(v.dtype)
+        out = (jnp.einsum("bnts,bnsh->btnh", weights[..., :view.length], values.value, preferred_element_type=f32)
+               + jnp.einsum("bnts,bsnh->btnh", weights[..., view.length:], v, preferred_element_type=f32))
     if not module.is_initializing():
         # XLA updates a loop-carried cache in place only when the write provably comes after the reads; otherwise
         # it copies the cache twice per layer and step. Adding 0 * (one output value of the row) makes the write
@@ -203,7 +210,7 @@ class Attention(nn.Module):
             k = _layer_norm(k, cfg.layer_norm_epsilon)
 
         if cache is not None:
-            out = cached_attention(self, q, k, v, cache)
+            out = cached_attention(self, q, k, v, segment_ids, cache)
         elif not cfg.causal:
             out = bidirectional_attention(q, k, v, segment_ids if self.packed else None)
         else:
@@ -303,13 +310,15 @@ class CM3LeonDecoder(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                 prefill: bool = False) -> Array:
+        """prefill (decoding): the cache is empty, so attention stays within this call."""
         cfg = self.cfg
         batch, length = tokens.shape
         packed = segment_ids is not None
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-        cache = self._extend_cache(segment_ids) if self.decode else None
+        cache = self._extend_cache(segment_ids, prefill) if self.decode else None
         if positions is None:
             start = cache.start if self.decode else 0
             positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -339,7 +348,7 @@ class CM3LeonDecoder(nn.Module):
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
 
-    def _extend_cache(self, segment_ids: Array) -> CacheView:
+    def _extend_cache(self, segment_ids: Array, prefill: bool) -> CacheView:
         """Records this call's segments in the cache and moves its index past them (not during `init`, which only
         allocates: the cache's length is `init`'s input length); -> what the layers need to attend: the filled
         cache positions and this call's tokens up to the query, within the query's document."""
@@ -347,14 +356,18 @@ class CM3LeonDecoder(nn.Module):
         segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         start, cached_segments = index.value, segments.value
-        filled = jnp.arange(cached_segments.shape[1]) < start
-        cache_visible = filled[None, None, :] & (segment_ids[:, :, None] == cached_segments[:, None, :])
-        query_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        own_visible = attention_mask(query_index, query_index, segment_ids, segment_ids)
+        cache_length = cached_segments.shape[1]
+        visible = None
+        if not prefill:
+            filled = jnp.arange(cache_length) < start
+            cache_visible = filled[None, None, :] & (segment_ids[:, :, None] == cached_segments[:, None, :])
+            query_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            own_visible = attention_mask(query_index, query_index, segment_ids, segment_ids)
+            visible = jnp.concatenate([cache_visible[:, None], own_visible], axis=-1)
         if not self.is_initializing():
             segments.value = jax.lax.dynamic_update_slice(cached_segments, segment_ids.astype(jnp.int32), (0, start))
             index.value = start + length
-        return CacheView(start, jnp.concatenate([cache_visible[:, None], own_visible], axis=-1))
+        return CacheView(start, cache_length, visible)
 
 
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
