@@ -167,8 +167,8 @@ def cached_attention(module: nn.Module, q: Array, k: Array, v: Array, segment_id
     keys = module.variable("cache", "key", jnp.zeros, (batch, heads, head_dim, view.length), k.dtype)
     values = module.variable("cache", "value", jnp.zeros, (batch, heads, view.length, head_dim), v.dtype)
     f32 = jnp.float32
-    if view.visible is None:
-        out = causal_attention(q, k, v, segment_ids, module.cfg.attention, module.cfg.attention_block_size)
+    if view.visible is None:  # the XLA kernel: any prompt length and dtype, on every platform
+        out = block_causal_attention(q, k, v, segment_ids, module.cfg.attention_block_size)
     else:
         scores = jnp.concatenate([jnp.einsum("btnh,bnhs->bnts", q, keys.value, preferred_element_type=f32),
                                   jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=f32)], axis=-1)
