@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
+CONFIG ?= configs/demo.py
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast lint bench clean
@@ -16,8 +17,9 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# `make demo CONFIG=configs/demo.py:smoke WORKDIR=workdir/smoke`: the same command on the smoke recipe (CI runs it).
 demo: $(STAMP)
-	$(VENV)/bin/cm3jax pipeline --config=configs/demo.py --workdir=$(WORKDIR)
+	$(VENV)/bin/cm3jax pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)

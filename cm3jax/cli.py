@@ -1,7 +1,8 @@
 """`cm3jax <command> --config=configs/X.py[:arg] --workdir=DIR [--config.section.key=value ...]`.
 
 Parses the flags and dispatches: a stage's command to its `run` (cm3jax/stages/), `pipeline` to every stage in
-order, `generate <task>` to one request. User errors end here as one line and exit code 2.
+order, `generate <task>` to one request. User errors end here as one line and exit code 2; any other exception as
+one line naming it and the file holding its traceback (DIR/errors/), exit code 1.
 """
 from __future__ import annotations
 
@@ -54,13 +55,15 @@ commands:
                generate grounded --prompt=TEXT --boxes="red circle:0,0,20,20;blue square:28,28,44,44"
              every task takes --model=lm|sft (default: sft where the run has one)
 
-A user error (a config value, a path, a damaged checkpoint) is one line on stderr and exit code 2; add
---verbosity=1 for its traceback. Examples: `cm3jax pipeline --config=configs/demo.py --workdir=workdir/demo`,
+A user error (a config value, a path, a damaged checkpoint) is one line on stderr and exit code 2; any other failure
+is one line naming the exception and the file holding its traceback (DIR/errors/), exit code 1; add --verbosity=1
+to see either traceback here. A relative DIR (and every relative path in the config) is taken from the current
+directory. Examples: `cm3jax pipeline --config=configs/demo.py --workdir=workdir/demo`,
 `cm3jax generate image --config=configs/demo.py --workdir=workdir/demo --prompt="a handwritten seven"`.
 """
 
 
-EXIT_CONFIG_ERROR, EXIT_DIVERGED = 2, 3
+EXIT_FAILED, EXIT_CONFIG_ERROR, EXIT_DIVERGED = 1, 2, 3
 
 
 def _generate_flags() -> dict:
@@ -88,9 +91,10 @@ def dispatch(config, workdir, argv: list[str]) -> bool:
     return stage.run(config, workdir)
 
 
-# Library warnings that ask nothing of a cm3jax user: TFDS suggesting OpenCV for images cm3jax decodes itself, and
-# TFDS noting that an embedded dataset is not built yet (the stage then says what to run).
-LIBRARY_NOTICES = ("OpenCV is not installed", "Variant folder")
+# Library warnings that ask nothing of a cm3jax user: TFDS suggesting OpenCV for images cm3jax decodes itself, TFDS
+# noting that an embedded dataset is not built yet (the stage then says what to run), and TFDS naming the builder
+# config of an embedded dataset at every open.
+LIBRARY_NOTICES = ("OpenCV is not installed", "Variant folder", "Using custom data configuration")
 
 
 def _drop_library_advice(record) -> bool:
@@ -182,6 +186,15 @@ def main(argv: list[str]) -> None:
     except TrainingDivergedError as e:
         sys.stderr.write(f"cm3jax: training diverged: {e}\n")
         sys.exit(EXIT_DIVERGED)
+    except Exception as e:
+        if flags.FLAGS.verbosity >= 1:
+            raise
+        from cm3jax.failure_report import one_line_summary, write_traceback
+
+        report = write_traceback(e, workdir.errors, argv[1:])
+        sys.stderr.write(f"cm3jax: {argv[1]} failed: {one_line_summary(e)} (traceback in {report}; "
+                         f"--verbosity=1 prints it here)\n")
+        sys.exit(EXIT_FAILED)
 
 
 def run() -> None:

@@ -30,6 +30,15 @@ def is_remote(path: PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+def absolute_path(path: PathLike) -> epath.Path:
+    """A bucket path as it is; a local one with `~` expanded and made absolute against the current directory, once,
+    so that no library sees a relative path (orbax and tensorstore refuse one; a subprocess may run elsewhere)."""
+    path = os.fspath(path)
+    if is_remote(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.path.expanduser(path)))
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Readers see the old file or the whole new one, never a part. An object store gives this for one write; a
     local folder gets a temporary name, fsync and rename."""

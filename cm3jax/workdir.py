@@ -11,10 +11,14 @@
       eval/             <model>-<step>/: metrics.json, predictions.jsonl, image sheets
       samples/          what the finished run generates
       export/           <model>-<step>-<format>/: the model for use outside cm3jax (docs/export.md)
+      errors/           <command>-<time>-pid<N>.txt: the traceback of a command that failed unexpectedly
 
 Every stage folder holds `config.json` (the resolved config it ran with), `COMPLETE.json` once it has finished, and
 `inputs.json` where its outputs depend on another stage's (the digest later stages record, so no stage runs on,
 or resumes with, inputs that changed). Paths are `etils.epath` paths, so a workdir may be a bucket.
+
+A local workdir, a stage folder and every path a config names (USER_PATH_FIELDS) are made absolute (`~` expanded)
+once, against the current directory, where they enter: no stage, library or subprocess sees a relative path.
 """
 from __future__ import annotations
 
@@ -29,12 +33,16 @@ from etils import epath
 
 from cm3jax.config import config_to_json
 from cm3jax.errors import UserError, WorkdirError
-from cm3jax.storage import PathLike, atomic_write_text, files_digest
+from cm3jax.storage import PathLike, absolute_path, atomic_write_text, files_digest
 
 COMPLETE_MARKER = "COMPLETE.json"
 INPUTS_FILE = "inputs.json"
 CONFIG_FILE = "config.json"
 TEXT_TOKENIZER_FILE = "text.model"
+
+# Config fields that hold a user's local or bucket path ("" where the workdir's default applies).
+USER_PATH_FIELDS = ("data.token_dir", "data.neighbours_dir", "raw_data.tfds_data_dir", "raw_data.paths",
+                    "retrieval.embeddings", "train.init_from", "sft.init_from", "eval.inception_weights")
 
 
 class ChangedInputsError(UserError):
@@ -45,6 +53,9 @@ class ChangedInputsError(UserError):
 class StageDir:
     """One stage's folder: its outputs, its saved config, its completion marker and its inputs' identity."""
     path: epath.Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", absolute_path(self.path))
 
     @classmethod
     def at(cls, path: StageDir | PathLike) -> StageDir:
@@ -160,7 +171,7 @@ class Workdir:
     data.neighbours_dir)."""
 
     def __init__(self, root: PathLike):
-        self.root = epath.Path(root)
+        self.root = absolute_path(root)
 
     @classmethod
     def of(cls, value: Workdir | PathLike) -> Workdir:
@@ -209,6 +220,11 @@ class Workdir:
         return self.stage("export")
 
     @property
+    def errors(self) -> epath.Path:
+        """Where the command line writes the traceback of an unexpected exception (cm3jax/failure_report.py)."""
+        return self.root / "errors"
+
+    @property
     def text_tokenizer(self) -> epath.Path:
         """The SentencePiece model the tokens stage trains (or finds) and generation reads."""
         return self.root / "text_tokenizer" / TEXT_TOKENIZER_FILE
@@ -218,8 +234,13 @@ class Workdir:
         return self.samples.path / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def resolve(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        """A copy of config whose LM inputs default to this workdir's token shards and neighbour files."""
+        """A copy of config whose LM inputs default to this workdir's token shards and neighbour files, and whose
+        paths (USER_PATH_FIELDS) are absolute."""
         config = config.copy_and_resolve_references()
+        for field in USER_PATH_FIELDS:
+            section, name = field.split(".")
+            if config[section][name]:
+                config[section][name] = os.fspath(absolute_path(config[section][name]))
         if not config.data.token_dir:
             config.data.token_dir = str(self.tokens)
         if not config.data.neighbours_dir:

@@ -23,7 +23,7 @@ from cm3jax import vocab as vocab_lib
 from cm3jax.config import config_to_json
 from cm3jax.errors import MissingInputError
 from cm3jax.export.safetensors_files import numpy_dtype
-from cm3jax.storage import PathLike
+from cm3jax.storage import PathLike, absolute_path
 from cm3jax.workdir import Workdir
 
 EXPORT_RECORD = "export.json"
@@ -87,7 +87,7 @@ def restore_bundle_params(folder: PathLike, abstract_params: Any, shardings: Any
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, saved_dtype, sharding=s), abstract_params,
                           shardings)
     with ocp.StandardCheckpointer() as reader:
-        params = reader.restore(epath.Path(folder) / PARAMS_DIR, target)
+        params = reader.restore(absolute_path(folder) / PARAMS_DIR, target)
     return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract_params)
 
 
@@ -102,7 +102,7 @@ def load_pretrained(folder: PathLike, devices=None):
     from cm3jax.tokenizers.image import ImageTokenizer
     from cm3jax.tokenizers.text import TextTokenizer
 
-    folder = epath.Path(folder)
+    folder = absolute_path(folder)
     config, record = read_bundle_config(folder)
     config.mesh = base_config().mesh  # a mesh of this host's devices, not the training run's
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)

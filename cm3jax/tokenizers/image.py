@@ -27,7 +27,7 @@ from cm3jax.data.sources import decode_image
 from cm3jax.errors import BadInputError, DamagedCheckpointError, MissingInputError
 from cm3jax.models.vqgan import VQGAN, VQGANConfig, pixels_from_uint8, uint8_from_pixels
 from cm3jax.parallel.mesh import data_parallel_mesh
-from cm3jax.storage import PathLike, arrays_digest, atomic_write_text
+from cm3jax.storage import PathLike, absolute_path, arrays_digest, atomic_write_text
 from cm3jax.workdir import Workdir
 
 EXPORTED_CONFIG = "image_tokenizer.json"  # what marks a folder written by ImageTokenizer.save
@@ -72,7 +72,7 @@ class ImageTokenizer:
     def save(self, folder: PathLike) -> epath.Path:
         """Writes the parameters (no discriminator, no optimizer state) as an orbax checkpoint and the model config,
         step and parameter digest as EXPORTED_CONFIG; `from_exported` reads them back."""
-        folder = epath.Path(folder)
+        folder = absolute_path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with ocp.StandardCheckpointer() as checkpointer:
             # Host copies: every process holds the whole VQ-GAN; orbax writes numpy arrays from the primary process.
@@ -86,7 +86,7 @@ class ImageTokenizer:
     def from_exported(cls, folder: PathLike, mesh: Mesh | None = None) -> ImageTokenizer:
         """The tokenizer `save` wrote to `folder`, on `mesh` (default: one local device), checked against the
         digest saved with it."""
-        folder = epath.Path(folder)
+        folder = absolute_path(folder)
         if not (folder / EXPORTED_CONFIG).exists():
             raise MissingInputError(f"{folder} holds no exported image tokenizer (no {EXPORTED_CONFIG})")
         saved = json.loads((folder / EXPORTED_CONFIG).read_text())

@@ -13,7 +13,6 @@ layer, so one layer can be read without the others (export streams a model layer
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -29,14 +28,14 @@ from jax.experimental import multihost_utils
 from cm3jax.config import config_differences
 from cm3jax.config_validation import ConfigError
 from cm3jax.errors import DamagedCheckpointError
-from cm3jax.storage import PathLike, is_remote, move
+from cm3jax.storage import PathLike, absolute_path, move
 
 ITEMS = ("state", "data", "config")
 
 
 class Checkpointer:
     def __init__(self, directory: PathLike, *, keep: int, async_save: bool = True):
-        self.directory = epath.Path(directory if is_remote(directory) else os.path.abspath(directory))
+        self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         )
