@@ -122,12 +122,43 @@ def _fail(message: str, argv: list[str], error: BaseException | None = None) -> 
     sys.exit(EXIT_CONFIG_ERROR)
 
 
-def _config_file_problem(argv: list[str]) -> str | None:
+def _config_file_problem(argv: list[str]) -> tuple[str, Exception | None] | None:
+    """(why --config cannot give a config, the error behind it) for a missing file, a syntax error or an error
+    raised by its get_config, checked before absl loads the recipe (which would report these as tracebacks; the
+    recipe runs twice, and is expected to be cheap and side-effect free)."""
     for arg in argv:
         if arg.startswith("--config="):
-            path = arg[len("--config="):].split(":", 1)[0]
+            path, _, recipe_arg = arg[len("--config="):].partition(":")
             if not os.path.isfile(path):
-                return f"config file {path} not found (e.g. --config=configs/demo.py)"
+                return f"config file {path} not found (e.g. --config=configs/demo.py)", None
+            return _recipe_problem(path, recipe_arg or None)
+    return None
+
+
+def _recipe_problem(path: str, arg: str | None) -> tuple[str, Exception] | None:
+    import importlib.util
+
+    from cm3jax.failure_report import one_line_summary
+
+    name = "cm3jax_recipe_check"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        return f"config file {path} is not a Python file (e.g. --config=configs/demo.py)", ValueError(path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses and pickling look the module up there
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            return f"config file {path} defines no get_config()", AttributeError("get_config")
+        module.get_config(*([] if arg is None else [arg]))
+    except SyntaxError as e:
+        return f"config file {path}, line {e.lineno}: {e.msg}", e
+    except ConfigError as e:
+        return f"invalid config: {e}", e
+    except Exception as e:  # whatever a recipe raises is the recipe's to fix
+        return f"config file {path} failed: {one_line_summary(e)}", e
+    finally:
+        del sys.modules[name]
     return None
 
 
@@ -136,6 +167,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     if any(arg in ("-h", "--help", "--helpshort", "-?") for arg in argv[1:]):
         sys.stdout.write(usage())
         sys.exit(0)
+    problem = _config_file_problem(argv)
+    if problem:
+        message, error = problem
+        _fail(message, argv, error)
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as e:  # an unknown flag, or a value of the wrong type
@@ -145,9 +180,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
         _fail(f"no config field {(overrides or [name])[0].removeprefix('--')}: check its spelling against "
               f"cm3jax/config.py", argv, e)
-    problem = _config_file_problem(argv)
-    if problem:
-        _fail(problem, argv)
     return remaining
 
 

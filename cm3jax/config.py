@@ -325,7 +325,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # `cm3jax export` (cm3jax/export/): a trained model for use outside its run (DIR/export/<model>-<step>-<format>).
+    # `cm3jax export` (cm3jax/export/): a trained model for use outside its run
+    # (DIR/export/<model>-<step>-<format>-<dtype>).
     c.export = ml_collections.ConfigDict(
         dict(
             model="",  # lm | sft | "": sft where the run has one, else lm

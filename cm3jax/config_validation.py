@@ -1,6 +1,8 @@
 """Checks that a config can run before any compilation starts; every error names the offending field."""
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from cm3jax.errors import UserError
@@ -19,6 +21,7 @@ INDEX_KINDS = ("auto", "exact", "scann")
 RETRIEVAL_MODES = ("none", "neighbours")
 CAPTION_STYLES = ("auto", "infill", "continue", "instruction")
 RAW_DATASETS = ("digits", "shapes", "tfds", "array_record", "image_folder")
+TEXT_MODEL_TYPES = ("unigram", "bpe")
 
 
 class ConfigError(UserError, ValueError):
@@ -77,13 +80,19 @@ def validate_model_and_train_config(config: ml_collections.ConfigDict) -> None:
     require(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
     require(t.seq_len <= m.max_seq_len, "train.seq_len",
             f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the learned position table)")
-    for field in ("global_batch_size", "steps", "grad_accum_steps", "log_every", "checkpoint_every",
-                  "keep_checkpoints", "eval_batches"):
-        require(int(t[field]) >= 1, f"train.{field}", f"must be >= 1, got {t[field]}")
-    require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
+    validate_loop_settings(t, "train")
+    require(int(t.grad_accum_steps) >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     require(t.global_batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
             f"{t.grad_accum_steps} does not divide train.global_batch_size={t.global_batch_size}")
     validate_optim(o, "optim")
+
+
+def validate_loop_settings(t: ml_collections.ConfigDict, name: str) -> None:
+    """A training loop's section (`train`, `vqgan.train`, `retriever.train`), named `name` in the errors."""
+    for field in ("global_batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+        require(int(t[field]) >= 1, f"{name}.{field}", f"must be >= 1, got {t[field]}")
+    require(int(t.eval_every) >= 0, f"{name}.eval_every", "must be >= 0 (0 disables evaluation)")
+    require_checkpoint_step(t.restore_step, f"{name}.restore_step")
 
 
 def validate_optim(o: ml_collections.ConfigDict, name: str) -> None:
@@ -141,8 +150,19 @@ def validate_raw_data_config(config: ml_collections.ConfigDict) -> None:
     require(config.raw_data.image_size >= 8, "raw_data.image_size", f"must be >= 8, got {config.raw_data.image_size}")
 
 
+def validate_tokenize_config(config: ml_collections.ConfigDict) -> None:
+    k = config.tokenize
+    for field in ("batch_size", "shard_size"):
+        require(int(k[field]) >= 1, f"tokenize.{field}", f"must be >= 1, got {k[field]}")
+    require(k.text_model_type in TEXT_MODEL_TYPES, "tokenize.text_model_type",
+            f"{k.text_model_type!r} not in {TEXT_MODEL_TYPES}")
+    require(len(k.splits) >= 1, "tokenize.splits", "must name at least one split")
+
+
 def validate_generate_config(config: ml_collections.ConfigDict) -> None:
     g = config.generate
+    for field in ("temperature", "top_p", "cfg_scale", "cdk_alpha", "image_scale", "text_scale"):
+        require(math.isfinite(float(g[field])), f"generate.{field}", f"must be a finite number, got {g[field]}")
     require(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0: greedy), got {g.temperature}")
     require(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0: off), got {g.top_k}")
     require(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
@@ -186,6 +206,7 @@ def validate_retrieval_config(config: ml_collections.ConfigDict) -> None:
             "temperature_init and max_logit_scale must be > 0")
     require(q.compute_dtype in DTYPES + ("auto",), "retriever.compute_dtype", f"{q.compute_dtype!r} not valid")
     validate_optim(q.optim, "retriever.optim")
+    validate_loop_settings(q.train, "retriever.train")
 
 
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
@@ -204,6 +225,7 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
     require(0 <= v.code_usage_decay < 1, "vqgan.code_usage_decay",
             f"must be in [0, 1), got {v.code_usage_decay}")
     validate_optim(v.optim, "vqgan.optim")
+    validate_loop_settings(v.train, "vqgan.train")
 
 
 def validate_sft_config(config: ml_collections.ConfigDict) -> None:

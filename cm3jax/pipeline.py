@@ -1,12 +1,15 @@
 """`cm3jax pipeline`: every registered stage in order, skipping the complete ones whose config is unchanged."""
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from cm3jax.config import config_differences
 from cm3jax.config_validation import ConfigError
 from cm3jax.stages import STAGES, Stage
-from cm3jax.workdir import Workdir
+from cm3jax.storage import absolute_path
+from cm3jax.workdir import USER_PATH_FIELDS, Workdir
 
 # Settings that change how a stage runs, not what it produces: a complete stage given other values is still complete.
 RUNTIME_ONLY = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
@@ -23,7 +26,13 @@ def complete_stage_changes(config: ml_collections.ConfigDict, workdir: Workdir,
     if saved is None:
         return []
     return [d for d in config_differences(config, saved, stage.config_fields, only_saved_fields=True)
-            if d[0].rsplit(".", 1)[-1] not in RUNTIME_ONLY]
+            if d[0].rsplit(".", 1)[-1] not in RUNTIME_ONLY and not _same_path(*d)]
+
+
+def _same_path(field: str, given: object, saved: object) -> bool:
+    """A path field saved relative (by a cm3jax that kept paths as given) naming the folder now given absolute."""
+    return (field in USER_PATH_FIELDS and isinstance(given, str) and isinstance(saved, str) and bool(saved)
+            and os.fspath(absolute_path(saved)) == given)
 
 
 def continues(stage: Stage, changes: list) -> bool:

@@ -4,7 +4,8 @@ Every file of a run is read and written through `etils.epath` (as orbax and TFDS
 `open`/`os` on a workdir that is not local. Three libraries write and read local files only (ArrayRecord, TFDS's
 builders and ScaNN's serializer): they write into a local staging folder that is uploaded when they finish
 (`staged_dir`, `staged_file`), and read a local mirror of a remote folder (`local_mirror`), kept under
-$CM3JAX_CACHE (default ~/.cache/cm3jax) and refreshed where a file's size changed.
+$CM3JAX_CACHE (default ~/.cache/cm3jax) and refreshed where an object was rewritten (its generation, checksum or
+modification time changed, not only its size).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,7 +149,7 @@ def staged_file(destination: PathLike) -> Iterator[str]:
 
 
 def cache_root() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cm3jax")
+    return os.fspath(absolute_path(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "cm3jax")))
 
 
 def cache_folder(remote: PathLike, kind: str = "") -> str:
@@ -158,7 +160,7 @@ def cache_folder(remote: PathLike, kind: str = "") -> str:
 def local_mirror(source: PathLike) -> str:
     """A local path holding the same files as `source` (a folder or one file), for readers of local files only.
     A local source is returned as it is; a remote one is copied under cache_root(), where only files that are
-    missing or whose size differs are fetched again."""
+    missing or whose object was rewritten since (`_object_identity`) are fetched again."""
     source = epath.Path(source)
     if not is_remote(source):
         return os.fspath(source)
@@ -185,12 +187,60 @@ def _files_under(folder: epath.Path) -> list[tuple[epath.Path, str]]:
     return found
 
 
+def _object_identity(remote_file: epath.Path) -> str:
+    """What changes whenever an object is rewritten, also with the same size: its generation (GCS), else a
+    checksum or ETag, else its modification time; with its size."""
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(os.fspath(remote_file))
+    info = fs.info(key)
+    for field in ("generation", "md5Hash", "crc32c", "ETag", "etag", "mtime", "updated", "LastModified", "created"):
+        if info.get(field) is not None:
+            return f"{field}={info[field]};size={info.get('size')}"
+    return f"size={info.get('size')}"
+
+
 def _fetch(remote_file: epath.Path, local: str) -> None:
-    if os.path.exists(local) and os.path.getsize(local) == remote_file.stat().length:
-        return
+    """Copies `remote_file` to `local` unless the copy there was made from the same object; the object's identity
+    is kept outside the mirrored folder (a reader of that folder sees only its files)."""
+    identity = _object_identity(remote_file)  # FileNotFoundError when it is gone
+    record = os.path.join(cache_root(), "identities", hashlib.sha256(local.encode()).hexdigest())
+    if os.path.exists(local) and os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            if f.read() == identity:
+                return
     os.makedirs(os.path.dirname(local), exist_ok=True)
     with staged_file(local) as tmp:
         remote_file.copy(epath.Path(tmp), overwrite=True)
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    atomic_write_text(record, identity)
+
+
+def unused_name(folder: PathLike, stem: str) -> epath.Path:
+    """folder/stem, or folder/stem-2, -3, ... when that is taken (names made of a time to the second)."""
+    folder = epath.Path(folder)
+    path, attempt = folder / stem, 1
+    while path.exists():
+        attempt += 1
+        path = folder / f"{stem}-{attempt}"
+    return path
+
+
+def replace_folder(new: PathLike, destination: PathLike, keep_replaced: bool) -> epath.Path | None:
+    """Gives the whole folder `new` the name `destination`. A folder already there is first moved aside, to
+    `<destination>.replaced-<time>`, and removed only once `new` has its name (unless `keep_replaced`), so a crash at
+    any point keeps every whole folder. Returns where the earlier folder was kept (None when there was none, or it
+    was removed)."""
+    new, destination = epath.Path(new), epath.Path(destination)
+    replaced = None
+    if destination.exists():
+        replaced = unused_name(destination.parent, f"{destination.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        move(destination, replaced)
+    move(new, destination)
+    if replaced is not None and not keep_replaced:
+        replaced.rmtree()
+        return None
+    return replaced
 
 
 def move(source: PathLike, destination: PathLike) -> None:

@@ -10,7 +10,7 @@
       sft/              the instruction-tuned LM's checkpoints/, logs/ (same layout as lm/)
       eval/             <model>-<step>/: metrics.json, predictions.jsonl, image sheets
       samples/          what the finished run generates
-      export/           <model>-<step>-<format>/: the model for use outside cm3jax (docs/export.md)
+      export/           <model>-<step>-<format>-<dtype>/: the model for use outside cm3jax (docs/export.md)
       errors/           <command>-<time>-pid<N>.txt: the traceback of a command that failed unexpectedly
 
 Every stage folder holds `config.json` (the resolved config it ran with), `COMPLETE.json` once it has finished, and
@@ -33,7 +33,7 @@ from etils import epath
 
 from cm3jax.config import config_to_json
 from cm3jax.errors import UserError, WorkdirError
-from cm3jax.storage import PathLike, absolute_path, atomic_write_text, files_digest
+from cm3jax.storage import PathLike, absolute_path, atomic_write_text, files_digest, is_remote, unused_name
 
 COMPLETE_MARKER = "COMPLETE.json"
 INPUTS_FILE = "inputs.json"
@@ -92,12 +92,26 @@ class StageDir:
     def config_file(self) -> epath.Path:
         return self.path / CONFIG_FILE
 
-    def prepare(self, config: ml_collections.ConfigDict) -> StageDir:
-        """Creates the folder and writes the resolved config there (process 0)."""
+    def create(self) -> StageDir:
+        """Creates the folder, for outputs written before the stage completes (config.json waits for
+        `mark_complete`, so a refused or unfinished run leaves the last complete run's config, or none)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def prepare(self, config: ml_collections.ConfigDict) -> StageDir:
+        """A training stage starting (its checks passed, its checkpoint read back): writes the config it runs with
+        and drops COMPLETE.json until it completes again, so an interrupted run is never taken as complete with
+        the new config (process 0)."""
+        self.create()
+        self.mark_incomplete()
         if jax.process_index() == 0:
             atomic_write_text(self.config_file, config_to_json(config))
         return self
+
+    def mark_incomplete(self) -> None:
+        """Drops COMPLETE.json (process 0): the stage's outputs are being redone."""
+        if jax.process_index() == 0 and (self.path / COMPLETE_MARKER).exists():
+            (self.path / COMPLETE_MARKER).unlink()
 
     def saved_config(self) -> dict | None:
         """The config this stage last ran with (None when it has not run)."""
@@ -108,8 +122,11 @@ class StageDir:
     def is_complete(self) -> bool:
         return (self.path / COMPLETE_MARKER).exists()
 
-    def mark_complete(self, summary: dict) -> None:
+    def mark_complete(self, config: ml_collections.ConfigDict, summary: dict) -> None:
+        """Writes the config the outputs were made with, then COMPLETE.json with `summary` (process 0)."""
+        self.create()
         if jax.process_index() == 0:
+            atomic_write_text(self.config_file, config_to_json(config))
             record = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}
             atomic_write_text(self.path / COMPLETE_MARKER, json.dumps(record, indent=2, default=float))
 
@@ -216,8 +233,12 @@ class Workdir:
 
     @property
     def export(self) -> StageDir:
-        """DIR/export: one folder per export, <model>-<step>-<format>."""
+        """DIR/export: one folder per export (`export_folder`)."""
         return self.stage("export")
+
+    def export_folder(self, model: str, step: int, export_format: str, dtype: str) -> epath.Path:
+        """DIR/export/<model>-<step>-<format>-<dtype>, e.g. lm-1500-hf-float32."""
+        return self.export.path / f"{model}-{step}-{export_format}-{dtype}"
 
     @property
     def errors(self) -> epath.Path:
@@ -229,9 +250,21 @@ class Workdir:
         """The SentencePiece model the tokens stage trains (or finds) and generation reads."""
         return self.root / "text_tokenizer" / TEXT_TOKENIZER_FILE
 
-    def generate_output(self, task: str) -> epath.Path:
-        """A new folder for one `cm3jax generate` request."""
-        return self.samples.path / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    def new_generate_folder(self, task: str) -> epath.Path:
+        """A new, empty folder for one `cm3jax generate` request, samples/<task>-<time>, created here so that two
+        requests never share one: a name another request took in the same second gets -2, -3, ... (on a bucket,
+        where folders are only prefixes, a name under which any file exists counts as taken)."""
+        stem = f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.samples.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            folder = unused_name(self.samples.path, stem)
+            if is_remote(folder):
+                return folder
+            try:
+                folder.mkdir()  # exclusive: a request that took the name meanwhile makes this one try the next
+                return folder
+            except FileExistsError:
+                continue
 
     def resolve(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """A copy of config whose LM inputs default to this workdir's token shards and neighbour files, and whose

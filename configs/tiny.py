@@ -3,9 +3,12 @@
     cm3jax train --config=configs/tiny.py --workdir=/tmp/cm3jax_tiny
 """
 from cm3jax.config import base_config
+from cm3jax.config_validation import ConfigError
 
 
 def get_config(arg=None):
+    if arg is not None:
+        raise ConfigError(f"configs/tiny.py takes no argument (--config=configs/tiny.py), got {arg!r}")
     c = base_config()
     c.vocab.text_size = 384  # byte-fallback SentencePiece: 256 byte pieces, <unk> and the corpus characters
     c.vocab.image_codebook_size = 64

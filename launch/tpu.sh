@@ -8,6 +8,8 @@ usage: launch/tpu.sh --name=NAME --zone=ZONE --accelerator=TYPE [options] -- COM
 
 Creates the TPU VM (or reuses it when it exists), ships the code, installs cm3jax with jax[tpu] on every worker,
 runs COMMAND on all workers (--worker=all) and streams their logs. jax.distributed starts by itself on TPU pods.
+Exits with the status gcloud reports for COMMAND on the workers. Without --repo the last commit of this checkout is
+shipped (git archive HEAD): uncommitted changes are left out, with a warning.
 
   --name=NAME            TPU VM name (required)
   --zone=ZONE            e.g. us-central2-b (required)
@@ -75,19 +77,26 @@ if [[ -n "$REPO" ]]; then
   Q_BRANCH=$(printf '%q' "$BRANCH") Q_REPO=$(printf '%q' "$REPO")
   run "${SSH[@]}" --command="if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR fetch origin && git -C $REMOTE_DIR checkout $Q_BRANCH && git -C $REMOTE_DIR pull --ff-only origin $Q_BRANCH; else git clone --branch $Q_BRANCH $Q_REPO $REMOTE_DIR; fi"
 else
+  CHECKOUT="$(dirname "$0")/.."
+  if [[ -n "$(git -C "$CHECKOUT" status --porcelain 2>/dev/null)" ]]; then
+    echo "tpu.sh: warning: the checkout has uncommitted changes; only the last commit (git archive HEAD) is shipped" >&2
+  fi
   if [[ "${DRY_RUN:-0}" == "1" ]]; then  # a dry run creates nothing, not even a temporary folder
     ARCHIVE="${TMPDIR:-/tmp}/cm3jax-XXXXXX/cm3jax.tar.gz"
   else
-    ARCHIVE="$(mktemp -d)/cm3jax.tar.gz"
+    ARCHIVE_DIR="$(mktemp -d)"
+    trap 'rm -rf "$ARCHIVE_DIR"' EXIT
+    ARCHIVE="$ARCHIVE_DIR/cm3jax.tar.gz"
   fi
-  run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$ARCHIVE" HEAD
+  run git -C "$CHECKOUT" archive --format=tar.gz -o "$ARCHIVE" HEAD
   run "${GCLOUD[@]}" scp "$ARCHIVE" "$NAME":cm3jax.tar.gz "${SCOPE[@]}" --worker=all
   run "${SSH[@]}" --command="mkdir -p $REMOTE_DIR && tar -xzf cm3jax.tar.gz -C $REMOTE_DIR"
 fi
 
 run "${SSH[@]}" --command="cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"
 status=0
-run "${SSH[@]}" --command="cd $REMOTE_DIR && PATH=$REMOTE_DIR/.venv/bin:\$PATH$COMMAND 2>&1 | tee -a \$HOME/cm3jax.log" || status=$?
+# pipefail: the status is the command's, not tee's.
+run "${SSH[@]}" --command="set -o pipefail; cd $REMOTE_DIR && PATH=$REMOTE_DIR/.venv/bin:\$PATH$COMMAND 2>&1 | tee -a \$HOME/cm3jax.log" || status=$?
 
 if [[ "$DELETE" == "1" ]]; then
   run "${GCLOUD[@]}" delete "$NAME" "${SCOPE[@]}" --quiet

@@ -63,6 +63,24 @@ def bucket(tmp_path_factory):
     server.stop()
 
 
+def test_a_mirrored_object_rewritten_with_the_same_size_is_fetched_again(bucket, tmp_path, monkeypatch):
+    """A redone neighbours-*.npy keeps its size; the local mirror follows the object (its generation)."""
+    from etils import epath
+
+    from cm3jax import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    remote = epath.Path(f"{bucket}/mirror-test/neighbours-train.npy")
+    remote.write_bytes(b"first")
+    local = storage.local_mirror(remote)
+    assert open(local, "rb").read() == b"first"
+    remote.write_bytes(b"again")  # the same size, a new generation
+    assert storage.local_mirror(remote) == local and open(local, "rb").read() == b"again"
+    before = os.stat(local).st_mtime_ns
+    assert storage.local_mirror(remote) == local and os.stat(local).st_mtime_ns == before  # unchanged: kept
+    remote.unlink()
+
+
 def test_the_whole_pipeline_runs_in_a_bucket_as_on_a_local_disk(bucket, tiny_pipeline_run, tmp_path, monkeypatch):
     from cm3jax import stages
     from cm3jax.pipeline import run_pipeline

@@ -97,3 +97,25 @@ def test_eval_every_scores_the_lm_while_it_trains_as_the_eval_stage_does(tiny_pi
     loss_during, loss_after = during_training.pop("loss"), after_training.pop("loss")
     assert loss_during == pytest.approx(loss_after, rel=1e-6)
     assert during_training == after_training
+
+
+def test_an_eval_keeps_an_earlier_one_of_the_checkpoint_and_a_refused_eval_writes_nothing(tiny_pipeline_run,
+                                                                                          tmp_path, capsys):
+    from cm3jax import stages
+    from cm3jax.errors import MissingInputError
+
+    workdir = Workdir(copy_run(tiny_pipeline_run, tmp_path / "run"))
+    evals = workdir.stage("eval").path
+    before = (evals / "lm-4" / "metrics.json").read_text()
+    config = tiny_pipeline_config()
+    config.eval.tasks = ("loss",)  # other settings: other results under the same name
+    for _ in range(2):  # the second time it gives what is already there: nothing more is kept
+        assert stages.by_command("eval").run(config, workdir)
+    assert set(json.loads((evals / "lm-4" / "metrics.json").read_text())) >= {"loss"}
+    (kept,) = evals.glob("lm-4.replaced-*")
+    assert (kept / "metrics.json").read_text() == before and "is kept in" in capsys.readouterr().out
+    listing = sorted(p.name for p in evals.iterdir())
+    config.eval.split = "test"  # no token shards of it
+    with pytest.raises(MissingInputError):
+        stages.by_command("eval").run(config, workdir)
+    assert sorted(p.name for p in evals.iterdir()) == listing

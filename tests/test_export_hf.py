@@ -71,7 +71,7 @@ def _export(workdir, **export):
     config = tiny_pipeline_config()
     config.export.update(export)
     assert stages.by_command("export").run(config, workdir)
-    return workdir.export.path / f"lm-{EXPORTED_STEP}-hf"
+    return workdir.export_folder("lm", EXPORTED_STEP, "hf", export.get("dtype", "float32"))
 
 
 @pytest.fixture(scope="module")

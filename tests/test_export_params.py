@@ -37,7 +37,7 @@ def run(tiny_pipeline_run, tmp_path_factory):
         config = tiny_pipeline_config()
         config.export.format = export_format
         assert stages.by_command("export").run(config, workdir)
-        folders[export_format] = workdir.export.path / f"lm-4-{export_format}"
+        folders[export_format] = workdir.export_folder("lm", 4, export_format, "float32")
     return workdir, folders
 
 
@@ -55,11 +55,12 @@ def _checkpoint_params(workdir, config):
         checkpointer.close()
 
 
-def test_load_pretrained_gives_the_runs_generator(run):
+def test_load_pretrained_gives_the_runs_generator(run, monkeypatch):
     workdir, folders = run
     record = json.loads((folders["params"] / "export.json").read_text())
     assert (record["format"], record["model"], record["step"]) == ("params", "lm", 4)
-    loaded = cm3jax.load_pretrained(folders["params"])
+    monkeypatch.chdir(workdir.root)
+    loaded = cm3jax.load_pretrained("export/lm-4-params-float32")  # a relative folder, as a user types it
     original = Generator.load(workdir.resolve(tiny_pipeline_config()), workdir, model="lm")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params), jax.device_get(original.params))
     images, codes = loaded.images("a red circle", 1, GREEDY_CFG)
@@ -119,3 +120,37 @@ def test_an_export_of_another_model_shape_is_refused_by_field(run, tmp_path):
     config.model.d_model *= 2
     with pytest.raises(ConfigError, match="config.model.d_model="):
         init_from_params(config)
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.glob("**/*") if p.is_file()}
+
+
+def test_exporting_again_never_loses_the_earlier_export(run, monkeypatch):
+    """Each dtype has its own folder; a crash while the new export takes the old one's name leaves both whole."""
+    workdir, folders = run
+    config = tiny_pipeline_config()
+    config.export.update(format="params", dtype="bfloat16")
+    assert stages.by_command("export").run(config, workdir)
+    assert json.loads((folders["params"] / "export.json").read_text())["dtype"] == "float32"  # still there
+    earlier = _files(folders["params"])
+    from cm3jax import storage
+
+    move = storage.move
+
+    def crash_before_the_new_export_is_named(source, destination):
+        if str(source).endswith(".partial"):
+            raise OSError("crashed")
+        move(source, destination)
+
+    monkeypatch.setattr(storage, "move", crash_before_the_new_export_is_named)
+    config.export.dtype = "float32"
+    with pytest.raises(OSError, match="crashed"):
+        stages.by_command("export").run(config, workdir)
+    (aside,) = workdir.export.path.glob(f"{folders['params'].name}.replaced-*")
+    assert _files(aside) == earlier
+    assert (workdir.export.path / f"{folders['params'].name}.partial" / "export.json").exists()
+    monkeypatch.undo()
+    assert stages.by_command("export").run(config, workdir)
+    assert json.loads((folders["params"] / "export.json").read_text())["dtype"] == "float32"
+    assert not (workdir.export.path / f"{folders['params'].name}.partial").exists()

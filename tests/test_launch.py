@@ -109,6 +109,35 @@ def test_user_values_reaching_a_remote_shell_stay_values(tmp_path):
     assert "touch" not in words
 
 
+def test_tpu_exits_with_the_commands_status_warns_of_uncommitted_edits_and_leaves_no_archive(tmp_path):
+    """A real (not dry) run against a gcloud stand-in that runs the workers' command here."""
+    root, home, temp = tmp_path / "checkout", tmp_path / "home", tmp_path / "tmp"
+    for folder in (root / "launch", home / "cm3jax", temp):
+        folder.mkdir(parents=True)
+    subprocess.run(["cp", os.path.join(REPO, "launch", "tpu.sh"), str(root / "launch")], check=True)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(  # the TPU VM exists; only the command that runs COMMAND is carried out
+        "#!/usr/bin/env bash\n"
+        'for a in "$@"; do [[ "$a" == --command=*"tee -a"* ]] && exec bash -c "${a#--command=}"; done\n'
+        "exit 0\n")
+    os.chmod(bin_dir / "gcloud", 0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home), TMPDIR=str(temp))
+    for command, status in (("true", 0), ("false", 1)):
+        out = subprocess.run(["bash", str(root / "launch" / "tpu.sh"), "--name=pod", "--zone=z", "--", command],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == status, out.stderr
+        assert "uncommitted" not in out.stderr and os.listdir(temp) == []
+    (root / "edit.py").write_text("x = 1\n")
+    out = subprocess.run(["bash", str(root / "launch" / "tpu.sh"), "--name=pod", "--zone=z", "--", "true"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "uncommitted changes" in out.stderr and os.listdir(temp) == []
+
+
 @pytest.mark.parametrize("script,args", [
     ("tpu.sh", ["--name=pod", "--zone=z", "--accelerator=v4-8", "--", *TRAIN]),
     ("gpu.sh", ["--", *TRAIN]),
@@ -124,3 +153,10 @@ def test_a_dry_run_creates_nothing(tmp_path, script, args):
                          capture_output=True, text=True, timeout=60, cwd=root)
     assert out.returncode == 0, out.stderr
     assert os.listdir(root) == ["launch"] and os.listdir(temp) == []
+
+
+def test_the_slurm_log_needs_no_folder_that_only_the_job_would_create():
+    """SLURM opens --output when the job starts, before the script runs: it must name a file in an existing folder."""
+    with open(os.path.join(REPO, "launch", "slurm.sbatch")) as f:
+        (output,) = [line.split("=", 1)[1] for line in f if line.startswith("#SBATCH --output=")]
+    assert "/" not in output.strip()

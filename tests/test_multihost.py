@@ -147,7 +147,7 @@ def test_two_processes_export_like_one(tmp_path, tiny_pipeline_run, export_forma
     for num_processes, run in runs.items():
         shutil.rmtree(run / "export")
         launch_command(flags, str(run), num_processes=num_processes, devices_per_process=2 // num_processes)
-        folders[num_processes] = run / "export" / f"lm-4-{export_format}"
+        folders[num_processes] = run / "export" / f"lm-4-{export_format}-float32"
     if export_format == "hf":
         for name in ("model.safetensors", "tokenizer.json", "config.json", "vqgan/model.safetensors"):
             assert (folders[2] / name).read_bytes() == (folders[1] / name).read_bytes(), name

@@ -104,7 +104,7 @@ def test_an_sft_checkpoint_exports_and_transformers_computes_its_logits(sft_run,
 
     workdir = Workdir(copy_run(str(sft_run), tmp_path / "run"))
     assert stages.by_command("export").run(sft_config(), workdir)  # export.model empty: the SFT model
-    folder = workdir.export.path / "sft-4-hf"
+    folder = workdir.export_folder("sft", 4, "hf", "float32")
     config = sft_training_config(workdir.resolve(sft_config()))
     params = _state(config, workdir.sft).params
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)

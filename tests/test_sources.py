@@ -184,6 +184,33 @@ def test_image_folder_skips_and_counts_bad_input(tmp_path):
     assert counts == {"unreadable_image": 2, "missing_image_file": 1, "empty_caption": 1}
 
 
+def test_an_image_folder_reads_only_regular_files_it_names_inside_it_and_only_string_captions(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus"
+    os.makedirs(folder)
+    image = encoded(PIL.Image.new("RGB", (8, 8), (200, 10, 10)))
+    (folder / "red.png").write_bytes(image)
+    (folder / "big.png").write_bytes(image + b"\0" * 4096)
+    (tmp_path / "secret.png").write_bytes(image)
+    os.symlink(tmp_path / "secret.png", folder / "link.png")  # the folder's own link: followed
+    os.symlink("/dev/zero", folder / "zero.png")  # a link to a device: not a regular file
+    os.mkfifo(folder / "pipe.png")  # reading it would hang
+    monkeypatch.setattr("cm3jax.data.sources.MAX_IMAGE_FILE_BYTES", len(image) + 100)
+    lines = [{"file": "../secret.png", "caption": "up"}, {"file": str(tmp_path / "secret.png"), "caption": "abs"},
+             {"file": "/dev/zero", "caption": "device"}, {"file": "link.png", "caption": "a linked box"},
+             {"file": "zero.png", "caption": "linked device"}, {"file": "sub/../../secret.png", "caption": "up"},
+             {"file": "pipe.png", "caption": "fifo"}, {"file": "big.png", "caption": "big"},
+             {"file": "red.png", "caption": None}, {"file": "red.png", "caption": {"text": "a dict"}},
+             {"file": 7, "caption": "a number"}, {"file": "red.png", "caption": ["a red box", "a red square"]}]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source = ImageFolderSource(str(folder))
+    assert source.open_counts == {"bad_manifest_line": 3}
+    counts = SkipCounts()
+    examples = list(read_examples(source, 8, counts))
+    assert [e.caption for e in examples] == ["a linked box", "a red box"]
+    assert examples[1].meta["references"] == ["a red box", "a red square"]
+    assert counts == {"image_outside_folder": 4, "image_not_a_file": 2, "image_too_large": 1}
+
+
 class _RecordsWithOneBroken:
     def __len__(self):
         return 4
@@ -275,8 +302,8 @@ def write_bad_corpus(folder) -> dict:
               b"{not json", b'{"caption": "no file key"}', b"[1, 2]"]
     with open(os.path.join(folder, "captions.jsonl"), "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
-    return {"caption_too_long": 1, "empty_caption": 1, "missing_image_file": 1, "unreadable_image": 3,
-            "bad_manifest_line": 5}
+    return {"caption_too_long": 1, "empty_caption": 1, "missing_image_file": 1, "unreadable_image": 2,
+            "image_not_a_file": 1, "bad_manifest_line": 5}
 
 
 def test_data_summary_counts_every_kind_of_bad_record(tmp_path):

@@ -12,6 +12,7 @@ from cm3jax import stages
 from cm3jax.config_validation import ConfigError
 from cm3jax.pipeline import run_pipeline
 from cm3jax.train import loop
+from cm3jax.vocab import VocabMismatchError
 from cm3jax.workdir import ChangedInputsError, Workdir
 
 from helpers import tiny_pipeline_config, train_losses
@@ -90,6 +91,43 @@ def test_tokens_and_the_lm_refuse_inputs_they_were_not_made_from(tiny_pipeline_r
     config.train.steps = 6
     with pytest.raises(ChangedInputsError, match="neighbours"):
         stages.by_command("train").run(config, Workdir(workdir))
+
+
+def test_retrieval_rebuilds_what_a_retriever_trained_on_or_new_settings_make_outdated(tiny_pipeline_run, tmp_path,
+                                                                                       capsys):
+    from cm3jax.storage import load_arrays
+
+    workdir = Workdir(_copy_stages_before(tiny_pipeline_run, tmp_path / "run", "lm"))
+    retrieval = workdir.retrieval
+
+    def bank():
+        return np.concatenate([load_arrays(p)["vectors"] for p in sorted(retrieval.bank.glob("*.npz"))])
+
+    before = bank()
+    config = tiny_pipeline_config()
+    config.retriever.train.steps += 2  # "only the step count grew": the retriever trains on
+    assert stages.by_name("retrieval").run(workdir.resolve(config), workdir)
+    assert "bank, index, neighbours, neighbours-" in capsys.readouterr().out
+    trained_on = bank()
+    assert trained_on.shape == before.shape and not np.allclose(trained_on, before)
+    bank_files = {p: p.stat().st_mtime_ns for p in retrieval.bank.glob("*.npz")}
+    config.retrieval.num_neighbours = 2
+    assert stages.by_name("retrieval").run(workdir.resolve(config), workdir)
+    assert capsys.readouterr().out.count("were made with another encoder") == 1  # the neighbours alone
+    assert {p: p.stat().st_mtime_ns for p in retrieval.bank.glob("*.npz")} == bank_files
+    assert load_arrays(retrieval.neighbours("train")).shape[1] == 2
+
+
+def test_a_refused_stage_keeps_the_config_of_its_last_complete_run(tiny_pipeline_run, tmp_path):
+    workdir = Workdir(_copy_stages_before(tiny_pipeline_run, tmp_path / "run", "lm"))
+    saved = workdir.tokens.config_file.read_bytes()
+    config = tiny_pipeline_config()
+    config.vocab.num_masks = 6
+    with pytest.raises(VocabMismatchError):
+        stages.by_name("tokens").run(workdir.resolve(config), workdir)
+    assert workdir.tokens.config_file.read_bytes() == saved and workdir.tokens.is_complete()
+    with pytest.raises(ConfigError, match=r"tokens is complete .*config.vocab.num_masks=6 \(it ran with 8\)"):
+        run_pipeline(workdir.resolve(config), workdir)  # the change is not hidden by the refused run
 
 
 def test_a_complete_stage_given_another_config_continues_or_is_refused(tiny_pipeline_run, tmp_path, capsys):

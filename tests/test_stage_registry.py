@@ -64,6 +64,26 @@ def test_workdir_knows_every_path_and_the_input_defaults(tmp_path):
     assert workdir.resolve(config).data.token_dir == "/elsewhere/tokens"
 
 
+def test_workdirs_stage_folders_and_config_paths_are_absolute_from_where_they_enter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    workdir = Workdir("runs/demo")
+    assert str(workdir) == str(tmp_path / "runs" / "demo") and str(workdir.lm) == str(tmp_path / "runs/demo/lm")
+    assert str(Workdir("~/run").retrieval.index) == str(tmp_path / "home" / "run" / "retrieval" / "index")
+    assert str(Workdir("gs://bucket/run").lm.checkpoints) == "gs://bucket/run/lm/checkpoints"
+    assert str(StageDir.at("elsewhere/lm").checkpoints) == str(tmp_path / "elsewhere" / "lm" / "checkpoints")
+    config = base_config()
+    config.sft.init_from = "runs/old/lm"
+    config.raw_data.paths = "~/images/{split}/*.array_record"
+    config.retrieval.embeddings = "gs://bucket/clip/{split}-{part}.npy"
+    resolved = workdir.resolve(config)
+    assert resolved.sft.init_from == str(tmp_path / "runs" / "old" / "lm")
+    assert resolved.raw_data.paths == str(tmp_path / "home" / "images" / "{split}" / "*.array_record")
+    assert resolved.retrieval.embeddings == "gs://bucket/clip/{split}-{part}.npy"
+    assert resolved.train.init_from == "" and resolved.data.token_dir == str(workdir.tokens)
+    assert config.sft.init_from == "runs/old/lm"  # the given config is left as it was
+
+
 def test_stage_dir_records_config_completion_and_inputs(tmp_path):
     stage = StageDir(Workdir(tmp_path).stage("tokens").path)
     assert stage.saved_config() is None and not stage.is_complete() and stage.identity() is None
@@ -75,7 +95,7 @@ def test_stage_dir_records_config_completion_and_inputs(tmp_path):
     stage.check_inputs({"vqgan_step": 4})
     with pytest.raises(ChangedInputsError, match="vqgan_step: 4 then, 5 now"):
         stage.check_inputs({"vqgan_step": 5})
-    stage.mark_complete({"documents": 3})
+    stage.mark_complete(config, {"documents": 3})
     assert stage.is_complete() and json.loads((stage.path / "COMPLETE.json").read_text())["documents"] == 3
     assert stage.identity() == identity and not list(stage.path.glob("*.tmp-*"))  # atomic writes leave no temp files
 

@@ -49,3 +49,14 @@ def test_move_carries_a_folder_with_its_files(tmp_path):
     storage.move(tmp_path / "4", tmp_path / "aside" / "4-then")
     assert (tmp_path / "aside" / "4-then" / "state" / "manifest").read_bytes() == b"m"
     assert not (tmp_path / "4").exists()
+
+
+def test_replace_folder_moves_the_earlier_folder_aside_before_naming_the_new_one(tmp_path):
+    for name in ("new", "out", "newer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    kept = storage.replace_folder(tmp_path / "new", tmp_path / "out", keep_replaced=True)
+    assert (tmp_path / "out" / "f").read_text() == "new" and (kept / "f").read_text() == "out"
+    assert storage.replace_folder(tmp_path / "newer", tmp_path / "out", keep_replaced=False) is None
+    assert (tmp_path / "out" / "f").read_text() == "newer" and (kept / "f").read_text() == "out"
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", kept.name])

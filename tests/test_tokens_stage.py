@@ -108,3 +108,42 @@ def test_shards_keep_the_scenes_fields_with_their_images_as_codes(tiny_pipeline_
                               (meta["segmentation"], example.meta["segmentation"])):
             ids = meta_image_ids(stored)
             np.testing.assert_array_equal(vocab.image_codes(ids), tokenizer.encode(image[None]).reshape(-1))
+
+
+def test_tokens_made_from_other_raw_data_or_other_shards_are_refused_and_only_listed_shards_read(
+        tiny_config, tiny_vqgan_run, tmp_path):
+    """Cutting one corpus into 3 shards then 2 in one folder, or a changed raw_data with as many shards, would mix
+    two datasets' shards: refused, nothing written; readers take the shards manifest.json lists."""
+    from cm3jax.errors import BadInputError
+    from cm3jax.workdir import ChangedInputsError
+
+    from test_sources import write_bad_corpus
+
+    for corpus in ("corpus", "other_corpus"):
+        write_bad_corpus(tmp_path / corpus)
+    os.symlink(tiny_vqgan_run / "vqgan", tmp_path / "vqgan")
+    tiny_config.raw_data.update(dataset="image_folder", paths=str(tmp_path / "corpus"))
+    tiny_config.tokenize.update(splits=("train",), batch_size=4, shard_size=4)
+    workdir = Workdir(tmp_path)
+    assert tokenize_dataset(tiny_config, workdir, jax.devices()[:1])["splits"]["train"]["shards"] == 3
+    files = sorted(os.listdir(workdir.tokens.path))
+    for field, value in (("tokenize.shard_size", 5), ("raw_data.paths", str(tmp_path / "other_corpus"))):
+        config = tiny_config.copy_and_resolve_references()
+        section, name = field.split(".")
+        config[section][name] = value
+        with pytest.raises(ChangedInputsError, match="raw_data: "):
+            tokenize_dataset(config, workdir, jax.devices()[:1])
+        assert sorted(os.listdir(workdir.tokens.path)) == files
+    assert len(open_token_shards(str(workdir.tokens), "train")) == 3
+    # A foreign set of shards beside the listed ones is not read; without the manifest it is refused.
+    other = tmp_path / "copy"
+    os.makedirs(other)
+    shards = [name for name in files if name.endswith(".array_record")]
+    for name in shards:
+        os.symlink(workdir.tokens.path / name, other / name.replace("-of-00003", "-of-00002"))
+    os.symlink(workdir.tokens.path / shards[0], other / shards[0])
+    with pytest.raises(BadInputError, match="2 sets"):
+        open_token_shards(str(other), "train")
+    (other / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": 3}}}))
+    with pytest.raises(BadInputError, match="lists 3 train shards"):
+        open_token_shards(str(other), "train")

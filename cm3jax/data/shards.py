@@ -1,17 +1,20 @@
 """Token shards: ArrayRecord files, one encoded document (documents.encode_document_record) per record, named
-`{split}-{index:05d}-of-{count:05d}.array_record` so a glob per split finds them in order."""
+`{split}-{index:05d}-of-{count:05d}.array_record`. A split is read as the shards its folder's manifest.json lists
+(`cm3jax tokenize` writes it), or, in a folder without one, as the one complete set of shards a glob finds."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable
 
 import grain
 from array_record.python import array_record_module
 from etils import epath
 
-from cm3jax.errors import MissingInputError
+from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.storage import PathLike, local_mirror, staged_file
 
+MANIFEST_FILE = "manifest.json"  # written by `cm3jax tokenize`: counts per split, the vocabulary, the code grid
 # group_size:1 keeps every record independently readable: the pipeline reads records in shuffled order.
 _WRITER_OPTIONS = "group_size:1"
 
@@ -21,8 +24,27 @@ def shard_path(directory: PathLike, split: str, shard: int, num_shards: int) -> 
 
 
 def shard_paths(directory: PathLike, split: str) -> list[epath.Path]:
+    """The split's shards, in order: the `shards` manifest.json gives for it, each required to exist; without a
+    manifest, the files of one `-of-NNNNN` set, which must be complete (BadInputError names what is wrong)."""
     directory = epath.Path(directory)
-    return sorted(directory.glob(f"{split}-*-of-*.array_record")) if directory.is_dir() else []
+    manifest = directory / MANIFEST_FILE
+    listed = json.loads(manifest.read_text()).get("splits", {}).get(split) if manifest.exists() else None
+    if listed is not None:
+        expected = [shard_path(directory, split, i, int(listed["shards"])) for i in range(int(listed["shards"]))]
+        missing = [p.name for p in expected if not p.exists()]
+        if missing:
+            raise BadInputError(f"{manifest} lists {len(expected)} {split} shards but {', '.join(missing[:3])}"
+                                f"{' ...' if len(missing) > 3 else ''} is missing: rerun `cm3jax tokenize`")
+        return expected
+    found = sorted(directory.glob(f"{split}-*-of-*.array_record")) if directory.is_dir() else []
+    set_sizes = sorted({int(p.name.rsplit("-of-", 1)[1].split(".")[0]) for p in found})
+    if len(set_sizes) > 1:
+        raise BadInputError(f"{directory} holds {split} shards of {len(set_sizes)} sets (of {set_sizes} shards) and "
+                            f"no {MANIFEST_FILE} saying which to read: move the other sets away")
+    if found and len(found) != set_sizes[0]:
+        raise BadInputError(f"{directory} holds {len(found)} of the {set_sizes[0]} {split} shards of its set: finish "
+                            f"`cm3jax tokenize` or point data.token_dir at a complete folder")
+    return found
 
 
 def write_token_shards(records: Iterable[bytes], directory: PathLike, split: str, num_shards: int) -> list[epath.Path]:

@@ -15,6 +15,8 @@ import dataclasses
 import io
 import json
 import os
+import posixpath
+import stat
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -40,8 +42,17 @@ class ImageCaption:
 
 # Why read_examples / read_captions skip a record (the keys of their SkipCounts).
 SKIP_REASONS = ("unreadable_record", "empty_caption", "caption_too_long", "missing_image_file", "unreadable_image",
-                "bad_manifest_line")
+                "bad_manifest_line", "image_outside_folder", "image_not_a_file", "image_too_large")
 MAX_CAPTION_CHARS = 4096  # longer captions are not captions (a pasted document, a corrupt field): skipped
+MAX_IMAGE_FILE_BYTES = 128 << 20  # a manifest's image file larger than this is not read (a device, a stray archive)
+
+
+class SkippedRecord(Exception):
+    """A record refused for one of SKIP_REASONS before its data is read."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 class SkipCounts(collections.Counter):
@@ -92,7 +103,9 @@ def load_image(value: Any) -> PIL.Image.Image:
     if isinstance(value, np.ndarray):
         array = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
         return PIL.Image.fromarray(array.astype(np.uint8))
-    if not isinstance(value, (bytes, bytearray)):
+    if isinstance(value, ManifestImage):
+        value = value.read_bytes()
+    elif not isinstance(value, (bytes, bytearray)):
         value = epath.Path(value).read_bytes()  # a path, local or in a bucket
     image = PIL.Image.open(io.BytesIO(value))
     image.load()  # decode now: truncated or corrupt files fail here, not later
@@ -122,6 +135,9 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
     for index in range(len(source)) if indices is None else indices:
         try:
             image_value, caption_value, meta = source.raw(index)
+        except SkippedRecord as e:
+            counts[e.reason] += 1
+            continue
         except Exception as e:  # noqa: BLE001 - a bad record is data, not a bug
             counts["unreadable_record"] += 1
             logging.debug("record %d unreadable: %s", index, e)
@@ -134,6 +150,9 @@ def read_examples(source: RawSource, image_size: int, counts: SkipCounts,
             meta = map_meta_images(meta, lambda m: decode_meta_image(m, image_size))
         except FileNotFoundError:
             counts["missing_image_file"] += 1
+            continue
+        except SkippedRecord as e:
+            counts[e.reason] += 1
             continue
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
             counts["unreadable_image"] += 1
@@ -154,6 +173,9 @@ def read_captions(source: RawSource, counts: SkipCounts, meta_texts: bool = Fals
         try:
             _, caption, meta = source.raw(index)
             caption = normalize_caption(caption)
+        except SkippedRecord as e:
+            counts[e.reason] += 1
+            continue
         except Exception as e:  # noqa: BLE001 - a bad record is data, not a bug
             counts["unreadable_record"] += 1
             logging.debug("record %d unreadable: %s", index, e)
@@ -242,9 +264,34 @@ class ArrayRecordExampleSource:
         return image[0], list(caption), {}
 
 
+@dataclasses.dataclass(frozen=True)
+class ManifestImage:
+    """An image file a manifest names: read only when it is a regular file of at most MAX_IMAGE_FILE_BYTES (a
+    device, a FIFO or a huge file is skipped and counted, never read)."""
+    path: epath.Path
+
+    def read_bytes(self) -> bytes:
+        if is_remote(self.path):
+            size = self.path.stat().length  # FileNotFoundError: counted as a missing file
+        else:
+            info = os.stat(self.path)
+            if not stat.S_ISREG(info.st_mode):
+                raise SkippedRecord("image_not_a_file", os.fspath(self.path))
+            size = info.st_size
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise SkippedRecord("image_too_large", f"{self.path}: {size} bytes")
+        return self.path.read_bytes()
+
+
+def _is_caption(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 class ImageFolderSource:
     """`folder/captions.jsonl`: one JSON object per line with the image path (key file, image or path; relative to
-    the folder) and its caption (key caption or text). Malformed lines are skipped and counted at open."""
+    the folder, which the name may not leave) and its caption (key caption or text: a string or a list of strings).
+    Malformed lines are skipped and counted at open; names outside the folder, files that are not regular files and
+    files over MAX_IMAGE_FILE_BYTES are skipped and counted when read."""
 
     def __init__(self, folder: PathLike):
         folder = epath.Path(folder)
@@ -253,7 +300,7 @@ class ImageFolderSource:
             raise MissingInputError(f"{manifest} not found: an image folder needs captions.jsonl with one "
                                     f'{{"file": "...", "caption": "..."}} per line')
         self.folder = folder
-        self.entries: list[tuple[str, str]] = []
+        self.entries: list[tuple[str, str | list[str]]] = []
         self.open_counts = SkipCounts()
         with manifest.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a crash
             for raw_line in f:
@@ -266,15 +313,27 @@ class ImageFolderSource:
                 except (ValueError, StopIteration, TypeError):  # UnicodeDecodeError is a ValueError
                     self.open_counts["bad_manifest_line"] += 1
                     continue
-                self.entries.append((str(path), caption))
+                if not isinstance(path, str) or not path or not _is_caption(caption):  # null, a number, a dict
+                    self.open_counts["bad_manifest_line"] += 1
+                    continue
+                self.entries.append((path, caption))
         self.open_counts.log(str(manifest))
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _inside_folder(self, path: str) -> epath.Path:
+        """The folder's file `path` names; SkippedRecord when the name leaves the folder (`..`, an absolute path, a
+        URL). Judged on the name: a symbolic link the folder holds is followed (a folder of links into a shared
+        store is common), and what it leads to must still be a regular file (ManifestImage)."""
+        relative = posixpath.normpath(path.replace(os.sep, "/"))
+        if "://" in path or posixpath.isabs(relative) or relative in (".", "..") or relative.startswith("../"):
+            raise SkippedRecord("image_outside_folder", path)
+        return self.folder / relative
+
     def raw(self, index: int) -> tuple[Any, Any, dict]:
         path, caption = self.entries[index]
-        return self.folder / path, caption, {"file": path}
+        return ManifestImage(self._inside_folder(path)), caption, {"file": path}
 
 
 def _split_path(pattern: str, split: str) -> str:

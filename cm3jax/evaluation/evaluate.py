@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.documents import decode_document_record
@@ -45,7 +46,7 @@ from cm3jax.evaluation.frechet import frechet_distance_of_features
 from cm3jax.evaluation.shapes_parser import parse_scene
 from cm3jax.inference.decode import GREEDY, SamplingOptions
 from cm3jax.inference.generate import Generator, contact_sheet
-from cm3jax.storage import atomic_write_text, save_png
+from cm3jax.storage import atomic_write_text, replace_folder, save_png
 from cm3jax.workdir import Workdir
 
 TASKS = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure", "grounded")
@@ -65,9 +66,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
     e = config.eval
     if generator is None:
         generator = Generator.load(config, workdir, step=None if int(e.step) < 0 else int(e.step), model=model)
-    out_dir = workdir.stage("eval") / eval_folder_name(config, generator.model, generator.step)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = workdir.stage("eval") / eval_folder_name(config, generator.model, generator.step)
     examples = held_out_documents(generator, workdir, str(e.split), int(e.num_examples))
+    # Written whole under another name, then named (an earlier evaluation of this checkpoint is kept aside).
+    out_dir = final_dir.parent / f"{final_dir.name}.partial"
+    if jax.process_index() == 0:
+        if out_dir.exists():
+            out_dir.rmtree()
+        out_dir.mkdir(parents=True)
     metrics: dict[str, Any] = {"model": generator.model, "step": generator.step, "split": str(e.split),
                                "examples": len(examples), "num_retrieved": int(e.num_retrieved)}
     predictions: list[dict] = []
@@ -92,7 +98,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
         atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n"
                                                                  for p in predictions))
+        kept = replace_folder(out_dir, final_dir, keep_replaced=True)
+        if kept is not None and _same_file(kept / "metrics.json", final_dir / "metrics.json"):
+            kept.rmtree()  # the same evaluation again: nothing is lost
+        elif kept is not None:
+            print(f"eval: the earlier evaluation of {final_dir.name}, with other results, is kept in {kept}",
+                  flush=True)
     return metrics
+
+
+def _same_file(a: epath.Path, b: epath.Path) -> bool:
+    return a.exists() and b.exists() and a.read_bytes() == b.read_bytes()
 
 
 def eval_folder_name(config: ml_collections.ConfigDict, model: str, step: int) -> str:

@@ -5,7 +5,7 @@ No package here ships those weights. Provide them as an .npz of pytorch-fid's st
 FIDInceptionA/C/E modules), written once where torch and pytorch-fid are installed:
 
     import numpy as np, torch
-    state = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu")
+    state = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu", weights_only=True)
     np.savez("fid_inception_v3.npz", **{k: v.numpy() for k, v in state.items()})
 
 and set eval.inception_weights=fid_inception_v3.npz.
@@ -25,7 +25,7 @@ from cm3jax.errors import BadInputError, MissingInputError
 INPUT_SIZE = 299
 FEATURES = 2048
 HOW_TO_PROVIDE = ("an .npz of pytorch-fid's FID Inception state dict (pt_inception-2015-12-05-6726825d.pth): "
-                  "np.savez(PATH, **{k: v.numpy() for k, v in torch.load(PTH).items()}); see "
+                  "np.savez(PATH, **{k: v.numpy() for k, v in torch.load(PTH, weights_only=True).items()}); see "
                   "cm3jax/evaluation/inception.py")
 
 

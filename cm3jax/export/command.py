@@ -1,8 +1,11 @@
-"""`cm3jax export`: a trained LM (or SFT model) written for use outside its run, as DIR/export/<model>-<step>-<format>.
+"""`cm3jax export`: a trained LM (or SFT model) written for use outside its run, as
+DIR/export/<model>-<step>-<format>-<dtype>.
 
 The folder is written as `<name>.partial` and renamed when whole, so an interrupted export never leaves a folder
-that looks finished; exporting again replaces it. Process 0 reads and writes the parameters (hf; in the params
-format every process writes its shards); the other processes take part in loading the VQ-GAN and wait.
+that looks finished. Exporting again replaces it: the earlier folder is moved aside before the new one takes its
+name and removed only then, so a crash at any point keeps one whole export. Process 0 reads and writes the
+parameters (hf; in the params format every process writes its shards); the other processes take part in loading the
+VQ-GAN and wait.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from etils import epath
 from cm3jax.errors import MissingInputError
 from cm3jax.export import opt
 from cm3jax.inference.command import model_to_use
+from cm3jax.storage import replace_folder
 from cm3jax.train.lm import lm_checkpoint_step
 from cm3jax.workdir import Workdir
 
@@ -50,7 +54,7 @@ def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.P
     if not workdir.text_tokenizer.exists():
         raise MissingInputError(f"{workdir.text_tokenizer} not found: the export carries the run's text tokenizer "
                                 f"(cm3jax tokenize)")
-    out = workdir.export.path / f"{model}-{step}-{e.format}"
+    out = workdir.export_folder(model, step, str(e.format), str(e.dtype))
     partial = out.parent / f"{out.name}.partial"
     if jax.process_index() == 0:
         _remove(partial)
@@ -63,8 +67,7 @@ def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.P
         record = {"format": str(e.format), "model": model, "step": step, "dtype": str(e.dtype),
                   "source_inputs": source.identity()}
         (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
-        _remove(out)
-        partial.rename(out)
+        replace_folder(partial, out, keep_replaced=False)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -1,15 +1,17 @@
 """`cm3jax generate <task>`: one request to the trained model, written to DIR/samples/<task>-<time>."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 from etils import epath
 
 from cm3jax.errors import UserError
-from cm3jax.storage import atomic_write_text, is_remote, save_png
+from cm3jax.storage import absolute_path, atomic_write_text, save_png
 from cm3jax.workdir import Workdir
 
 GENERATE_TASKS = ("image", "caption", "vqa", "infill", "edit", "structure", "grounded")
@@ -44,7 +46,8 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
         image = flags.get("image")
         if not image or not epath.Path(image).is_file():
             raise GenerateInputError(f"generate {task} needs --image PATH of an existing image file, got {image!r}")
-        request["image"] = image if is_remote(image) else os.path.abspath(image)
+        request["image"] = os.fspath(absolute_path(image))
+        _require_decodable_image(request["image"], task)
     if task == "vqa":
         if not (flags.get("question") or "").strip():
             raise GenerateInputError("generate vqa needs a non-empty --question")
@@ -64,6 +67,16 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
     if task == "grounded":
         request["boxes"] = parse_boxes(flags.get("boxes"))
     return request
+
+
+def _require_decodable_image(path: str, task: str) -> None:
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(io.BytesIO(epath.Path(path).read_bytes())) as image:
+            image.load()
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:  # empty, truncated, not an image
+        raise GenerateInputError(f"generate {task}: --image {path} cannot be read as an image ({e})") from e
 
 
 def parse_boxes(text: str | None) -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -117,9 +130,10 @@ def run_generate(config: ml_collections.ConfigDict, workdir: Workdir, request: d
         else:
             images = generator.grounded(request["prompt"], request["boxes"], num, options, seed)
         result["images"] = len(images)
+    if jax.process_index() != 0:  # every process decodes its share; one writes the request's folder
+        return
     # Written once the request has run, so a request refused on the way leaves no folder behind.
-    out_dir = workdir.generate_output(task)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = workdir.new_generate_folder(task)
     if images is not None:
         for i, image in enumerate(images):
             save_png(out_dir / f"{i:03d}.png", image)

@@ -9,12 +9,16 @@
    chunks, then neighbours-SPLIT.npy, [documents, retrieval.num_neighbours] train-record ids, -1 for none).
 
 Process p works on chunks c = p mod P and a chunk file that exists is kept, so an interrupted job resumes where it
-stopped. Every process loads the whole index. The summary measures the retriever on the eval split: caption -> image
+stopped. `derived.json` records what the kept parts were made with (the encoder's parameters or vectors,
+retrieval.chunk_size, the index and neighbour settings): a part made otherwise is removed and rebuilt, with the
+parts made from it (a retriever trained on for more steps re-embeds the bank, a new num_neighbours redoes only the
+neighbours). Every process loads the whole index. The summary measures the retriever on the eval split: caption -> image
 top-1 (the document's own image), and where documents carry a `label`, how often the top image and the first
 neighbour share the caption's label, against the chance of that.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -29,10 +33,54 @@ from cm3jax.progress import Progress
 from cm3jax.retrieval.embeddings import embed_documents, part_queries
 from cm3jax.retrieval.index import INDEX_FILE, IndexOptions, build_index, load_index
 from cm3jax.retrieval.neighbours import StrategyOptions, find_neighbours
-from cm3jax.storage import load_arrays, save_arrays
-from cm3jax.workdir import neighbours_file
+from cm3jax.storage import atomic_write_text, load_arrays, save_arrays
+from cm3jax.workdir import RetrievalDir, neighbours_file
 
 Encoder = Callable  # queries -> [len(queries), dim] unit vectors, with a `dim` attribute
+DERIVED_FILE = "derived.json"
+RUNTIME_INDEX_OPTIONS = ("training_threads",)  # how fast the index is built, not what it holds
+
+
+def derived_parts_identity(encoder: str, chunk_size: int, index: IndexOptions, strategy: StrategyOptions) -> dict:
+    """What the bank, the index and the neighbours are made with (`discard_outdated_parts`)."""
+    index_settings = {k: v for k, v in dataclasses.asdict(index).items() if k not in RUNTIME_INDEX_OPTIONS}
+    return {"bank": {"encoder": encoder, "chunk_size": chunk_size}, "index": index_settings,
+            "neighbours": dataclasses.asdict(strategy)}
+
+
+def discard_outdated_parts(folder: RetrievalDir, identity: dict) -> list[str]:
+    """Removes the parts of `folder` made with other settings than `identity` (derived_parts_identity), each with
+    the parts made from it, then records `identity` (process 0; the others wait). Parts found with no record (made
+    by an older cm3jax) count as outdated. Returns the names of the parts removed."""
+    path = folder / DERIVED_FILE
+    removed: list[str] = []
+    if jax.process_index() == 0:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        outdated = False
+        for part in ("bank", "index", "neighbours"):  # each made from the ones before it
+            outdated = outdated or saved.get(part) != identity[part]
+            if outdated:
+                removed += _remove_part(folder, part)
+        if removed:
+            folder.mark_incomplete()  # until the parts are rebuilt
+        atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
+    _sync("outdated parts removed")
+    return removed
+
+
+def _remove_part(folder: RetrievalDir, part: str) -> list[str]:
+    paths = {"bank": [folder.bank], "index": [folder.index],
+             "neighbours": [folder.neighbour_chunks, *folder.path.glob("neighbours-*.npy")]}[part]
+    removed = []
+    for path in paths:
+        if path.is_dir():
+            path.rmtree()
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
 
 
 def _sync(what: str) -> None:

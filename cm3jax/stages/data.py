@@ -12,9 +12,10 @@ from cm3jax.workdir import Workdir
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.data.prepare import prepare_raw_data
 
-    stage_dir = workdir.data.prepare(config)
+    config = workdir.resolve(config)
+    stage_dir = workdir.data.create()
     summary = prepare_raw_data(config.raw_data, str(stage_dir))
-    stage_dir.mark_complete({"dataset": config.raw_data.dataset, "splits": summary})
+    stage_dir.mark_complete(config, {"dataset": config.raw_data.dataset, "splits": summary})
     print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
     return True
 

@@ -28,7 +28,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
         metrics = evaluate(config, workdir, model=model)
         scored.append(f"{metrics['model']}-{metrics['step']}")
         print(f"eval {model}: {json.dumps(metrics, sort_keys=True)}", flush=True)
-    workdir.stage("eval").prepare(config).mark_complete({"scored": scored})
+    workdir.stage("eval").mark_complete(config, {"scored": scored})
     return True
 
 

@@ -1,4 +1,5 @@
-"""`cm3jax export`: the trained model written for use outside cm3jax (DIR/export/<model>-<step>-<format>)."""
+"""`cm3jax export`: the trained model written for use outside cm3jax
+(DIR/export/<model>-<step>-<format>-<dtype>)."""
 from __future__ import annotations
 
 import ml_collections
@@ -12,7 +13,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
 
     config = workdir.resolve(config)
     folder = export_model(config, workdir)
-    workdir.export.prepare(config).mark_complete({"exported": folder.name})
+    workdir.export.mark_complete(config, {"exported": folder.name})
     print(f"export: written to {folder}", flush=True)
     return True
 
@@ -38,5 +39,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 STAGE = Stage(name="export", command="export", run=run, validate=validate, needs=("lm",),
               config_fields=("export", "sft.steps"), skipped_because=_skipped_because,
-              summary="write the trained model for use outside cm3jax (DIR/export/<model>-<step>-<format>; hf: "
-                      "transformers' OPT, its tokenizer and safetensors)")
+              summary="write the trained model for use outside cm3jax (DIR/export/<model>-<step>-<format>-<dtype>; "
+                      "hf: transformers' OPT, its tokenizer and safetensors)")

@@ -17,11 +17,18 @@ def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict
     from cm3jax import vocab as vocab_lib
     from cm3jax.data.shards import open_token_shards
     from cm3jax.models.retriever import RetrieverConfig
-    from cm3jax.retrieval.build import compute_neighbours, embed_bank, open_or_build_index, retriever_figures
+    from cm3jax.retrieval.build import (
+        compute_neighbours,
+        derived_parts_identity,
+        discard_outdated_parts,
+        embed_bank,
+        open_or_build_index,
+        retriever_figures,
+    )
     from cm3jax.retrieval.embeddings import PrecomputedEncoder, RetrieverEncoder
     from cm3jax.retrieval.index import IndexOptions
     from cm3jax.retrieval.neighbours import StrategyOptions
-    from cm3jax.storage import load_arrays
+    from cm3jax.storage import arrays_digest, load_arrays
     from cm3jax.train.retriever import host_params, train_retriever
 
     config = workdir.resolve(config)
@@ -35,47 +42,52 @@ def build_retrieval(config: ml_collections.ConfigDict, workdir: Workdir) -> dict
     stage_dir.check_inputs(inputs)
     stage_dir.record_inputs(inputs)
     train_split, eval_split = config.data.train_split, config.data.eval_split
-    bank = open_token_shards(token_dir, train_split)
+    splits = {split: open_token_shards(token_dir, split) for split in dict.fromkeys((train_split, eval_split))}
+    bank = splits[train_split]
     chunk_size = int(r.chunk_size)
     summary: dict = {"bank_documents": len(bank)}
 
     if r.embeddings:
-        def encoder_for(split: str, count: int):
-            return PrecomputedEncoder(r.embeddings, split, count)
+        encoders = {split: PrecomputedEncoder(r.embeddings, split, len(records)) for split, records in splits.items()}
+        encoder_identity = arrays_digest([encoder.vectors for encoder in encoders.values()])
         summary["embeddings"] = r.embeddings
     else:
         result = train_retriever(config, str(stage_dir.retriever), token_dir)
         if result.preempted:
             return {"preempted": True}
-        trained = RetrieverEncoder(host_params(result.state.params), RetrieverConfig.from_config(config), vocab,
+        params = host_params(result.state.params)
+        trained = RetrieverEncoder(params, RetrieverConfig.from_config(config), vocab,
                                    int(config.retriever.embed_batch_size))
+        encoders = dict.fromkeys(splits, trained)
+        encoder_identity = arrays_digest(params)
         summary["retriever_step"] = result.step
 
-        def encoder_for(split: str, count: int):
-            return trained
-
-    bank_vectors, multimodal = embed_bank(bank, encoder_for(train_split, len(bank)), stage_dir.bank, chunk_size)
-    index = open_or_build_index(stage_dir.index, bank_vectors, IndexOptions.from_config(r))
-    options = StrategyOptions.from_config(r)
+    index_options, options = IndexOptions.from_config(r), StrategyOptions.from_config(r)
+    removed = discard_outdated_parts(stage_dir, derived_parts_identity(encoder_identity, chunk_size, index_options,
+                                                                       options))
+    if removed:
+        print(f"retrieval: {', '.join(removed)} were made with another encoder or other settings: rebuilding",
+              flush=True)
+    bank_vectors, multimodal = embed_bank(bank, encoders[train_split], stage_dir.bank, chunk_size)
+    index = open_or_build_index(stage_dir.index, bank_vectors, index_options)
     summary.update(index=type(index).__name__, multimodal_share=float(np.mean(multimodal)))
-    for split in dict.fromkeys((train_split, eval_split)):
-        records = bank if split == train_split else open_token_shards(token_dir, split)
-        encoder = encoder_for(split, len(records))
-        path = compute_neighbours(records, split, split == train_split, encoder, index, bank_vectors, multimodal,
-                                  options, stage_dir.neighbour_chunks, chunk_size)
+    for split, records in splits.items():
+        path = compute_neighbours(records, split, split == train_split, encoders[split], index, bank_vectors,
+                                  multimodal, options, stage_dir.neighbour_chunks, chunk_size)
         neighbours = load_arrays(path)
         summary[f"{split}_with_neighbours"] = float(np.mean(neighbours[:, 0] >= 0))
         if split == eval_split:
-            summary.update(retriever_figures(records, encoder, bank, neighbours))
+            summary.update(retriever_figures(records, encoders[split], bank, neighbours))
     return summary
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
-    stage_dir = workdir.retrieval.prepare(workdir.resolve(config))
+    config = workdir.resolve(config)
+    stage_dir = workdir.retrieval.create()
     summary = build_retrieval(config, workdir)
     if summary.get("preempted"):
         return False
-    stage_dir.mark_complete(summary)
+    stage_dir.mark_complete(config, summary)
     print(f"retrieval: {json.dumps(summary)}; neighbours in {stage_dir}", flush=True)
     return True
 

@@ -12,9 +12,9 @@ from cm3jax.workdir import Workdir
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.inference.samples import write_samples
 
-    stage_dir = workdir.samples.prepare(config)
+    stage_dir = workdir.samples.create()
     summary = write_samples(config, workdir, stage_dir.path)
-    stage_dir.mark_complete(summary)
+    stage_dir.mark_complete(config, summary)
     print(f"samples: {json.dumps(summary)}", flush=True)
     return True
 

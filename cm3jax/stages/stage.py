@@ -46,7 +46,7 @@ def run_training_stage(config: ml_collections.ConfigDict, workdir: Workdir, mode
         task_eval = evaluator_for_training(workdir.resolve(config), workdir, model=model)
     result = train(on_start=lambda: stage_dir.prepare(config), task_eval=task_eval)
     if not result.preempted:
-        stage_dir.mark_complete({"step": result.step, **result.last_metrics})
+        stage_dir.mark_complete(config, {"step": result.step, **result.last_metrics})
         print(f"{model}: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, logs in "
               f"{stage_dir.logs}", flush=True)
     return not result.preempted

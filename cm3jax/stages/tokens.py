@@ -19,10 +19,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.config_validation import validate_raw_data_config, validate_vocab_config
+from cm3jax.config_validation import (
+    require,
+    validate_raw_data_config,
+    validate_tokenize_config,
+    validate_vocab_config,
+)
 from cm3jax.data.documents import encode_document_record, image_segment, text_segment
 from cm3jax.data.record_meta import map_meta_images
-from cm3jax.data.shards import shard_path, write_token_shard
+from cm3jax.data.shards import MANIFEST_FILE, shard_path, write_token_shard
 from cm3jax.data.sources import SKIP_REASONS, SkipCounts, open_counts, open_raw_source, read_captions, read_examples
 from cm3jax.errors import BadInputError
 from cm3jax.parallel.mesh import data_parallel_mesh
@@ -60,15 +65,32 @@ def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, workdir: Wor
     return TextTokenizer.load(path)
 
 
-def tokens_inputs(image_tokenizer: ImageTokenizer, workdir: Workdir) -> dict:
-    """The identity of what token shards are made from: the VQ-GAN (step and parameters) and the text tokenizer."""
+def tokens_inputs(image_tokenizer: ImageTokenizer, workdir: Workdir, raw_data: dict) -> dict:
+    """The identity of what token shards are made from: the VQ-GAN (step and parameters), the text tokenizer and
+    the raw data (`raw_data_identity`)."""
     return {"vqgan_step": int(image_tokenizer.step), "vqgan_params_sha256": image_tokenizer.digest(),
-            "text_tokenizer_sha256": files_digest(workdir.text_tokenizer)}
+            "text_tokenizer_sha256": files_digest(workdir.text_tokenizer), "raw_data": raw_data}
+
+
+def raw_data_identity(config: ml_collections.ConfigDict, sources: dict) -> dict:
+    """The raw data the shards are cut from: its settings (dataset, paths, keys, image size), and per split the
+    examples and the shards they are cut into. A change to any of them makes the shards already written another
+    data's (the files' contents are not hashed: a corpus rewritten in place with as many examples is not seen)."""
+    shard_size = int(config.tokenize.shard_size)
+    return {"settings": json.loads(json.dumps(config.raw_data.to_dict(), sort_keys=True)),
+            "splits": {split: {"examples": len(source), "shards": num_shards(len(source), shard_size)}
+                       for split, source in sources.items()}}
+
+
+def num_shards(examples: int, shard_size: int) -> int:
+    return max(1, math.ceil(examples / shard_size))
 
 
 def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, devices=None) -> dict:
     """Writes DIR/tokens/{split}-*.array_record for the train and validation splits; returns the manifest."""
     devices = list(devices if devices is not None else jax.local_devices())
+    require(int(config.tokenize.batch_size) % len(devices) == 0, "tokenize.batch_size",
+            f"{config.tokenize.batch_size} images per batch cannot be split over the {len(devices)} local devices")
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     raw_data_dir = str(workdir.data)
     tokens = workdir.tokens
@@ -82,43 +104,42 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, device
             f"the text tokenizer {workdir.text_tokenizer} has {text.vocab_size} pieces but vocab.text_size="
             f"{vocab.text_size}: raise vocab.text_size or train a smaller tokenizer")
     image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(devices))
-    # Shards of one folder come from one VQ-GAN and one text tokenizer, also across interrupted runs.
-    inputs = tokens_inputs(image_tokenizer, workdir)
+    sources = {split: open_raw_source(config.raw_data, split, raw_data_dir) for split in config.tokenize.splits}
+    # Shards of one folder come from one VQ-GAN, one text tokenizer and one raw dataset cut into the same shards,
+    # also across interrupted runs.
+    inputs = tokens_inputs(image_tokenizer, workdir, raw_data_identity(config, sources))
     tokens.check_inputs(inputs)
     vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
     tokens.record_inputs(inputs)
     model_config = image_tokenizer.model_config
     batch_size = int(config.tokenize.batch_size)
-    if batch_size % len(devices):
-        raise ValueError(f"tokenize.batch_size={batch_size} must be a multiple of the {len(devices)} local devices")
 
     manifest = {"vocab": vocab.to_dict(), "text_pieces": text.vocab_size, "vqgan_step": image_tokenizer.step,
                 "inputs": inputs,
                 "code_grid": model_config.grid_size, "image_size": model_config.image_size, "splits": {}}
-    for split in config.tokenize.splits:
-        source = open_raw_source(config.raw_data, split, raw_data_dir)
-        shard_size = int(config.tokenize.shard_size)
-        num_shards = max(1, math.ceil(len(source) / shard_size))
+    shard_size = int(config.tokenize.shard_size)
+    for split, source in sources.items():
+        shards = num_shards(len(source), shard_size)
         # Every process opens the same source; its open-time skips are counted once, by process 0.
         counts, documents = open_counts(source) if jax.process_index() == 0 else SkipCounts(), 0
-        todo = [shard for shard in range(jax.process_index(), num_shards, jax.process_count())
-                if not shard_path(out_dir, split, shard, num_shards).exists()]
+        todo = [shard for shard in range(jax.process_index(), shards, jax.process_count())
+                if not shard_path(out_dir, split, shard, shards).exists()]
         logging.info("tokenize %s: %d shards here, %d already written", split, len(todo),
-                     len(range(jax.process_index(), num_shards, jax.process_count())) - len(todo))
+                     len(range(jax.process_index(), shards, jax.process_count())) - len(todo))
         progress = Progress(f"tokenize {split}", total=len(todo))
         for shard in todo:
             indices = range(shard * shard_size, min((shard + 1) * shard_size, len(source)))
             records = _encode_examples(read_examples(source, model_config.image_size, counts, indices), text, vocab,
                                        image_tokenizer.encode, batch_size)
-            written = write_token_shard(records, out_dir, split, shard, num_shards)
+            written = write_token_shard(records, out_dir, split, shard, shards)
             documents += written
-            progress.advance(f"shard {shard + 1}/{num_shards}: {written} documents")
+            progress.advance(f"shard {shard + 1}/{shards}: {written} documents")
         counts.log(f"tokenize {split}")
         skipped, documents = _sum_over_processes(counts, documents)
         manifest["splits"][split] = {"raw_examples": len(source), "documents_written_now": documents,
-                                     "skipped": skipped, "shards": num_shards}
+                                     "skipped": skipped, "shards": shards}
     if jax.process_index() == 0:
-        atomic_write_text(tokens / "manifest.json", json.dumps(manifest, indent=2))
+        atomic_write_text(tokens / MANIFEST_FILE, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -165,15 +186,17 @@ def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVoca
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
-    stage_dir = workdir.tokens.prepare(config)
+    config = workdir.resolve(config)
+    stage_dir = workdir.tokens.create()
     manifest = tokenize_dataset(config, workdir)
-    stage_dir.mark_complete(manifest)
+    stage_dir.mark_complete(config, manifest)
     print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)
     return True
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     validate_raw_data_config(config)
+    validate_tokenize_config(config)
     validate_vocab_config(config)
 
 

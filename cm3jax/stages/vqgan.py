@@ -10,11 +10,12 @@ from cm3jax.workdir import Workdir
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     from cm3jax.train.vqgan import train_vqgan
 
+    config = workdir.resolve(config)
     stage_dir = workdir.vqgan
     result = train_vqgan(config, str(stage_dir), raw_data_dir=str(workdir.data),
                          on_start=lambda: stage_dir.prepare(config))
     if not result.preempted:
-        stage_dir.mark_complete({"step": result.step, **result.last_metrics})
+        stage_dir.mark_complete(config, {"step": result.step, **result.last_metrics})
         print(f"vqgan: trained to step {result.step}; checkpoints in {stage_dir.checkpoints}, reconstructions in "
               f"{stage_dir.samples}", flush=True)
     return not result.preempted

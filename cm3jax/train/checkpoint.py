@@ -13,6 +13,7 @@ layer, so one layer can be read without the others (export streams a model layer
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -85,7 +86,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many kinds for unreadable files
             raise damaged(self.directory, step, e) from e  # the reports stay quiet: the run ends here
-        sys.unraisablehook, threading.excepthook = hooks
+        _restore_background_reports(hooks)
         return restored
 
     def wait_until_finished(self) -> None:
@@ -134,16 +135,34 @@ def select_process_state(saved: dict) -> dict:
     return saved["processes"][jax.process_index()]
 
 
+class _DropUnretrievedFutures(logging.Filter):
+    """asyncio's "exception was never retrieved" reports, logged when orbax's abandoned reads are collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_ASYNCIO_LOGGER = logging.getLogger("asyncio")
+
+
 def _quiet_background_reports() -> tuple:
-    """Stops printing of background reports (unraisable exceptions, exceptions in threads) and returns the hooks to
-    put back. While a restore runs, and after it fails: once one array read fails, orbax's other reads still finish
-    into its closed event loop or are collected unawaited, each printing a traceback that says nothing about the
-    damage, some of them before the failure reaches this module; the run then ends with the damaged-checkpoint
-    error."""
+    """Stops printing of background reports (unraisable exceptions, exceptions in threads, asyncio's reports of
+    futures whose exception nobody read) and returns what to put back (`_restore_background_reports`). While a
+    restore runs, and after it fails: once one array read fails, orbax's other reads still finish into its closed
+    event loop or are collected unawaited, each printing a traceback that says nothing about the damage, some of
+    them before the failure reaches this module, some when the interpreter exits; the run then ends with the
+    damaged-checkpoint error."""
     previous = sys.unraisablehook, threading.excepthook
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None
-    return previous
+    quiet = _DropUnretrievedFutures()
+    _ASYNCIO_LOGGER.addFilter(quiet)
+    return (*previous, quiet)
+
+
+def _restore_background_reports(hooks: tuple) -> None:
+    sys.unraisablehook, threading.excepthook, quiet = hooks
+    _ASYNCIO_LOGGER.removeFilter(quiet)
 
 
 # Files a readable checkpoint has, whole. Checked before orbax opens them: an empty manifest makes tensorstore fail
