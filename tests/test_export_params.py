@@ -2,6 +2,7 @@
 `sft.init_from` / `train.init_from` start from a params or an hf export with parameters bit-identical to the
 checkpoint's (export -> import round trip); another model's export is refused by field."""
 import json
+import pathlib
 import shutil
 
 import jax
@@ -123,7 +124,8 @@ def test_an_export_of_another_model_shape_is_refused_by_field(run, tmp_path):
 
 
 def _files(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.glob("**/*") if p.is_file()}
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_exporting_again_never_loses_the_earlier_export(run, monkeypatch):

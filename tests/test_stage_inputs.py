@@ -110,11 +110,11 @@ def test_retrieval_rebuilds_what_a_retriever_trained_on_or_new_settings_make_out
     assert "bank, index, neighbours, neighbours-" in capsys.readouterr().out
     trained_on = bank()
     assert trained_on.shape == before.shape and not np.allclose(trained_on, before)
-    bank_files = {p: p.stat().st_mtime_ns for p in retrieval.bank.glob("*.npz")}
+    bank_files = {p: os.stat(p).st_mtime_ns for p in retrieval.bank.glob("*.npz")}
     config.retrieval.num_neighbours = 2
     assert stages.by_name("retrieval").run(workdir.resolve(config), workdir)
     assert capsys.readouterr().out.count("were made with another encoder") == 1  # the neighbours alone
-    assert {p: p.stat().st_mtime_ns for p in retrieval.bank.glob("*.npz")} == bank_files
+    assert {p: os.stat(p).st_mtime_ns for p in retrieval.bank.glob("*.npz")} == bank_files
     assert load_arrays(retrieval.neighbours("train")).shape[1] == 2
 
 

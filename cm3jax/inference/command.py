@@ -47,7 +47,6 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
         if not image or not epath.Path(image).is_file():
             raise GenerateInputError(f"generate {task} needs --image PATH of an existing image file, got {image!r}")
         request["image"] = os.fspath(absolute_path(image))
-        _require_decodable_image(request["image"], task)
     if task == "vqa":
         if not (flags.get("question") or "").strip():
             raise GenerateInputError("generate vqa needs a non-empty --question")
@@ -66,6 +65,8 @@ def generate_request(config: ml_collections.ConfigDict, task: str, flags: dict[s
         request["instruction"] = flags["instruction"]
     if task == "grounded":
         request["boxes"] = parse_boxes(flags.get("boxes"))
+    if "image" in request:  # read last: every flag is checked first
+        _require_decodable_image(request["image"], task)
     return request
 
 
