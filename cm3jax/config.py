@@ -319,6 +319,10 @@ def base_config() -> ml_collections.ConfigDict:
                                                    structure=1.0, grounded=1.0)),
             loss_on="all",  # all (CM3leon: instruction and output) | target (the answer alone, as Chameleon)
             cm3=True,  # CM3 spans over the whole example besides the target's (CM3leon: the pretraining objective)
+            # The share of guided examples (text -> image, edit, structure, grounded) given as one of their guidance
+            # streams, the condition masked as the decoder's unconditional prompts mask it, the target learnt after
+            # it. CM3leon: 0 (its guidance relies on CM3's masks); without CM3 spans nothing else trains those streams.
+            condition_dropout=0.0,
             steps=15_000,  # paper: ~30B tokens at 2M tokens a step
             peak_lr=5e-5,
             warmup_steps=150,

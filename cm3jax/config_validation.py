@@ -212,7 +212,7 @@ def validate_retrieval_config(config: ml_collections.ConfigDict) -> None:
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
     v = config.vqgan
     factor = 2 ** (len(v.channel_multipliers) - 1)
-    require(v.image_size >= 32, "vqgan.image_size", f"must be >= 32 (LPIPS needs it), got {v.image_size}")
+    require(v.image_size >= 16, "vqgan.image_size", f"must be >= 16, got {v.image_size}")
     require(v.image_size % factor == 0, "vqgan.channel_multipliers",
             f"{len(v.channel_multipliers)} resolutions downsample by {factor}, which does not divide "
             f"vqgan.image_size={v.image_size}")
@@ -237,6 +237,8 @@ def validate_sft_config(config: ml_collections.ConfigDict) -> None:
     require(int(s.warmup_steps) >= 0, "sft.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     require_checkpoint_step(s.init_step, "sft.init_step")
     require(s.loss_on in LOSS_ON, "sft.loss_on", f"{s.loss_on!r} not in {LOSS_ON}")
+    require(0.0 <= float(s.condition_dropout) < 1.0, "sft.condition_dropout",
+            f"must be in [0, 1), got {s.condition_dropout}")
     unknown = sorted(set(s.mixture) - set(TASKS))
     require(not unknown, "sft.mixture", f"{unknown} not in {TASKS}")
     weights = [float(w) for w in s.mixture.values()]

@@ -7,12 +7,13 @@ import pytest
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
-from cm3jax.data.documents import encode_document_record, image_segment, text_segment
+from cm3jax.data.documents import encode_document_record, image_segment, serialize_document, text_segment
 from cm3jax.data.embedded.shapes import caption, questions, random_edit, random_scene, shape_box
 from cm3jax.data.pipeline import PipelineOptions
 from cm3jax.data.sft import (
     CAPTION_INSTRUCTION,
     EDIT_INSTRUCTION,
+    GUIDED_TASKS,
     STRUCTURE_INSTRUCTION,
     TASKS,
     TEMPLATE_TEXTS,
@@ -21,7 +22,9 @@ from cm3jax.data.sft import (
     SFTOptions,
     TaskTemplates,
     choose_task,
+    guidance_stream_forms,
 )
+from cm3jax.inference.tasks import TaskPrompter
 from cm3jax.tokenizers.text import TextTokenizer
 
 VOCAB = vocab_lib.UnifiedVocab(text_size=512, image_codebook_size=64, num_masks=8)
@@ -117,10 +120,72 @@ def test_every_template_reads_back_as_its_fields():
     assert not image_first.infilled and image_first.document[0].modality == vocab_lib.MODALITY_IMAGE
 
 
-def make_examples(loss_on, cm3_on, mixture=None, seq_len=160):
+def test_each_guidance_stream_form_is_the_prompt_the_decoder_gives_that_stream():
+    """sft.condition_dropout trains the unconditional streams of guided decoding: each form's tokens before its
+    target are exactly the decoder's prompt of that stream (TaskPrompter), and its target is the image asked for."""
+    rng = np.random.default_rng(8)
+    scene, document, meta = scene_record(rng)
+    record = Record(document[0].tokens, document[1].tokens, meta)
+    prompter = TaskPrompter(VOCAB, TEXT.encode, grid=4)
+
+    def grid(ids):
+        return VOCAB.image_codes(np.asarray(ids)).reshape(4, 4)
+
+    text = caption(scene)
+    streams = {
+        "text_to_image": prompter.text_to_image(text).streams,
+        "structure": prompter.structure_to_image(
+            "segmentation", grid(np.frombuffer(meta["segmentation"], "<i4")), text).streams,
+        "edit": prompter.edit(grid(record.image), meta["edit"]["instruction"]).streams,
+        "grounded": prompter.grounded(text, [(f"{s.color} {s.kind}", (0, 0, 1, 1)) for s in scene]).streams,
+    }
+    assert set(streams) == set(GUIDED_TASKS)
+    for task in GUIDED_TASKS:
+        example = templates().build(task, record, np.random.default_rng(2), image_first=False)
+        forms = guidance_stream_forms(example, VOCAB)
+        assert len(forms) == len(streams[task]) - 1, task
+        for form, stream in zip(forms, streams[task][1:]):
+            tokens = serialize_document(form.document)
+            target = example.document[-1].tokens
+            np.testing.assert_array_equal(tokens[:-len(target) - 1], stream, err_msg=task)
+            np.testing.assert_array_equal(tokens[-len(target) - 1:-1], target)
+            assert not form.infilled
+    for task in ("caption", "vqa"):
+        assert guidance_stream_forms(templates().build(task, record, rng, image_first=False), VOCAB) == []
+
+
+@pytest.mark.parametrize("cm3_on", [False, True])
+def test_condition_dropout_trains_the_masked_prompt_with_the_image_after_it(cm3_on):
+    """With sft.condition_dropout=0.5 about half the guided examples are a guidance stream's form: a mask token in
+    the prompt, no random CM3 span, the weights on the target image and its <eos> alone; they are counted."""
+    rng = np.random.default_rng(9)
+    to_example = make_examples("target", cm3_on, mixture={"text_to_image": 1.0, "edit": 1.0, "caption": 1.0},
+                               condition_dropout=0.5)
+    dropped = guided = 0
+    for index in range(200):
+        _, document, meta = scene_record(rng)
+        out = to_example((index, index, encode_document_record(document, meta)))
+        task = TASKS[out["task"][0] - 1]
+        guided += task in GUIDED_TASKS
+        if not out["sft_unconditional"]:
+            continue
+        dropped += 1
+        assert task in GUIDED_TASKS
+        weighted = out["loss_weights"] > 0
+        target = meta["edit"]["image"] if task == "edit" else document[1].tokens
+        target = np.frombuffer(target, "<i4") if task == "edit" else target
+        np.testing.assert_array_equal(out["targets"][weighted], np.append(target, vocab_lib.EOS))
+        prompt = out["inputs"][:np.flatnonzero(weighted)[0]]
+        assert VOCAB.mask_id(0) in prompt.tolist()
+        assert vocab_lib.EOSS not in out["targets"].tolist()  # no CM3 span anywhere
+    assert abs(dropped / guided - 0.5) < 0.15, (dropped, guided)
+
+
+def make_examples(loss_on, cm3_on, mixture=None, seq_len=160, condition_dropout=0.0):
     options = PipelineOptions(seq_len=seq_len, global_batch_size=8, num_streams=1,
                               cm3=cm3.CM3Options(poisson_lambda=1.0, min_spans=0, max_spans=4))
-    sft = SFTOptions(mixture=tuple((mixture or dict.fromkeys(TASKS, 1.0)).items()), loss_on=loss_on, cm3=cm3_on)
+    sft = SFTOptions(mixture=tuple((mixture or dict.fromkeys(TASKS, 1.0)).items()), loss_on=loss_on, cm3=cm3_on,
+                     condition_dropout=condition_dropout)
     return RecordToTaskExample(VOCAB, options, sft, TEXT.model_proto, IMAGE_SIZE)
 
 
@@ -211,3 +276,14 @@ def test_digits_vqa_asks_for_the_label_name():
     assert built.available(record) == ["text_to_image", "caption", "vqa"]
     example = built.build("vqa", record, rng, image_first=True)
     assert decode(example.document[1].tokens) == "Question: what digit is this? Answer: digit3."
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_a_condition_dropout_outside_0_1_is_refused_naming_the_field(value):
+    from cm3jax.config import base_config
+    from cm3jax.config_validation import ConfigError, validate_sft_config
+
+    config = base_config()
+    config.sft.condition_dropout = value
+    with pytest.raises(ConfigError, match="sft.condition_dropout"):
+        validate_sft_config(config)

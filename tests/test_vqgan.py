@@ -138,3 +138,34 @@ def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_laye
         jnp.linalg.norm(last_layer_grad(adversarial)) + 1e-4)
     np.testing.assert_allclose(float(metrics["gan_weight"]), float(expected), rtol=1e-4)
     assert float(metrics["gan_weight"]) != 0.5  # not the fixed weight
+
+
+def test_a_run_that_ends_before_disc_start_skips_the_discriminator_with_the_same_updates():
+    """With disc_start beyond the run every discriminator term is multiplied by 0, so not running it (the step the
+    stage compiles then) gives the same parameters and losses; images under 32 pixels get an LPIPS (repeated up)."""
+    config = VQGANConfig(image_size=16, channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                         attention_at_lowest=False, z_channels=8, codebook_size=16, code_dim=4, disc_channels=8,
+                         disc_layers=2)
+    images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3), minval=-1, maxval=1)
+    from cm3jax.models.vqgan import PatchDiscriminator
+
+    params = {"vqgan": VQGAN(config).init(jax.random.key(1), images)["params"],
+              "discriminator": PatchDiscriminator(config).init(jax.random.key(2), images)["params"]}
+    optimizer = optax.adam(1e-3)
+    lpips_model, lpips_params = load_lpips("alexnet")
+    results = []
+    for runs in (True, False):
+        options = VQGANTrainOptions(reconstruction="l1", lpips_weight=0.5, disc_start=10**9, discriminator_runs=runs)
+        train_step, eval_step = make_vqgan_steps(config, options, lpips_model, optimizer)
+        state = VQGANTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                                code_usage=jnp.ones(config.codebook_size))
+        for _ in range(2):
+            state, metrics = jax.jit(train_step)(state, {"images": images, "valid": jnp.ones(4)}, lpips_params)
+        sums = jax.jit(eval_step)(state, {"images": images, "valid": jnp.ones(4)}, lpips_params)
+        results.append((state.params, metrics, sums))
+    (with_params, with_metrics, with_sums), (without_params, without_metrics, without_sums) = results
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), with_params, without_params)
+    for key in ("loss", "reconstruction_loss", "lpips", "vq_loss", "psnr"):
+        np.testing.assert_allclose(with_metrics[key], without_metrics[key], rtol=1e-5)
+    assert float(without_metrics["lpips"]) > 0 and float(without_sums["lpips_sum"]) > 0
+    assert float(without_metrics["adversarial_loss"]) == 0.0 and float(without_metrics["discriminator_loss"]) == 0.0

@@ -43,6 +43,8 @@ from cm3jax.data.pipeline import COUNTER_KEYS, PipelineOptions
 from cm3jax.data.record_meta import meta_image_ids
 
 TASKS = ("text_to_image", "caption", "vqa", "edit", "structure", "grounded")
+# The tasks decoded with guidance (inference/tasks.py): their unconditional streams mask part of the condition.
+GUIDED_TASKS = ("text_to_image", "edit", "structure", "grounded")
 LOSS_ON = ("all", "target")
 
 CAPTION_INSTRUCTION = "Describe the given picture."
@@ -169,6 +171,23 @@ def _last_is_target(task: str, document: Document) -> TaskExample:
     return TaskExample(task, document, Span(last, 0, len(document[last].tokens)))
 
 
+def guidance_stream_forms(example: TaskExample, vocab: vocab_lib.UnifiedVocab) -> list[TaskExample]:
+    """The example as each of its task's guidance streams decodes it (TaskPrompter's non-full streams), the target
+    kept: text -> image and grounded `<mask:0> <break> image`; structure with the caption masked; edit with the
+    instruction masked, and with image and instruction masked. An empty list for unguided tasks."""
+    masked = [text_segment(np.array([vocab.mask_id(i)], np.int32)) for i in range(2)]
+    document = example.document
+    if example.task in ("text_to_image", "grounded"):
+        forms = [[masked[0], document[-1]]]
+    elif example.task == "structure":
+        forms = [[*document[:2], masked[0], document[3]]]
+    elif example.task == "edit":
+        forms = [[*document[:2], masked[0], document[3]], [document[0], masked[0], masked[1], document[3]]]
+    else:
+        return []
+    return [_last_is_target(example.task, form) for form in forms]
+
+
 def choose_task(mixture: Mapping[str, float], available: Sequence[str], rng: np.random.Generator) -> str:
     """A task drawn with the mixture's weights, renormalised over the tasks the record allows."""
     weights = np.array([float(mixture.get(task, 0.0)) for task in available])
@@ -223,22 +242,26 @@ class SFTOptions:
     mixture: tuple[tuple[str, float], ...] = tuple(default("sft.mixture").items())
     loss_on: str = default("sft.loss_on")  # all (CM3leon) | target (the answer alone)
     cm3: bool = default("sft.cm3")  # CM3 spans drawn over the whole example, as in pretraining
+    condition_dropout: float = default("sft.condition_dropout")  # guided examples given as a guidance stream
 
     @classmethod
     def from_config(cls, sft_config) -> SFTOptions:
         return cls(tuple((str(k), float(v)) for k, v in sft_config.mixture.items()), str(sft_config.loss_on),
-                   bool(sft_config.cm3))
+                   bool(sft_config.cm3), float(sft_config.condition_dropout))
 
 
 class RecordToTaskExample:
     """(global index, source index, record) -> one SFT example: a task drawn from the mixture among those the record
-    allows, its template, CM3 spans (the target's where it is infilled, random ones with sft.cm3), loss weights per
-    sft.loss_on. Per token it also gives `task` (1 + the task's index in TASKS), and it counts the examples of each
+    allows, its template (with probability sft.condition_dropout a guided task's example is one of its guidance
+    streams instead: the condition masked, the target kept), CM3 spans (the target's where it is infilled, random
+    ones with sft.cm3), loss weights per sft.loss_on. Per token it also gives `task` (1 + the task's index in TASKS), and it counts the examples of each
     task. Picklable for grain workers: the text tokenizer is rebuilt from its model bytes in each process."""
 
     sequence_keys = ("inputs", "targets", "loss_weights", "task")
     # sft_too_long: examples whose prompt did not fit train.seq_len, trained as the record's text -> image instead.
-    counter_keys = COUNTER_KEYS + ("sft_too_long",) + tuple(f"task_{task}" for task in TASKS)
+    # sft_unconditional: guided examples given as a guidance stream (sft.condition_dropout).
+    counter_keys = (COUNTER_KEYS + ("sft_too_long", "sft_unconditional")
+                    + tuple(f"task_{task}" for task in TASKS))
 
     def __init__(self, vocab: vocab_lib.UnifiedVocab, options: PipelineOptions, sft: SFTOptions,
                  text_model: bytes, image_size: int, label_names: Sequence[str] | None = None):
@@ -274,9 +297,13 @@ class RecordToTaskExample:
         if too_long:
             task = "text_to_image"
             example, room = self.templates.build(task, record, rng, image_first=False), o.seq_len + 1
+        unconditional = False
+        if self.sft.condition_dropout and task in GUIDED_TASKS and rng.random() < self.sft.condition_dropout:
+            forms = guidance_stream_forms(example, self.vocab)
+            example, unconditional = forms[int(rng.integers(len(forms)))], True
         # Random spans are drawn as in pretraining, as many as leave room for the example and mask tokens for the
-        # target's span.
-        num_spans = min(cm3.draw_span_count(rng, o.cm3) if self.sft.cm3 else 0,
+        # target's span; none in a guidance stream's form, whose prompt already holds the masks it decodes from.
+        num_spans = min(cm3.draw_span_count(rng, o.cm3) if self.sft.cm3 and not unconditional else 0,
                         max(0, room - shortest_length(example)) // cm3.TOKENS_ADDED_PER_SPAN,
                         self.vocab.num_masks - example.infilled)
         length = serialized_length(example.document)
@@ -299,5 +326,6 @@ class RecordToTaskExample:
             "segments_dropped": np.int64(0),
             "retrieved_dropped": np.int64(0),
             "sft_too_long": np.int64(too_long),
+            "sft_unconditional": np.int64(unconditional),
             **{f"task_{name}": np.int64(name == task) for name in TASKS},
         }

@@ -57,12 +57,15 @@ class VQGANTrainOptions:
     dead_code_threshold: float = default("vqgan.dead_code_threshold")
     code_usage_decay: float = default("vqgan.code_usage_decay")
     seed: int = 0  # draws the latents that restarted codes move to
+    # False when the run ends before disc_start: every discriminator term is multiplied by 0 until then, so the
+    # discriminator is not run at all (the same parameters, a cheaper step); a longer run compiles it back in.
+    discriminator_runs: bool = True
 
     @classmethod
     def from_config(cls, c, seed: int = 0) -> VQGANTrainOptions:
         return cls(str(c.reconstruction_loss), float(c.lpips_weight), float(c.gan_weight), int(c.disc_start),
                    float(c.codebook_weight), bool(c.adaptive_gan_weight), float(c.dead_code_threshold),
-                   float(c.code_usage_decay), seed)
+                   float(c.code_usage_decay), seed, discriminator_runs=int(c.disc_start) < int(c.train.steps))
 
 
 def load_lpips(net: str = "vgg16") -> tuple[Any, Any]:
@@ -110,6 +113,15 @@ def adaptive_gan_weight(reconstruction_grads: Any, adversarial_grads: Any) -> ja
     return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4))
 
 
+LPIPS_MIN_SIZE = 32  # LPIPS' AlexNet and VGG16 pool a smaller image down to nothing
+
+
+def lpips_sized(images: jax.Array) -> jax.Array:
+    """Images under LPIPS_MIN_SIZE pixels repeated (nearest neighbour) by the least integer factor that reaches it."""
+    factor = -(-LPIPS_MIN_SIZE // images.shape[1])
+    return images if factor == 1 else jnp.repeat(jnp.repeat(images, factor, axis=1), factor, axis=2)
+
+
 def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_model: Any,
                      optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
     model, discriminator = VQGAN(config), PatchDiscriminator(config)
@@ -119,7 +131,8 @@ def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_mode
         error = jnp.abs(reconstructions - images) if options.reconstruction == "l1" else jnp.square(
             reconstructions - images)
         per_image = jnp.mean(error, axis=(1, 2, 3))
-        perceptual = (lpips_model.apply({"params": lpips_params}, reconstructions, images).reshape(-1)
+        perceptual = (lpips_model.apply({"params": lpips_params}, lpips_sized(reconstructions),
+                                        lpips_sized(images)).reshape(-1)
                       if with_lpips else jnp.zeros_like(per_image))
         return reconstructions, codes, vq_loss, latents, per_image, perceptual
 
@@ -132,8 +145,10 @@ def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_mode
             reconstructions, codes, vq_loss, latents, per_image, perceptual = reconstruction_terms(
                 params["vqgan"], images, lpips_params, options.lpips_weight > 0)
             nll = _masked_mean(per_image + options.lpips_weight * perceptual, valid)
-            fake_logits = discriminator.apply({"params": params["discriminator"]}, reconstructions)
-            adversarial = -_masked_mean(jnp.mean(fake_logits, axis=(1, 2, 3)), valid)
+            adversarial = jnp.zeros(())
+            if options.discriminator_runs:
+                fake_logits = discriminator.apply({"params": params["discriminator"]}, reconstructions)
+                adversarial = -_masked_mean(jnp.mean(fake_logits, axis=(1, 2, 3)), valid)
             aux = {"reconstructions": reconstructions, "codes": codes, "latents": latents, "vq_loss": vq_loss,
                    "reconstruction_loss": _masked_mean(per_image, valid), "lpips": _masked_mean(perceptual, valid),
                    "adversarial_loss": adversarial}
@@ -159,7 +174,10 @@ def make_vqgan_steps(config: VQGANConfig, options: VQGANTrainOptions, lpips_mode
                      + jnp.mean(jax.nn.relu(1.0 + fake_logits), axis=(1, 2, 3)))
             return gan_on * 0.5 * _masked_mean(hinge, valid)
 
-        disc_loss, disc_grads = jax.value_and_grad(discriminator_loss)(state.params["discriminator"])
+        if options.discriminator_runs:
+            disc_loss, disc_grads = jax.value_and_grad(discriminator_loss)(state.params["discriminator"])
+        else:
+            disc_loss, disc_grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params["discriminator"])
         grads = {"vqgan": generator_grads["vqgan"], "discriminator": disc_grads}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
