@@ -226,6 +226,35 @@ def unused_name(folder: PathLike, stem: str) -> epath.Path:
     return path
 
 
+def process_partial_folder(destination: PathLike) -> epath.Path:
+    """An empty folder `<destination>.partial-<pid>` to write `destination` in before `replace_folder` names it: one
+    per process, so two commands writing the same folder at once (an `eval` of the step a training run is scoring)
+    never remove each other's files. On a local disk, the partial folders of processes no longer running are removed
+    first."""
+    destination = epath.Path(destination)
+    prefix = f"{destination.name}.partial"
+    if not is_remote(destination) and destination.parent.exists():
+        for folder in destination.parent.glob(f"{prefix}*"):
+            pid = folder.name[len(prefix) + 1:]
+            if not (pid.isdigit() and _process_running(int(pid))):
+                folder.rmtree()
+    folder = destination.parent / f"{prefix}-{os.getpid()}"
+    if folder.exists():
+        folder.rmtree()
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def replace_folder(new: PathLike, destination: PathLike, keep_replaced: bool) -> epath.Path | None:
     """Gives the whole folder `new` the name `destination`. A folder already there is first moved aside, to
     `<destination>.replaced-<time>`, and removed only once `new` has its name (unless `keep_replaced`), so a crash at

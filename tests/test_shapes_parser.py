@@ -9,7 +9,7 @@ from cm3jax.data.embedded.shapes import BACKGROUND, CELLS, COLORS, KINDS, SIZES,
 from cm3jax.evaluation.shapes_parser import parse_scene
 
 
-@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("image_size", [24, 32, 64])
 def test_every_kind_colour_size_and_cell_is_read_exactly(image_size):
     wrong = []
     for kind, color, size, cell in itertools.product(KINDS, COLORS, SIZES, CELLS):

@@ -46,7 +46,7 @@ from cm3jax.evaluation.frechet import frechet_distance_of_features
 from cm3jax.evaluation.shapes_parser import parse_scene
 from cm3jax.inference.decode import GREEDY, SamplingOptions
 from cm3jax.inference.generate import Generator, contact_sheet
-from cm3jax.storage import atomic_write_text, replace_folder, save_png
+from cm3jax.storage import atomic_write_text, process_partial_folder, replace_folder, save_png
 from cm3jax.workdir import Workdir
 
 TASKS = ("reconstruction", "loss", "text_to_image", "caption", "vqa", "edit", "structure", "grounded")
@@ -69,11 +69,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Workdir, generator: Gen
     final_dir = workdir.stage("eval") / eval_folder_name(config, generator.model, generator.step)
     examples = held_out_documents(generator, workdir, str(e.split), int(e.num_examples))
     # Written whole under another name, then named (an earlier evaluation of this checkpoint is kept aside).
-    out_dir = final_dir.parent / f"{final_dir.name}.partial"
-    if jax.process_index() == 0:
-        if out_dir.exists():
-            out_dir.rmtree()
-        out_dir.mkdir(parents=True)
+    out_dir = process_partial_folder(final_dir) if jax.process_index() == 0 else None
     metrics: dict[str, Any] = {"model": generator.model, "step": generator.step, "split": str(e.split),
                                "examples": len(examples), "num_retrieved": int(e.num_retrieved)}
     predictions: list[dict] = []
