@@ -14,8 +14,8 @@ import pathlib
 
 HEADLINE = ("vqa/exact", "caption/exact", "text_to_image/cfg/exact", "text_to_image/none/exact", "grounded/all",
             "structure/exact", "edit/exact", "text_to_image/cfg/cells", "loss/loss", "loss/image_loss")
-TASK_LOSSES = ("loss", "image_loss", "text_loss", "text_to_image_loss", "caption_loss", "vqa_loss", "edit_loss", "structure_loss",
-               "grounded_loss")
+TASK_LOSSES = ("loss", "image_loss", "text_loss", "text_to_image_loss", "caption_loss", "vqa_loss", "edit_loss",
+               "structure_loss", "grounded_loss")
 
 
 def read_rows(metrics_file: pathlib.Path, split: str) -> list[dict]:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -227,18 +228,19 @@ def unused_name(folder: PathLike, stem: str) -> epath.Path:
 
 
 def process_partial_folder(destination: PathLike) -> epath.Path:
-    """An empty folder `<destination>.partial-<pid>` to write `destination` in before `replace_folder` names it: one
-    per process, so two commands writing the same folder at once (an `eval` of the step a training run is scoring)
-    never remove each other's files. On a local disk, the partial folders of processes no longer running are removed
-    first."""
+    """An empty folder `<destination>.partial-<host>-<pid>` to write `destination` in before `replace_folder` names
+    it: one per process, so two commands writing the same folder at once (an `eval` of the step a training run is
+    scoring) never remove each other's files. On a local disk, the partial folders this host's ended processes left
+    (and the unnamed ones of earlier versions) are removed first."""
     destination = epath.Path(destination)
     prefix = f"{destination.name}.partial"
+    mine = f"{prefix}-{socket.gethostname()}-"
     if not is_remote(destination) and destination.parent.exists():
         for folder in destination.parent.glob(f"{prefix}*"):
-            pid = folder.name[len(prefix) + 1:]
-            if not (pid.isdigit() and _process_running(int(pid))):
+            pid = folder.name[len(mine):] if folder.name.startswith(mine) else ""
+            if folder.name == prefix or (pid.isdigit() and not _process_running(int(pid))):
                 folder.rmtree()
-    folder = destination.parent / f"{prefix}-{os.getpid()}"
+    folder = destination.parent / f"{mine}{os.getpid()}"
     if folder.exists():
         folder.rmtree()
     folder.mkdir(parents=True)

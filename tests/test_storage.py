@@ -65,21 +65,25 @@ def test_replace_folder_moves_the_earlier_folder_aside_before_naming_the_new_one
 def test_each_process_writes_its_own_partial_folder_and_dead_ones_are_cleared(tmp_path):
     """Two commands writing the same folder at once (an eval of the step a training run is scoring) must not remove
     each other's files; what a finished or killed process left is cleared."""
+    import socket
     import subprocess
     import sys
 
     from cm3jax.storage import process_partial_folder
 
     destination = tmp_path / "eval" / "lm-200"
+    host = socket.gethostname()
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / "eval" / f"lm-200.partial-{int(ended.stdout)}"
+    dead = tmp_path / "eval" / f"lm-200.partial-{host}-{int(ended.stdout)}"
     legacy = tmp_path / "eval" / "lm-200.partial"
-    alive = tmp_path / "eval" / f"lm-200.partial-{os.getppid()}"  # another running process's folder
-    other = tmp_path / "eval" / "lm-2000.partial-1"  # another destination's
-    for folder in (dead, legacy, alive, other):
+    alive = tmp_path / "eval" / f"lm-200.partial-{host}-{os.getppid()}"  # another running process's folder
+    elsewhere = tmp_path / "eval" / f"lm-200.partial-another-host-{int(ended.stdout)}"  # cannot be checked here
+    other = tmp_path / "eval" / f"lm-2000.partial-{host}-{int(ended.stdout)}"  # another destination's
+    for folder in (dead, legacy, alive, elsewhere, other):
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text("{}")
     mine = process_partial_folder(destination)
-    assert mine.name == f"lm-200.partial-{os.getpid()}" and list(mine.iterdir()) == []
+    assert mine.name == f"lm-200.partial-{host}-{os.getpid()}" and list(mine.iterdir()) == []
     assert not dead.exists() and not legacy.exists()
-    assert (alive / "metrics.json").exists() and (other / "metrics.json").exists()
+    for kept in (alive, elsewhere, other):
+        assert (kept / "metrics.json").exists(), kept

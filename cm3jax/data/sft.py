@@ -175,7 +175,7 @@ def guidance_stream_forms(example: TaskExample, vocab: vocab_lib.UnifiedVocab) -
     """The example as each of its task's guidance streams decodes it (TaskPrompter's non-full streams), the target
     kept: text -> image and grounded `<mask:0> <break> image`; structure with the caption masked; edit with the
     instruction masked, and with image and instruction masked. An empty list for unguided tasks."""
-    masked = [text_segment(np.array([vocab.mask_id(i)], np.int32)) for i in range(2)]
+    masked = [text_segment(np.array([vocab.mask_id(i)], np.int32)) for i in range(1 + (example.task == "edit"))]
     document = example.document
     if example.task in ("text_to_image", "grounded"):
         forms = [[masked[0], document[-1]]]
@@ -254,8 +254,9 @@ class RecordToTaskExample:
     """(global index, source index, record) -> one SFT example: a task drawn from the mixture among those the record
     allows, its template (with probability sft.condition_dropout a guided task's example is one of its guidance
     streams instead: the condition masked, the target kept), CM3 spans (the target's where it is infilled, random
-    ones with sft.cm3), loss weights per sft.loss_on. Per token it also gives `task` (1 + the task's index in TASKS), and it counts the examples of each
-    task. Picklable for grain workers: the text tokenizer is rebuilt from its model bytes in each process."""
+    ones with sft.cm3), loss weights per sft.loss_on. Per token it also gives `task` (1 + the task's index in
+    TASKS), and it counts the examples of each task. Picklable for grain workers: the text tokenizer is rebuilt
+    from its model bytes in each process."""
 
     sequence_keys = ("inputs", "targets", "loss_weights", "task")
     # sft_too_long: examples whose prompt did not fit train.seq_len, trained as the record's text -> image instead.

@@ -159,7 +159,7 @@ def lm_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, DecoderC
 class FineTuning:
     """What turns LM training into instruction tuning (cm3jax/train/sft.py): the examples, the parameters a fresh
     run starts from, and their identity."""
-    to_example: Callable[[PipelineOptions], Any]  # the pipeline's options -> its example maker
+    to_example: Callable[..., Any]  # (the pipeline's options, held_out=False) -> its example maker
     task_names: tuple[str, ...]  # the tasks whose losses are logged apart
     initial_params: Callable[[Any, Any], Any]  # (abstract params, their shardings) -> params
     inputs: dict  # recorded in inputs.json: a run resumes only from the parameters it started from
@@ -208,7 +208,7 @@ def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh, num_batches:
                                   num_workers=0, retrieved_loss_weight=0.0)
     source = open_document_source(config.data, vocab, config.data.eval_split)
     augment = open_retrieval(config.data, vocab, config.data.eval_split, evaluation=True)
-    to_example = fine_tuning.to_example(options) if fine_tuning else None
+    to_example = fine_tuning.to_example(options, held_out=True) if fine_tuning else None
 
     def batches():
         stream = DocumentBatches(source, vocab, options, rows, augment, to_example)

@@ -9,6 +9,8 @@ in inputs.json, and a resume from another one is refused.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from cm3jax import vocab as vocab_lib
@@ -52,8 +54,11 @@ def fine_tuning(config: ml_collections.ConfigDict, workdir: Workdir) -> FineTuni
     label_names = DIGIT_NAMES if str(config.raw_data.dataset) == "digits" else None
 
     return FineTuning(
-        to_example=lambda options: RecordToTaskExample(vocab, options, sft_options, text_model,
-                                                       int(config.vqgan.image_size), label_names),
+        # Held-out examples keep their whole condition (no condition dropout), so each task's held-out loss is
+        # the loss of the task as asked.
+        to_example=lambda options, held_out=False: RecordToTaskExample(
+            vocab, options, dataclasses.replace(sft_options, condition_dropout=0.0) if held_out else sft_options,
+            text_model, int(config.vqgan.image_size), label_names),
         task_names=TASKS, initial_params=source.restore,
         # Where the LM lives may change (a copied or moved workdir); what it was trained on and its step do not.
         inputs={"pretrained_step": source.step, "pretrained_inputs": source.identity})
