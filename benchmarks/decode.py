@@ -74,7 +74,7 @@ def speed_row(name: str, args) -> dict:
     config = load_recipe(name)
     config.model.max_seq_len = args.context + 64
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    cfg = DecoderConfig.from_config(config.model, vocab.padded_size)
+    cfg = DecoderConfig.for_run(config, vocab)
     params = jax.jit(lambda r: nn.unbox(CM3LeonDecoder(cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.key(0))
     rng = np.random.default_rng(0)

@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
             attention_block_size=128,  # xla: query block of the block-causal attention (upper blocks skipped)
             remat_policy="full",  # none | full | dots | dots_no_batch
             scan_unroll=1,  # layers per scan iteration; num_layers removes the loop (faster on CPU, compiles longer)
+            # Not in CM3leon: a learned embedding per cell of the VQ-GAN's code grid added to every image code, as
+            # DALL-E's row/column embeddings, so a code's cell need not be inferred from its distance to <break>.
+            # The OPT export (export.format=hf) cannot hold it.
+            image_grid_embedding=False,
         )
     )
 

@@ -25,6 +25,10 @@ def get_config(arg=None):
     # Up to 2 retrieved scenes of ~30 caption pieces and 36 codes each before the query document; the longest SFT
     # prompt (grounded: caption and three boxes) with its image takes ~140.
     c.model.max_seq_len = 256
+    # Each code's cell in the 6x6 grid is given, not inferred from its distance to <break> (which varies with the
+    # caption's length): drawing, copying a source image (edit) and following a map (structure) all place codes by
+    # cell.
+    c.model.image_grid_embedding = True
     c.train.seq_len = 256
     c.train.update(steps=600, eval_every=200, checkpoint_every=200)
     # Instruction tuning (docs/sft.md) on every task the scenes allow. The pretrained LM is far from converged at this

@@ -94,7 +94,7 @@ def test_masked_spans_keep_the_weight_of_their_document():
     rng = np.random.default_rng(4)
     segments = pair(rng) + pair(rng)  # a retrieved pair, then the query pair
     spans = [cm3.Span(1, 2, 5), cm3.Span(2, 0, 2)]
-    tokens, weights = cm3.cm3_mask_document(segments, spans, VOCAB, frozenset({2}), [0.5, 0.5, 1.0, 1.0])
+    tokens, weights, _ = cm3.cm3_mask_document(segments, spans, VOCAB, frozenset({2}), [0.5, 0.5, 1.0, 1.0])
     first, second = (int(np.flatnonzero(tokens == VOCAB.mask_id(i))[-1]) for i in range(2))  # the moved copies
     np.testing.assert_array_equal(tokens[first + 1:first + 4], segments[1].tokens[2:5])
     np.testing.assert_array_equal(weights[first + 1:first + 5], 0.5)  # the retrieved span and its <eoss>

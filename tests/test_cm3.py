@@ -58,7 +58,7 @@ def test_cm3_keeps_every_token_once_and_spans_stay_in_one_segment():
     for _ in range(500):
         document = random_document(rng)
         spans = cm3.sample_spans([len(s.tokens) for s in document], cm3.draw_span_count(rng, options), rng)
-        tokens, weights = cm3.cm3_mask_document(document, spans, VOCAB)
+        tokens, weights, _ = cm3.cm3_mask_document(document, spans, VOCAB)
         masked_documents += bool(spans)
         # Every original token appears exactly once: in place, or in its appended span.
         assert undo_cm3(tokens, len(spans)) == serialize_document(document).tolist()
@@ -72,6 +72,25 @@ def test_cm3_keeps_every_token_once_and_spans_stay_in_one_segment():
         np.testing.assert_array_equal(weights == 0, VOCAB.is_mask(tokens))
         assert np.sum(VOCAB.is_mask(tokens)) == 2 * len(spans)
     assert masked_documents > 250
+
+
+def test_image_cells_follow_every_code_through_the_reordering():
+    """Each image code keeps its raster index in its image, in place, after a span cut out of it and in the span
+    moved to the end (codes 0..n-1 in order make a code's cell its value)."""
+    rng = np.random.default_rng(1)
+    options = cm3.CM3Options(poisson_lambda=3.0, min_spans=1, max_spans=16)
+    cut_images = 0
+    for _ in range(300):
+        document = [text_segment(VOCAB.text_ids(rng.integers(0, VOCAB.text_size, int(rng.integers(1, 10)))))
+                    if rng.random() < 0.4 else image_segment(VOCAB.image_ids(np.arange(int(rng.integers(1, 50)))))
+                    for _ in range(int(rng.integers(1, 5)))]
+        spans = cm3.sample_spans([len(s.tokens) for s in document], cm3.draw_span_count(rng, options), rng)
+        masked = cm3.cm3_mask_document(document, spans, VOCAB)
+        is_image = VOCAB.modality(masked.tokens) == vocab_lib.MODALITY_IMAGE
+        np.testing.assert_array_equal(masked.image_cells[is_image], VOCAB.image_codes(masked.tokens[is_image]))
+        assert np.all(masked.image_cells[~is_image] == 0)
+        cut_images += any(document[s.segment].modality == vocab_lib.MODALITY_IMAGE and s.start > 0 for s in spans)
+    assert cut_images > 50
 
 
 def test_span_count_follows_clamped_poisson():
@@ -118,7 +137,7 @@ def test_whole_caption_of_the_query_document_is_a_span_at_the_configured_rate():
 
 def test_cm3_without_spans_is_the_plain_document():
     document = [text_segment(VOCAB.text_ids([1, 2])), image_segment(VOCAB.image_ids([3, 4, 5]))]
-    tokens, weights = cm3.cm3_mask_document(document, [], VOCAB)
+    tokens, weights, _ = cm3.cm3_mask_document(document, [], VOCAB)
     assert tokens.tolist() == [vocab_lib.EOS, *VOCAB.text_ids([1, 2]), vocab_lib.BREAK, *VOCAB.image_ids([3, 4, 5]),
                                vocab_lib.EOS]
     assert weights.tolist() == [1.0] * len(tokens)

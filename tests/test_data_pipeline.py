@@ -74,12 +74,14 @@ def test_first_fit_packing_loses_no_token():
 
 def test_batches_follow_the_contract():
     batch = next(DocumentBatches(varied_source(), VOCAB, OPTIONS, rows=(0, 8)))
-    assert set(batch) == {"inputs", "targets", "loss_weights", "segment_ids", "positions", "modality"}
+    assert set(batch) == {"inputs", "targets", "loss_weights", "image_cells", "segment_ids", "positions", "modality"}
     for key, value in batch.items():
         assert value.shape == (8, 48)
         assert value.dtype == (np.float32 if key == "loss_weights" else np.int32)
     np.testing.assert_array_equal(batch["modality"], VOCAB.modality(batch["targets"]))
     assert np.all(batch["loss_weights"][VOCAB.is_mask(batch["targets"])] == 0)
+    is_image = VOCAB.modality(batch["inputs"]) == vocab_lib.MODALITY_IMAGE
+    assert is_image.any() and batch["image_cells"][is_image].max() > 0 and np.all(batch["image_cells"][~is_image] == 0)
 
 
 def test_pad_mode_keeps_one_document_per_row():

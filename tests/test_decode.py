@@ -59,6 +59,29 @@ def test_kv_cache_decoding_equals_full_recompute_at_every_step(params):
     assert lengths[0] == 12
 
 
+def test_image_grid_embedding_decodes_like_full_recompute_from_mid_image():
+    """model.image_grid_embedding: a prompt that ends inside an image (3 codes of a 3x3 grid) continues from cell 3,
+    in the prefill and in each cached step, as a full recompute of the whole sequence counts it."""
+    cfg = DecoderConfig(**{**CFG.__dict__, "image_code_range": (VOCAB.image_offset, VOCAB.size),
+                           "image_grid_cells": 9})
+    params = nn.unbox(CM3LeonDecoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
+    start = np.concatenate([prompt(3, 4, 5), VOCAB.image_ids(np.array([1, 7, 2]))])
+    generated, _ = make_decoder(cfg, VOCAB, Schedule.image(6), GREEDY)(params, *left_pad([start]), jax.random.key(0))
+    sequence = np.concatenate([start, np.asarray(generated[0])])
+    scores = jax.nn.log_softmax(CM3LeonDecoder(cfg).apply({"params": params}, jnp.asarray(sequence)[None])[0])
+    allowed = VOCAB.modality(np.arange(VOCAB.padded_size)) == vocab_lib.MODALITY_IMAGE
+    for step, token in enumerate(np.asarray(generated[0])):
+        assert token == np.argmax(np.where(allowed, scores[len(start) - 1 + step], -np.inf))
+    # The cell embeddings reach the logits: shuffling them changes what follows an image code and nothing else.
+    shuffled = {**params, "image_grid_embedding": params["image_grid_embedding"][::-1]}
+    other = jax.nn.log_softmax(CM3LeonDecoder(cfg).apply({"params": shuffled}, jnp.asarray(sequence)[None])[0])
+    is_image = VOCAB.modality(sequence) == vocab_lib.MODALITY_IMAGE
+    first_image = int(np.argmax(is_image))
+    np.testing.assert_allclose(other[:first_image], scores[:first_image], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(other[first_image:], scores[first_image:], atol=1e-3)
+
+
 def test_left_padded_prompts_decode_like_unpadded_ones(params):
     greedy = GREEDY
     run = make_decoder(CFG, VOCAB, Schedule.text(6), greedy)

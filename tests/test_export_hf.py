@@ -86,7 +86,7 @@ def exported(tiny_pipeline_run, tmp_path_factory):
     config = one.resolve(tiny_pipeline_config())
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     return {"params": params, "vocab": vocab, "workdir": one,
-            "model": CM3LeonDecoder(DecoderConfig.from_config(config.model, vocab.padded_size, "cpu")),
+            "model": CM3LeonDecoder(DecoderConfig.for_run(config, vocab, "cpu")),
             "float32": shutil.copytree(_export(one), root / "float32"), "sharded": _export(sharded),
             "bfloat16": _export(one, dtype="bfloat16")}
 

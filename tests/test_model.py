@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig, decoding_params, flops_per_token
+from cm3jax.models.transformer import (
+    CM3LeonDecoder,
+    DecoderConfig,
+    decoding_params,
+    flops_per_token,
+    image_grid_index,
+)
 
 CFG = DecoderConfig(vocab_size=128, num_layers=2, d_model=32, num_heads=4, head_dim=8, ffn_dim=64, max_seq_len=64)
 
@@ -123,3 +129,13 @@ def test_flops_formula_counts_matmuls_and_attention():
                         max_seq_len=128)
     matmul = 3 * (4 * 64 * 64 + 2 * 64 * 256) + 64 * 1000
     assert flops_per_token(cfg, 128) == 6 * matmul + 12 * 3 * 128 * 64
+
+
+def test_image_grid_index_counts_codes_within_each_run():
+    """Each image code's raster index in its image; text restarts the count; a run already begun before the first
+    token (a decoding step) goes on from there."""
+    is_image = jnp.array([[0, 1, 1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 1, 1, 1, 0]], bool)
+    index = np.asarray(image_grid_index(is_image, jnp.array([0, 5])))
+    np.testing.assert_array_equal(np.where(np.asarray(is_image), index, -1),
+                                  [[-1, 0, 1, 2, -1, -1, 0, 1], [5, 6, -1, 0, 1, 2, 3, -1]])
+

@@ -109,7 +109,7 @@ def test_an_sft_checkpoint_exports_and_transformers_computes_its_logits(sft_run,
     params = _state(config, workdir.sft).params
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
     tokens = np.random.RandomState(0).randint(0, vocab.size, (1, 10))
-    model = CM3LeonDecoder(DecoderConfig.from_config(config.model, vocab.padded_size, "cpu"))
+    model = CM3LeonDecoder(DecoderConfig.for_run(config, vocab, "cpu"))
     expected = np.asarray(model.apply({"params": params}, tokens))
     with torch.no_grad():
         logits = transformers.OPTForCausalLM.from_pretrained(folder)(torch.tensor(tokens)).logits.numpy()

@@ -19,6 +19,7 @@ classifier-free guidance and the prompt of captioning by infilling; small models
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -90,13 +91,22 @@ def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Gene
     return sorted(kept, key=lambda s: (s.segment, s.start))
 
 
+class MaskedDocument(NamedTuple):
+    tokens: np.ndarray  # int32: the CM3-reordered serialised document
+    weights: np.ndarray  # float32, per token: the loss weight of predicting it (0 for every <mask:i>)
+    # int32, per token: an image code's raster index in its image, wherever CM3 moved it (0 for other tokens); what
+    # model.image_grid_embedding embeds, since the codes left after a span cut out of an image, and the span moved
+    # to the end, no longer count their cell from the image's start
+    image_cells: np.ndarray
+
+
 def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.UnifiedVocab,
                       document_starts: frozenset[int] = frozenset(),
                       segment_weights: list[float] | None = None,
                       token_weights: list[np.ndarray] | None = None,
-                      final_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (tokens, target_weights): the CM3-reordered serialised document and, per token, the loss weight of
-    predicting it (0 for every <mask:i>). With no spans this is `serialize_document(document)` with weights 1.
+                      final_weight: float = 1.0) -> MaskedDocument:
+    """The CM3-reordered serialised document with its per-token loss weights and image cells. With no spans its
+    tokens are `serialize_document(document)` with weights 1.
 
     A retrieval-augmented sample is several documents in one segment list: a segment whose index is in
     `document_starts` begins a new document, so <eos> (not <break>) precedes it. `segment_weights` gives each
@@ -112,11 +122,14 @@ def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.Un
     by_segment: dict[int, list[tuple[int, Span]]] = {}
     for i, span in enumerate(spans):
         by_segment.setdefault(span.segment, []).append((i, span))
-    body, weights = [], []
+    body, weights, cells = [], [], []
+    cells_of = [np.arange(len(segment.tokens), dtype=np.int32) if segment.modality == vocab_lib.MODALITY_IMAGE
+                else np.zeros(len(segment.tokens), np.int32) for segment in document]
 
-    def emit(tokens, weight):
+    def emit(tokens, weight, cell=0):
         body.append(np.asarray(tokens, np.int32))
         weights.append(np.broadcast_to(np.asarray(weight, np.float32), (len(body[-1]),)))
+        cells.append(np.broadcast_to(np.asarray(cell, np.int32), (len(body[-1]),)))
 
     emit([vocab_lib.EOS], weight_of[0] if document else 1.0)
     for index, segment in enumerate(document):
@@ -124,14 +137,17 @@ def cm3_mask_document(document: Document, spans: list[Span], vocab: vocab_lib.Un
             emit([vocab_lib.EOS if index in document_starts else vocab_lib.BREAK], weight_of[index - 1])
         cursor = 0
         for i, span in by_segment.get(index, []):
-            emit(segment.tokens[cursor:span.start], token_weights[index][cursor:span.start])
+            emit(segment.tokens[cursor:span.start], token_weights[index][cursor:span.start],
+                 cells_of[index][cursor:span.start])
             emit([vocab.mask_id(i)], 0.0)
             cursor = span.end
-        emit(segment.tokens[cursor:], token_weights[index][cursor:])
+        emit(segment.tokens[cursor:], token_weights[index][cursor:], cells_of[index][cursor:])
     for i, span in enumerate(spans):
         emit([vocab.mask_id(i)], 0.0)
-        emit(document[span.segment].tokens[span.start:span.end], token_weights[span.segment][span.start:span.end])
+        emit(document[span.segment].tokens[span.start:span.end], token_weights[span.segment][span.start:span.end],
+             cells_of[span.segment][span.start:span.end])
         emit([vocab_lib.EOSS], token_weights[span.segment][span.end - 1])
     emit([vocab_lib.EOS], final_weight)
     tokens = np.concatenate(body).astype(np.int32)
-    return tokens, np.where(vocab.is_mask(tokens), 0.0, np.concatenate(weights)).astype(np.float32)
+    return MaskedDocument(tokens, np.where(vocab.is_mask(tokens), 0.0, np.concatenate(weights)).astype(np.float32),
+                          np.concatenate(cells).astype(np.int32))

@@ -34,9 +34,9 @@ from cm3jax.errors import BadInputError, MissingInputError
 from cm3jax.storage import local_mirror
 from cm3jax.workdir import neighbours_file
 
-BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions", "modality")
+BATCH_KEYS = ("inputs", "targets", "loss_weights", "image_cells", "segment_ids", "positions", "modality")
 COUNTER_KEYS = ("text_tokens_cut", "segments_dropped", "retrieved_dropped")
-_SEQUENCE_KEYS = ("inputs", "targets", "loss_weights")
+_SEQUENCE_KEYS = ("inputs", "targets", "loss_weights", "image_cells")
 
 
 def resolve_num_streams(data_config, num_processes: int) -> int:
@@ -137,12 +137,13 @@ class DocumentToExample:
         spans = cm3.sample_spans([len(s.tokens) for s in sample.segments], num_spans, rng, required)
         weights = ([o.retrieved_loss_weight] * sample.retrieved_segments
                    + [1.0] * (len(sample.segments) - sample.retrieved_segments))
-        tokens, weights = cm3.cm3_mask_document(sample.segments, spans, self.vocab, sample.document_starts, weights)
+        masked = cm3.cm3_mask_document(sample.segments, spans, self.vocab, sample.document_starts, weights)
         report = sample.report
         return {
-            "inputs": tokens[:-1],
-            "targets": tokens[1:],
-            "loss_weights": weights[1:],
+            "inputs": masked.tokens[:-1],
+            "targets": masked.tokens[1:],
+            "loss_weights": masked.weights[1:],
+            "image_cells": masked.image_cells[:-1],
             "text_tokens_cut": np.int64(report.text_tokens_cut),
             "segments_dropped": np.int64(report.segments_dropped),
             "retrieved_dropped": np.int64(sample.retrieved_dropped),
@@ -168,6 +169,7 @@ class PackedToBatchRow:
             row["segment_ids"] = (np.arange(len(row["inputs"])) < example["length"]).astype(np.int32)
             row["positions"] = np.where(row["segment_ids"] > 0, np.arange(len(row["inputs"])), 0).astype(np.int32)
         row["loss_weights"] = row["loss_weights"].astype(np.float32)
+        row["image_cells"] = row["image_cells"].astype(np.int32)
         row["modality"] = self.vocab.modality(row["targets"])
         for key in self.counter_keys:
             row[key] = np.int64(np.sum(example[key]))

@@ -258,7 +258,7 @@ class RecordToTaskExample:
     TASKS), and it counts the examples of each task. Picklable for grain workers: the text tokenizer is rebuilt
     from its model bytes in each process."""
 
-    sequence_keys = ("inputs", "targets", "loss_weights", "task")
+    sequence_keys = ("inputs", "targets", "loss_weights", "image_cells", "task")
     # sft_too_long: examples whose prompt did not fit train.seq_len, trained as the record's text -> image instead.
     # sft_unconditional: guided examples given as a guidance stream (sft.condition_dropout).
     counter_keys = (COUNTER_KEYS + ("sft_too_long", "sft_unconditional")
@@ -312,17 +312,18 @@ class RecordToTaskExample:
         spans = cm3.sample_spans([len(s.tokens) for s in example.document], num_spans + example.infilled, rng,
                                  example.target if example.infilled else None)
         if self.sft.loss_on == "target":
-            tokens, weights = cm3.cm3_mask_document(example.document, spans, self.vocab,
-                                                    segment_weights=[0.0] * len(example.document),
-                                                    token_weights=target_token_weights(example),
-                                                    final_weight=float(not example.infilled))
+            masked = cm3.cm3_mask_document(example.document, spans, self.vocab,
+                                           segment_weights=[0.0] * len(example.document),
+                                           token_weights=target_token_weights(example),
+                                           final_weight=float(not example.infilled))
         else:
-            tokens, weights = cm3.cm3_mask_document(example.document, spans, self.vocab)
+            masked = cm3.cm3_mask_document(example.document, spans, self.vocab)
         return {
-            "inputs": tokens[:-1],
-            "targets": tokens[1:],
-            "loss_weights": weights[1:],
-            "task": np.full(len(tokens) - 1, 1 + TASKS.index(task), np.int32),
+            "inputs": masked.tokens[:-1],
+            "targets": masked.tokens[1:],
+            "loss_weights": masked.weights[1:],
+            "image_cells": masked.image_cells[:-1],
+            "task": np.full(len(masked.tokens) - 1, 1 + TASKS.index(task), np.int32),
             "text_tokens_cut": np.int64(length - serialized_length(example.document)),
             "segments_dropped": np.int64(0),
             "retrieved_dropped": np.int64(0),

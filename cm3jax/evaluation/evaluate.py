@@ -148,8 +148,10 @@ def flat_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def held_out_documents(generator: Generator, workdir: Workdir, split: str, count: int) -> list[HeldOut]:
-    """The first `count` caption-image documents of the split's token shards."""
+def held_out_documents(generator: Generator, workdir: Workdir, split: str, count: int,
+                       start: int = 0) -> list[HeldOut]:
+    """`count` caption-image documents of the split's token shards, from its `start`-th one on (eval scores the first
+    ones; a sweep of decoding settings chooses on later ones)."""
     from cm3jax.data.shards import open_token_shards
 
     records = open_token_shards(str(workdir.tokens), split)
@@ -162,9 +164,9 @@ def held_out_documents(generator: Generator, workdir: Workdir, split: str, count
         if texts and images:
             codes = vocab.image_codes(images[0]).reshape(generator.grid, generator.grid)
             found.append(HeldOut(generator.decode_text(texts[0]), codes, meta))
-        if len(found) == count:
+        if len(found) == start + count:
             break
-    return found
+    return found[start:]
 
 
 def held_out_loss(config: ml_collections.ConfigDict, generator: Generator) -> dict[str, float]:
@@ -287,6 +289,23 @@ def _text_to_image(config, generator: Generator, examples: list[HeldOut], guidan
             save_png(out_dir / f"text_to_image-{setting.replace('/', '-')}.png", sheet)
         results[f"text_to_image/{setting}"] = metrics
     return results
+
+
+def score_image_task(config: ml_collections.ConfigDict, generator: Generator, examples: list[HeldOut],
+                     task: str) -> dict:
+    """One image task's metrics on `examples` at config.generate's settings (text_to_image: for every eval.guidance),
+    writing nothing: what a sweep of decoding settings compares."""
+    config = config.copy_and_resolve_references()
+    config.eval.sheet_images = 0
+    if task == "text_to_image":
+        return {name: metrics for guidance in config.eval.guidance
+                for name, metrics in _text_to_image(config, generator, examples, guidance,
+                                                    str(config.raw_data.dataset), [], None).items()}
+    if task in ("edit", "structure"):
+        return _conditioned_images(config, generator, examples, task, [], None)
+    if task == "grounded":
+        return _grounded(config, generator, examples, [], None)
+    raise ValueError(f"{task!r} is not an image task (text_to_image, edit, structure, grounded)")
 
 
 def _conditioned_images(config, generator: Generator, examples: list[HeldOut], task: str, predictions: list[dict],

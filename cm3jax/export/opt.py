@@ -31,6 +31,8 @@ def require_opt_expressible(model: ml_collections.ConfigDict) -> None:
         refusals.append(f"model.activation={model.activation!r} (OPT has {tuple(OPT_ACTIVATIONS)})")
     if model.qk_norm:
         refusals.append("model.qk_norm=True (OPT has no QK-norm)")
+    if model.get("image_grid_embedding", False):
+        refusals.append("model.image_grid_embedding=True (OPT has no image-grid embedding)")
     if float(model.layer_norm_epsilon) != OPT_LAYER_NORM_EPSILON:
         refusals.append(f"model.layer_norm_epsilon={model.layer_norm_epsilon} (OPT's is fixed at 1e-5)")
     if int(model.head_dim) > 0 and int(model.head_dim) * int(model.num_heads) != int(model.d_model):

@@ -112,6 +112,6 @@ def load_pretrained(folder: PathLike, devices=None):
     abstract, shardings = _lm_params_layout(config, mesh)
     params = restore_bundle_params(folder, abstract, shardings)
     image_tokenizer = ImageTokenizer.from_exported(folder / IMAGE_TOKENIZER_DIR, data_parallel_mesh(devices))
-    return Generator(config, None, mesh, params, DecoderConfig.from_config(config.model, vocab.padded_size), vocab,
+    return Generator(config, None, mesh, params, DecoderConfig.for_run(config, vocab), vocab,
                      TextTokenizer.load(str(folder / TEXT_MODEL)), image_tokenizer, int(record["step"]),
                      record["model"])

@@ -33,7 +33,7 @@ def abstract_params(config: ml_collections.ConfigDict) -> dict:
     from cm3jax.models.transformer import CM3LeonDecoder, DecoderConfig
 
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    model = CM3LeonDecoder(DecoderConfig.from_config(config.model, vocab.padded_size))
+    model = CM3LeonDecoder(DecoderConfig.for_run(config, vocab))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     return nn.meta.unbox(variables["params"])
 

@@ -81,7 +81,7 @@ class Generator:
         image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(local_devices))
         require_tokens_vqgan(workdir.tokens, image_tokenizer)
         vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-        return cls(config, workdir, mesh, params, DecoderConfig.from_config(config.model, vocab.padded_size), vocab,
+        return cls(config, workdir, mesh, params, DecoderConfig.for_run(config, vocab), vocab,
                    TextTokenizer.load(str(workdir.text_tokenizer)), image_tokenizer, step, model)
 
     def with_params(self, params: Any, step: int) -> Generator:

@@ -7,8 +7,10 @@ the residual stream in every block (attention output and FFN output): at initial
 while the LM head keeps the ordinary init so the first logits are not all equal.
 
 Options beyond the paper: activation (relu as OPT, gelu, swiglu), tied input/output embeddings, QK-norm (Chameleon),
-and the z-loss lives in the loss. Layers are stacked on a leading `layers` axis and run with `nn.scan`, so compile
-time does not grow with depth; each layer is rematerialised by the configured policy.
+an image-grid embedding (DALL-E's row/column embeddings as one learned vector per cell of the VQ-GAN's code grid,
+added to every image code at its cell), and the z-loss lives in the loss. Layers are stacked on a leading `layers`
+axis and run with `nn.scan`, so compile time does not grow with depth; each layer is rematerialised by the configured
+policy.
 
 Packed sequences: `segment_ids` (0 = padding, 1.. = documents) stop attention across documents, and `positions`
 restart at every document. Decoding: with `decode=True` the decoder keeps a KV cache in the `cache` collection
@@ -66,6 +68,10 @@ class DecoderConfig:
     scan_unroll: int = default("model.scan_unroll")  # layers per iteration of the layer scan (num_layers: no loop)
     remat_policy: str = default("model.remat_policy")
     causal: bool = True  # False: bidirectional attention (the retriever's encoder towers)
+    # Image-grid embedding (model.image_grid_embedding): image codes are the ids [start, end) of image_code_range, an
+    # image is image_grid_cells of them in raster order; 0 cells: off.
+    image_code_range: tuple[int, int] = (0, 0)
+    image_grid_cells: int = 0
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int, platform: str | None = None) -> DecoderConfig:
@@ -99,6 +105,18 @@ class DecoderConfig:
             scan_unroll=m.get("scan_unroll", 1),  # configs saved before the field existed
             remat_policy=m.remat_policy,
         )
+
+    @classmethod
+    def for_run(cls, config, vocab, platform: str | None = None) -> DecoderConfig:
+        """The decoder of a run: `config.model` over `vocab` and, with model.image_grid_embedding, where the image
+        codes are in the vocabulary and how many make an image (the VQ-GAN's grid)."""
+        decoder = cls.from_config(config.model, vocab.padded_size, platform)
+        if not config.model.get("image_grid_embedding", False):  # configs saved before the field existed
+            return decoder
+        from cm3jax.models.vqgan import VQGANConfig
+
+        return dataclasses.replace(decoder, image_code_range=(vocab.image_offset, vocab.size),
+                                   image_grid_cells=VQGANConfig.from_config(config).tokens_per_image)
 
 
 def truncated_normal(std: float):
@@ -311,8 +329,10 @@ class CM3LeonDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                 prefill: bool = False) -> Array:
-        """prefill (decoding): the cache is empty, so attention stays within this call."""
+                 prefill: bool = False, image_cells: Array | None = None) -> Array:
+        """prefill (decoding): the cache is empty, so attention stays within this call. image_cells (with
+        cfg.image_grid_cells): each image code's raster index in its image, as the data pipeline gives it through
+        CM3's reordering; without it the codes are counted from each image's start (`image_grid_index`)."""
         cfg = self.cfg
         batch, length = tokens.shape
         packed = segment_ids is not None
@@ -331,6 +351,8 @@ class CM3LeonDecoder(nn.Module):
             nn.with_logical_partitioning(truncated_normal(cfg.position_init_std), ("position", "embed")),
             (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
         x = jnp.take(embedding, tokens, axis=0) + jnp.take(position_embedding, positions, axis=0)
+        if cfg.image_grid_cells:
+            x = x + self._image_grid_embedding(tokens, prefill, image_cells)
         x = x.astype(cfg.compute_dtype)
 
         if self.decode:
@@ -347,6 +369,26 @@ class CM3LeonDecoder(nn.Module):
             logits = jnp.einsum("btd,dv->btv", x, head)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+    def _image_grid_embedding(self, tokens: Array, prefill: bool, image_cells: Array | None) -> Array:
+        """[batch, length, d_model]: each image code's cell embedding, zero elsewhere. Decoding counts the cells and
+        carries the length of the image run the cache ends in (`image_run`), so a code decoded alone still knows its
+        cell."""
+        cfg = self.cfg
+        table = self.param("image_grid_embedding",
+                           nn.with_logical_partitioning(truncated_normal(cfg.init_std), ("position", "embed")),
+                           (cfg.image_grid_cells, cfg.d_model), cfg.param_dtype)
+        start, end = cfg.image_code_range
+        is_image = (tokens >= start) & (tokens < end)
+        run_before = jnp.zeros(tokens.shape[:1], jnp.int32)
+        if self.decode:
+            run = self.variable("cache", "image_run", jnp.zeros, tokens.shape[:1], jnp.int32)
+            run_before = run_before if prefill else run.value
+        index = image_grid_index(is_image, run_before) if image_cells is None else image_cells
+        if self.decode and not self.is_initializing():
+            run.value = jnp.where(is_image[:, -1], index[:, -1] + 1, 0)
+        cells = jnp.take(table, index % cfg.image_grid_cells, axis=0)
+        return jnp.where(is_image[..., None], cells, 0).astype(table.dtype)
 
     def _extend_cache(self, segment_ids: Array, prefill: bool) -> CacheView:
         """Records this call's segments in the cache and moves its index past them (not during `init`, which only
@@ -368,6 +410,19 @@ class CM3LeonDecoder(nn.Module):
             segments.value = jax.lax.dynamic_update_slice(cached_segments, segment_ids.astype(jnp.int32), (0, start))
             index.value = start + length
         return CacheView(start, cache_length, visible)
+
+
+def image_grid_index(is_image: Array, run_before: Array) -> Array:
+    """[batch, length] bool, [batch] int -> int32 [batch, length]: how many image codes come right before each one in
+    its run of consecutive codes (its raster index in its image), counting `run_before` codes that precede the
+    first token. Every image sits between non-image tokens (`<break>`), so the count restarts at each image. A CM3
+    span cut out of an image restarts it too, which is why training takes the cells from the data pipeline
+    (`cm3.MaskedDocument.image_cells`); decoding prompts hold whole images."""
+    length = is_image.shape[1]
+    steps = jnp.arange(length, dtype=jnp.int32)[None, :]
+    last_other = jnp.where(is_image, -1 - run_before[:, None], steps)
+    last_other = jax.lax.cummax(last_other, axis=1)
+    return steps - last_other - 1
 
 
 def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:

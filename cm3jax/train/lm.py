@@ -85,7 +85,8 @@ def means_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def forward(model: nn.Module, params: Any, batch: Batch) -> jax.Array:
-    return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                       image_cells=batch["image_cells"])
 
 
 def _split_microbatches(batch: Batch, accum: int) -> Batch:
@@ -144,7 +145,7 @@ def lm_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, DecoderC
                                                                 optax.Schedule]:
     """(init_state(rng) -> TrainState, the decoder's config, its optimizer and learning-rate schedule)."""
     vocab = vocab_lib.UnifiedVocab.from_config(config.vocab)
-    decoder_config = DecoderConfig.from_config(config.model, vocab.padded_size)
+    decoder_config = DecoderConfig.for_run(config, vocab)
     model = CM3LeonDecoder(decoder_config)
     optimizer, schedule = make_optimizer(config.optim, config.train.steps)
 
