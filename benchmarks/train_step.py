@@ -144,6 +144,7 @@ def cm3jax_step(config, args, vocab_size: int):
         "inputs": jnp.asarray(rng.integers(0, vocab_size, shape), jnp.int32),
         "targets": jnp.asarray(rng.integers(0, vocab_size, shape), jnp.int32),
         "loss_weights": jnp.ones(shape, jnp.float32),
+        "image_cells": jnp.zeros(shape, jnp.int32),
         "segment_ids": jnp.ones(shape, jnp.int32),
         "positions": jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), shape),
         "modality": jnp.ones(shape, jnp.int32),

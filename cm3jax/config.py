@@ -307,7 +307,8 @@ def base_config() -> ml_collections.ConfigDict:
             b2=0.98,  # CM3 / RA-CM3 Adam betas
             eps=1e-8,
             weight_decay=0.1,
-            no_weight_decay=["position_embedding"],  # parameter-name substrings left out of weight decay
+            # parameter-name substrings left out of weight decay: the position tables
+            no_weight_decay=["position_embedding", "image_grid_embedding"],
             clip_norm=1.0,
         )
     )

@@ -189,3 +189,19 @@ def test_every_recipe_config_is_valid_for_its_intended_size():
         validate_config(config, num_devices=devices)
         if name.startswith("cm3leon"):  # paper: 8M-token batches of 4096-token sequences
             assert (config.train.global_batch_size, config.train.seq_len) == (2048, 4096)
+
+
+def test_a_state_field_added_after_a_checkpoint_compares_as_its_default(tiny_config):
+    """A checkpoint saved before model.image_grid_embedding existed was trained without it: resuming it with the
+    option on is refused naming the field (not read as a damaged checkpoint), and with it off is accepted."""
+    from cm3jax.config import config_to_json
+    from cm3jax.train.checkpoint import state_differences
+    from cm3jax.train.lm import LM_STATE_FIELDS
+
+    saved = json.loads(config_to_json(tiny_config))
+    del saved["model"]["image_grid_embedding"]
+    assert state_differences(tiny_config, saved, LM_STATE_FIELDS) == ""
+    with_grid = tiny_config.copy_and_resolve_references()
+    with_grid.model.image_grid_embedding = True
+    assert state_differences(with_grid, saved, LM_STATE_FIELDS) == (
+        "config.model.image_grid_embedding=True but False in the checkpoint")

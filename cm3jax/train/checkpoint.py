@@ -12,6 +12,7 @@ layer, so one layer can be read without the others (export streams a model layer
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -215,7 +216,19 @@ def saved_config(directory: PathLike, step: int) -> dict:
 
 def state_differences(config, saved: dict, state_fields: Sequence[str]) -> str:
     """The state-fixing fields (shapes, vocabulary) where `config` differs from a checkpoint's saved config, as one
-    line naming each (`config.model.d_model=64 but 32 in the checkpoint`); "" where none differs."""
+    line naming each (`config.model.d_model=64 but 32 in the checkpoint`); "" where none differs. A field the saved
+    config lacks (added to cm3jax after it was written) was its default then: a field is added with the default that
+    keeps the earlier behaviour."""
+    from cm3jax.config import default
+
+    saved = copy.deepcopy(saved)
+    for field in state_fields:
+        *sections, name = field.split(".")
+        parent = saved
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and name not in parent:
+            parent[name] = json.loads(json.dumps(default(field), default=str))
     differences = config_differences(config, saved, state_fields, only_saved_fields=True)
     return "; ".join(f"config.{n}={g!r} but {s!r} in the checkpoint" for n, g, s in differences)
 

@@ -220,7 +220,8 @@ def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh, num_batches:
 
 # The config fields that fix the LM's parameter shapes.
 LM_STATE_FIELDS = ("vocab", "model.num_layers", "model.d_model", "model.num_heads", "model.head_dim", "model.ffn_dim",
-                   "model.activation", "model.max_seq_len", "model.tie_embeddings", "model.param_dtype")
+                   "model.activation", "model.max_seq_len", "model.tie_embeddings", "model.param_dtype",
+                   "model.image_grid_embedding", "vqgan.image_size", "vqgan.channel_multipliers")
 
 
 def lm_checkpoint_step(config: ml_collections.ConfigDict, source: StageDir, step: int, source_field: str,
