@@ -4,11 +4,11 @@ are chosen from.
 
     python benchmarks/guidance_sweep.py --config=configs/shapes.py --workdir=RUN [--model=sft] [--num_examples=64]
 
-RUN must hold the trained model (`cm3jax sft`, or `cm3jax train` with --model=lm). The scenes are the split's
-documents after the first eval.num_examples ones (those `cm3jax eval` reports on), so the chosen scales are not fitted
-to the reported scenes. The model is loaded and compiled once; every setting decodes the same scenes with the same
-seeds. Prints one markdown table per task (the headline score and the per-field scores of every setting), the best
-setting of each task and, last, one JSON line.
+RUN must hold the trained model (`cm3jax sft`, or `cm3jax train` with --model=lm) of a `shapes` run. The scenes are
+the eval split's documents after the first eval.num_examples ones (those `cm3jax eval` reports on; another --split is
+read from its start), so the chosen scales are not fitted to the reported scenes. The model is loaded and compiled
+once; every setting decodes the same scenes with the same seeds. Prints one markdown table per task (the headline
+score and the per-field scores of every setting), the best setting of each task and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def parse_args():
     p.add_argument("--config", default="configs/shapes.py")
     p.add_argument("--workdir", required=True)
     p.add_argument("--model", default="sft", choices=("lm", "sft"))
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="", help="default: the recipe's eval.split")
     p.add_argument("--num_examples", type=int, default=64, help="scenes per setting")
     p.add_argument("--tasks", default="text_to_image,structure,grounded,edit")
     p.add_argument("--cfg_scales", default="1,1.5,3,5", help="text -> image, structure and grounded")
@@ -76,17 +76,20 @@ def markdown(task: str, rows: list[tuple[dict, dict]]) -> str:
 def main() -> None:
     args = parse_args()
     config = load_recipe(args.config)
+    if str(config.raw_data.dataset) != "shapes":
+        sys.exit(f"guidance_sweep: scores shapes scenes, but {args.config} trains on {config.raw_data.dataset!r}")
     config.eval.guidance = ("cfg",)
+    split = args.split or str(config.eval.split)
+    first = int(config.eval.num_examples) if split == str(config.eval.split) else 0
     workdir = Workdir.of(args.workdir)
     generator = Generator.load(config, workdir, model=args.model)
-    examples = held_out_documents(generator, workdir, args.split, args.num_examples,
-                                  start=int(config.eval.num_examples))
+    examples = held_out_documents(generator, workdir, split, args.num_examples, start=first)
     if len(examples) < args.num_examples:
-        sys.exit(f"guidance_sweep: the {args.split} split has {len(examples)} scenes after the first "
-                 f"{config.eval.num_examples} that eval scores; --num_examples={args.num_examples} asked for more")
+        sys.exit(f"guidance_sweep: the {split} split has {len(examples)} scenes after the first {first}; "
+                 f"--num_examples={args.num_examples} asked for more")
     temperatures = floats(args.temperatures) or [float(config.generate.temperature)]
-    summary = {"model": args.model, "step": generator.step, "split": args.split, "examples": len(examples),
-               "first_example": int(config.eval.num_examples), "tasks": {}}
+    summary = {"model": args.model, "step": generator.step, "split": split, "examples": len(examples),
+               "first_example": first, "tasks": {}}
     for task in args.tasks.split(","):
         rows = []
         for setting in settings_for(task, args, temperatures):

@@ -1,5 +1,7 @@
 """Generation from a trained (tiny) run: the CLI's outputs and one-line errors, every task's prompt and constraints,
 retrieval-augmented prompting and re-ranking, and the pipeline's samples stage."""
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import PIL.Image
 import pytest
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.errors import BadInputError
 from cm3jax.inference.decode import SamplingOptions
 
 from helpers import copy_run
@@ -96,7 +99,6 @@ def test_text_tasks_return_text_and_never_image_codes(generator, run):
 
 
 def test_a_prompt_longer_than_the_models_positions_is_a_clear_error(generator):
-    from cm3jax.errors import BadInputError
 
     prompt = generator.prompter.text_to_image("a handwritten seven " * 40)  # far more than the 96 positions
     with pytest.raises(BadInputError, match="model.max_seq_len"):
@@ -118,6 +120,10 @@ def test_infill_regenerates_only_the_box(generator):
         outside[1:3, 0:2] = False
         np.testing.assert_array_equal(filled[outside], codes[outside])
     assert generator.infill(image, (0, 8, 16, 24), SamplingOptions(guidance="none"), num=2).shape == (2, 32, 32, 3)
+    with_grid = copy.copy(generator)
+    with_grid.decoder_config = dataclasses.replace(generator.decoder_config, image_grid_cells=16)
+    with pytest.raises(BadInputError, match="model.image_grid_embedding"):
+        with_grid.infill(image, (0, 8, 16, 24), SamplingOptions(guidance="none"))
 
 
 def test_retrieval_augmented_prompt_and_reranking_keep_the_best_candidates(generator):

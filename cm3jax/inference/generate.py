@@ -189,6 +189,11 @@ class Generator:
                caption: str | None = None, num: int = 1, seed: int = 0) -> np.ndarray:
         """Regenerates the region x0, y0, x1, y1 (pixels of the image_size x image_size image, rounded out to whole
         code cells); returns uint8 [num, size, size, 3]."""
+        if self.decoder_config.image_grid_cells:
+            # The prompt's codes after each <mask:i> and the spans decoded after it would be counted from their
+            # span's start, not from the image's: the cells the model was trained with are not passed to decoding.
+            raise BadInputError("generate infill is not supported for a model with model.image_grid_embedding (its "
+                                "codes' cells are counted from each image's start, and infill cuts the image)")
         codes = self.encode_image(image)
         box = pixel_box_to_cells(box_pixels, self.image_size, self.grid)
         out, _ = self.run(self.prompter.infill(codes, box, caption), num, options, seed)
