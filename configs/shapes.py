@@ -31,6 +31,7 @@ def get_config(arg=None):
     # caption's length): drawing, copying a source image (edit) and following a map (structure) all place codes by
     # cell.
     c.model.image_grid_embedding = True
+    c.export.format = "params"  # transformers' OPT has no image-grid embedding (docs/export.md)
     c.train.seq_len = 256
     c.train.update(steps=600, eval_every=200, checkpoint_every=200)
     # Instruction tuning (docs/sft.md) on every task the scenes allow. The pretrained LM is far from converged at this

@@ -125,9 +125,14 @@ def test_tokens_made_from_other_raw_data_or_other_shards_are_refused_and_only_li
     tiny_config.raw_data.update(dataset="image_folder", paths=str(tmp_path / "corpus"))
     tiny_config.tokenize.update(splits=("train",), batch_size=4, shard_size=4)
     workdir = Workdir(tmp_path)
-    assert tokenize_dataset(tiny_config, workdir, jax.devices()[:1])["splits"]["train"]["shards"] == 3
+    manifest = tokenize_dataset(tiny_config, workdir, jax.devices()[:1])
+    assert manifest["splits"]["train"]["shards"] == 3
     files = sorted(os.listdir(workdir.tokens.path))
-    for field, value in (("tokenize.shard_size", 5), ("raw_data.paths", str(tmp_path / "other_corpus"))):
+    # Another shard size that cuts as many shards would still move every shard's examples.
+    examples = manifest["inputs"]["raw_data"]["splits"]["train"]["examples"]
+    same_count = next(size for size in range(1, examples) if size != 4 and -(-examples // size) == 3)
+    for field, value in (("tokenize.shard_size", 5), ("tokenize.shard_size", same_count),
+                         ("raw_data.paths", str(tmp_path / "other_corpus"))):
         config = tiny_config.copy_and_resolve_references()
         section, name = field.split(".")
         config[section][name] = value
@@ -147,3 +152,16 @@ def test_tokens_made_from_other_raw_data_or_other_shards_are_refused_and_only_li
     (other / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": 3}}}))
     with pytest.raises(BadInputError, match="lists 3 train shards"):
         open_token_shards(str(other), "train")
+
+
+def test_a_refused_tokenize_writes_nothing(tiny_config, tmp_path):
+    """Without a trained VQ-GAN nothing is made: no text tokenizer trained, no tokens folder, no checkpoint folder."""
+    from test_sources import write_bad_corpus
+
+    write_bad_corpus(tmp_path / "corpus")
+    tiny_config.raw_data.update(dataset="image_folder", paths=str(tmp_path / "corpus"))
+    tiny_config.tokenize.splits = ("train",)
+    with pytest.raises(MissingInputError, match="cm3jax vqgan"):
+        tokenize_dataset(tiny_config, Workdir(tmp_path / "run"), jax.devices()[:1])
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+

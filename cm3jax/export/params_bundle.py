@@ -52,7 +52,7 @@ def export_params(config: ml_collections.ConfigDict, workdir: Workdir, model: st
 
     mesh = create_mesh(config)
     abstract, shardings = _lm_params_layout(config, mesh)
-    checkpointer = Checkpointer(workdir.stage(model).checkpoints, keep=1)
+    checkpointer = Checkpointer(workdir.stage(model).checkpoints, keep=1, create=False)
     try:
         params = checkpointer.restore_params(step, abstract, shardings)
     finally:

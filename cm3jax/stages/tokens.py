@@ -77,7 +77,7 @@ def raw_data_identity(config: ml_collections.ConfigDict, sources: dict) -> dict:
     examples and the shards they are cut into. A change to any of them makes the shards already written another
     data's (the files' contents are not hashed: a corpus rewritten in place with as many examples is not seen)."""
     shard_size = int(config.tokenize.shard_size)
-    return {"settings": json.loads(json.dumps(config.raw_data.to_dict(), sort_keys=True)),
+    return {"settings": json.loads(json.dumps(config.raw_data.to_dict(), sort_keys=True)), "shard_size": shard_size,
             "splits": {split: {"examples": len(source), "shards": num_shards(len(source), shard_size)}
                        for split, source in sources.items()}}
 
@@ -98,17 +98,19 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, device
     # A resumed job must not mix two id layouts in one folder (the layout is saved once every check has passed).
     if (out_dir / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, out_dir)
+    # What cannot be made here is checked before the text tokenizer is trained (a refused run writes nothing).
+    image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(devices))
+    sources = {split: open_raw_source(config.raw_data, split, raw_data_dir) for split in config.tokenize.splits}
     text = load_or_train_text_tokenizer(config, workdir)
     if text.vocab_size > vocab.text_size:
         raise vocab_lib.VocabMismatchError(
             f"the text tokenizer {workdir.text_tokenizer} has {text.vocab_size} pieces but vocab.text_size="
             f"{vocab.text_size}: raise vocab.text_size or train a smaller tokenizer")
-    image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(devices))
-    sources = {split: open_raw_source(config.raw_data, split, raw_data_dir) for split in config.tokenize.splits}
     # Shards of one folder come from one VQ-GAN, one text tokenizer and one raw dataset cut into the same shards,
     # also across interrupted runs.
     inputs = tokens_inputs(image_tokenizer, workdir, raw_data_identity(config, sources))
     tokens.check_inputs(inputs)
+    tokens.create()
     vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
     tokens.record_inputs(inputs)
     model_config = image_tokenizer.model_config
@@ -187,7 +189,7 @@ def _encode_examples(examples, text: TextTokenizer, vocab: vocab_lib.UnifiedVoca
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     config = workdir.resolve(config)
-    stage_dir = workdir.tokens.create()
+    stage_dir = workdir.tokens
     manifest = tokenize_dataset(config, workdir)
     stage_dir.mark_complete(config, manifest)
     print(f"tokens: {json.dumps(manifest['splits'])} in {stage_dir}", flush=True)

@@ -58,7 +58,7 @@ class ImageTokenizer:
         stage = vqgan_stage_config(config)
         abstract, shardings = abstract_state_and_shardings(vqgan_state_init(stage)[0], mesh,
                                                            logical_axis_rules(stage))
-        checkpointer = Checkpointer(Workdir.of(workdir).vqgan.checkpoints, keep=1)
+        checkpointer = Checkpointer(Workdir.of(workdir).vqgan.checkpoints, keep=1, create=False)
         try:
             step = checkpointer.latest_step()
             if step is None:

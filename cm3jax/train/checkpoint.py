@@ -36,10 +36,11 @@ ITEMS = ("state", "data", "config")
 
 
 class Checkpointer:
-    def __init__(self, directory: PathLike, *, keep: int, async_save: bool = True):
+    def __init__(self, directory: PathLike, *, keep: int, async_save: bool = True, create: bool = True):
+        """create=False: only read (a missing folder has no checkpoints and is not made)."""
         self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 

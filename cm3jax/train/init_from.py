@@ -40,7 +40,7 @@ class StartingPoint:
             return restore_bundle_params(self.path, abstract_params, shardings)
         if self.kind == "hf":
             return _params_from_opt(self.path, abstract_params, shardings)
-        checkpointer = Checkpointer(StageDir.at(self.path).checkpoints, keep=1)
+        checkpointer = Checkpointer(StageDir.at(self.path).checkpoints, keep=1, create=False)
         try:
             return checkpointer.restore_params(self.step, abstract_params, shardings)
         finally:

@@ -138,7 +138,7 @@ def restore_latest_state(init_state: Callable, config: ml_collections.ConfigDict
     """(state of the latest checkpoint under stage_dir/checkpoints, or of `step`, laid out on `mesh`; its step), for
     stages that use a trained model; `produced_by` names the command that writes the checkpoints, for the error."""
     abstract, shardings = abstract_state_and_shardings(init_state, mesh, sharding.logical_axis_rules(config))
-    checkpointer = Checkpointer(StageDir.at(stage_dir).checkpoints, keep=1)
+    checkpointer = Checkpointer(StageDir.at(stage_dir).checkpoints, keep=1, create=False)
     try:
         if step is None:
             step = checkpointer.latest_step()
