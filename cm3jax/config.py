@@ -139,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
             channel_multipliers=(1, 1, 2, 4),  # one per resolution; downsampling f = 2 ** (len - 1)
             num_res_blocks=2,
             attention_at_lowest=True,
+            # conv (taming) | patch: a per-patch MLP, each code made from its own f x f pixels alone (not in the
+            # paper; equal patches always get equal codes, models/vqgan.py)
+            encoder="conv",
             z_channels=256,
             code_dim=8,  # factorised, l2-normalised codes (LlamaGen: 8)
             commitment_beta=0.25,

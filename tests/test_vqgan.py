@@ -1,5 +1,6 @@
 """The VQ-GAN: shapes, code range, straight-through gradients, learning, the adaptive GAN weight, and its trainer
 stage."""
+import dataclasses
 import json
 import os
 
@@ -47,6 +48,21 @@ def test_encode_decode_shapes_and_code_range():
     np.testing.assert_allclose(reconstructions, decoded, atol=1e-5)  # decode(codes) is the forward's output
     np.testing.assert_allclose(jnp.linalg.norm(latents, axis=-1), 1.0, rtol=1e-5)  # l2-normalised, code_dim wide
     assert latents.shape == (3, 4, 4, SMALL.code_dim)
+
+
+def test_the_patch_encoder_codes_each_patch_from_its_own_pixels():
+    """vqgan.encoder=patch: a patch's latent (hence its code) is the same whatever surrounds it and wherever it is;
+    the conv encoder's is not (receptive field, image-wide GroupNorm)."""
+    patch = dataclasses.replace(SMALL, encoder="patch")
+    images = np.array(jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1))
+    images[1, :8, :8] = images[0, 24:, 8:16]  # one 8x8 patch of image 0, elsewhere in image 1
+    latents = {}
+    for name, config in (("patch", patch), ("conv", SMALL)):
+        model = VQGAN(config)
+        params = model.init(jax.random.key(1), images)["params"]
+        latents[name] = np.asarray(model.apply({"params": params}, jnp.asarray(images))[3])
+    np.testing.assert_allclose(latents["patch"][1, 0, 0], latents["patch"][0, 3, 1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(latents["conv"][1, 0, 0], latents["conv"][0, 3, 1], atol=1e-3)
 
 
 @pytest.mark.slow

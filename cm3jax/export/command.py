@@ -31,10 +31,19 @@ def unexportable_because(config: ml_collections.ConfigDict) -> str | None:
     """Why config.export.format cannot hold this model (None when it can)."""
     if config.export.format == "hf":
         try:
-            opt.require_opt_expressible(config.model)
+            require_hf_expressible(config)
         except opt.UnexportableModelError as e:
             return str(e)
     return None
+
+
+def require_hf_expressible(config: ml_collections.ConfigDict) -> None:
+    """The LM as transformers' OPT and the VQ-GAN as the PyTorch module of export/pytorch (conv encoder only)."""
+    opt.require_opt_expressible(config.model)
+    if config.vqgan.get("encoder", "conv") != "conv":
+        raise opt.UnexportableModelError(
+            f"config.export.format='hf': the PyTorch VQ-GAN has the conv encoder, not "
+            f"vqgan.encoder={config.vqgan.encoder!r}. Export it with --config.export.format=params")
 
 
 def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.Path:
@@ -45,7 +54,7 @@ def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.P
 
     e = config.export
     if e.format == "hf":
-        opt.require_opt_expressible(config.model)
+        require_hf_expressible(config)
     model = model_to_use(str(config.export.model), workdir)
     source = workdir.stage(model)
     step = lm_checkpoint_step(config, source, int(e.step), "export.model", "export.step", "export writes",

@@ -2,11 +2,15 @@
 
 Encoder and decoder follow taming-transformers: conv stem, residual blocks (GroupNorm, swish, 3x3 convs) per
 resolution with stride-2 downsampling (nearest-neighbour upsampling in the decoder), an optional self-attention block
-at the lowest resolution, and a 1x1 projection to and from the code space. The codebook is factorised and
-l2-normalised (ViT-VQGAN / LlamaGen, docs/paper.md §7): the encoder output is projected to `code_dim` (e.g. 8), both
-it and the codebook rows are l2-normalised, and the nearest code by cosine similarity is chosen; this keeps a large
-codebook in use where plain VQ collapses. Gradients pass the quantiser straight through. The PatchGAN discriminator is
-taming's NLayerDiscriminator with GroupNorm in place of BatchNorm (no mutable batch statistics under jit/sharding).
+at the lowest resolution, and a 1x1 projection to and from the code space. `vqgan.encoder=patch` replaces the encoder
+by a per-patch MLP (`PatchEncoder`): each code then depends on its own f x f pixels alone, so equal patches get equal
+codes anywhere in any image (the conv encoder's receptive field and GroupNorm's image-wide statistics make a code
+depend on its neighbours and on the whole image, which spreads one content over many codes).
+The codebook is factorised and l2-normalised (ViT-VQGAN / LlamaGen, docs/paper.md §7): the encoder output is
+projected to `code_dim` (e.g. 8), both it and the codebook rows are l2-normalised, and the nearest code by cosine
+similarity is chosen; this keeps a large codebook in use where plain VQ collapses. Gradients pass the quantiser
+straight through. The PatchGAN discriminator is taming's NLayerDiscriminator with GroupNorm in place of BatchNorm (no
+mutable batch statistics under jit/sharding).
 
 Images are float [-1, 1], NHWC.
 """
@@ -41,6 +45,7 @@ class VQGANConfig:
     channel_multipliers: Sequence[int] = default("vqgan.channel_multipliers")
     num_res_blocks: int = default("vqgan.num_res_blocks")
     attention_at_lowest: bool = default("vqgan.attention_at_lowest")
+    encoder: str = default("vqgan.encoder")
     z_channels: int = default("vqgan.z_channels")
     codebook_size: int = default("vocab.image_codebook_size")
     code_dim: int = default("vqgan.code_dim")
@@ -55,6 +60,7 @@ class VQGANConfig:
         return cls(image_size=int(c.image_size), channels=int(c.channels),
                    channel_multipliers=tuple(int(m) for m in c.channel_multipliers),
                    num_res_blocks=int(c.num_res_blocks), attention_at_lowest=bool(c.attention_at_lowest),
+                   encoder=str(c.get("encoder", "conv")),  # configs saved before the field existed
                    z_channels=int(c.z_channels), codebook_size=int(config.vocab.image_codebook_size),
                    code_dim=int(c.code_dim), commitment_beta=float(c.commitment_beta),
                    disc_channels=int(c.disc_channels), disc_layers=int(c.disc_layers))
@@ -115,6 +121,27 @@ class Encoder(nn.Module):
         x = ResBlock(x.shape[-1])(x)
         x = nn.Conv(c.z_channels, (3, 3))(nn.swish(_group_norm(x.shape[-1])(x)))
         return nn.Conv(c.code_dim, (1, 1), name="to_code")(x)
+
+
+class PatchEncoder(nn.Module):
+    """[B, S, S, 3] -> [B, S/f, S/f, code_dim], every f x f patch on its own: flattened, then a residual MLP
+    (LayerNorm per patch, swish) as wide as the conv encoder's lowest level, with num_res_blocks blocks."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        f, (b, size, _, ch) = c.downsample_factor, x.shape
+        g = size // f
+        x = x.reshape(b, g, f, g, f, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, g, g, f * f * ch)
+        width = c.channels * c.channel_multipliers[-1]
+        x = nn.Dense(width)(x)
+        for _ in range(max(1, c.num_res_blocks)):
+            h = nn.Dense(width)(nn.swish(nn.LayerNorm()(x)))
+            x = x + nn.Dense(width)(nn.swish(h))
+        x = nn.Dense(c.z_channels)(nn.swish(nn.LayerNorm()(x)))
+        return nn.Dense(c.code_dim, name="to_code")(x)
 
 
 class Decoder(nn.Module):
@@ -186,7 +213,7 @@ class VQGAN(nn.Module):
     config: VQGANConfig
 
     def setup(self):
-        self.encoder = Encoder(self.config)
+        self.encoder = PatchEncoder(self.config) if self.config.encoder == "patch" else Encoder(self.config)
         self.quantizer = Quantizer(self.config)
         self.decoder = Decoder(self.config)
 
