@@ -417,7 +417,8 @@ def image_grid_index(is_image: Array, run_before: Array) -> Array:
     its run of consecutive codes (its raster index in its image), counting `run_before` codes that precede the
     first token. Every image sits between non-image tokens (`<break>`), so the count restarts at each image. A CM3
     span cut out of an image restarts it too, which is why training takes the cells from the data pipeline
-    (`cm3.MaskedDocument.image_cells`); decoding prompts hold whole images."""
+    (`cm3.MaskedDocument.image_cells`); decoding prompts hold whole images (`generate infill`, which cuts one, is
+    refused for a model with the image-grid embedding)."""
     length = is_image.shape[1]
     steps = jnp.arange(length, dtype=jnp.int32)[None, :]
     last_other = jnp.where(is_image, -1 - run_before[:, None], steps)
