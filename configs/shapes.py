@@ -16,7 +16,9 @@ def get_config(arg=None):
     c = demo.get_config()
     c.vocab.text_size = 512  # captions use a few dozen words
     c.raw_data.update(dataset="shapes", image_size=24, shapes_image_size=24, shapes_train_size=10000)
-    c.vqgan.update(image_size=24, lpips_weight=0.0)
+    # The per-patch encoder gives each 4x4-pixel patch content exactly one code (the conv encoder spread the
+    # background alone over ~300 codes, 4 nats a code the LM had to learn; benchmarks/code_entropy.py, docs/sft.md).
+    c.vqgan.update(image_size=24, lpips_weight=0.0, encoder="patch")
     c.vqgan.optim.peak_lr = 1e-3
     # 1,000 steps left small circles drawn as squares in 28% of held-out reconstructions (5-pixel shapes: the
     # corner pixels decide); 2,000 read back exactly (docs/evaluation.md, the ceiling).
