@@ -98,9 +98,10 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, device
     # A resumed job must not mix two id layouts in one folder (the layout is saved once every check has passed).
     if (out_dir / vocab_lib.VOCAB_FILE).exists():
         vocab_lib.require_saved_vocab(vocab, out_dir)
-    # What cannot be made here is checked before the text tokenizer is trained (a refused run writes nothing).
-    image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(devices))
+    # What cannot be made here is checked, the earliest stage's first, before the text tokenizer is trained (a
+    # refused run writes nothing).
     sources = {split: open_raw_source(config.raw_data, split, raw_data_dir) for split in config.tokenize.splits}
+    image_tokenizer = ImageTokenizer.load(config, workdir, data_parallel_mesh(devices))
     text = load_or_train_text_tokenizer(config, workdir)
     if text.vocab_size > vocab.text_size:
         raise vocab_lib.VocabMismatchError(
