@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -119,6 +120,8 @@ def _fail(message: str, argv: list[str], error: BaseException | None = None) -> 
     if error is not None and _verbose(argv):
         raise error
     sys.stderr.write(f"cm3jax: {message}\n")
+    # A failed orbax restore leaves its other reads un-awaited; their warning at exit would follow the one line.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     sys.exit(EXIT_CONFIG_ERROR)
 
 
