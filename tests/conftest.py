@@ -1,8 +1,20 @@
-"""Every test process sees 8 CPU devices, so sharded code runs here exactly as on an 8-chip host."""
+"""Every test process sees 8 CPU devices, so sharded code runs here exactly as on an 8-chip host.
+
+Every program the session compiles, in this process and in the `cm3jax` commands tests start (which inherit the
+environment), goes to one on-disk compilation cache: the same tiny recipes are compiled by many tests. The size limit
+turns on JAX's file lock, so the two processes of a multi-host test never read an entry while it is being written."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="cm3jax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
 
 import pytest  # noqa: E402
 
@@ -33,29 +45,14 @@ def tiny_vqgan_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def xla_cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(xla_cache_dir):
-    """Modules that rerun a pipeline compile its programs again: they are served from one on-disk cache."""
-    from helpers import compilation_cache
-
-    with compilation_cache(xla_cache_dir):
-        yield
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline_run(tmp_path_factory, xla_cache_dir):
+def tiny_pipeline_run(tmp_path_factory):
     """DIR after the whole tiny pipeline (helpers.tiny_pipeline_config), unbroken, on a local disk; built once per
     session, changed only on copies."""
     from cm3jax.pipeline import run_pipeline
     from cm3jax.workdir import Workdir
 
-    from helpers import compilation_cache, tiny_pipeline_config
+    from helpers import tiny_pipeline_config
 
     workdir = str(tmp_path_factory.mktemp("tiny_pipeline_run"))
-    with compilation_cache(xla_cache_dir):
-        assert run_pipeline(tiny_pipeline_config(), Workdir(workdir))
+    assert run_pipeline(tiny_pipeline_config(), Workdir(workdir))
     return workdir

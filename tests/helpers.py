@@ -1,6 +1,5 @@
 """Shared test helpers: run the LM train step directly on a mesh, outside the loop; run `cm3jax` commands on 1 or 2
-processes on localhost; the tiny whole-pipeline config and a compilation cache for its reruns."""
-import contextlib
+processes on localhost; and the tiny whole-pipeline config."""
 import os
 import socket
 import subprocess
@@ -106,22 +105,6 @@ def tiny_pipeline_config():
     c.generate.update(sample_captions=0, sample_prompts=())
     c.eval.update(num_examples=4, batch_size=4, loss_batches=1, guidance=("cfg",))
     return c
-
-
-@contextlib.contextmanager
-def compilation_cache(directory):
-    """JAX's persistent compilation cache in `directory` for every program compiled in the block (reruns of a
-    pipeline are served from disk)."""
-    options = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
 
 
 def read_metrics_rows(stage_dir):

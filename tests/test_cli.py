@@ -23,9 +23,9 @@ from helpers import config_flags, tiny_pipeline_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cm3jax(cwd, *args, env_extra=None, code=None):
+def _cm3jax(cwd, *args, code=None):
     """`python -m cm3jax ARGS` (or `python -c CODE ARGS`) run in `cwd`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     command = [sys.executable, *(["-c", code] if code else ["-m", "cm3jax"]), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -97,23 +97,21 @@ def test_generate_requests_in_the_same_second_get_folders_of_their_own(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def relative_run(tmp_path_factory, xla_cache_dir, tiny_pipeline_run):
+def relative_run(tmp_path_factory, tiny_pipeline_run):
     """(current directory, config flags) after `cm3jax pipeline --workdir=run` run from a directory that is neither
     the repository nor the parent of any absolute path given. It compiles what the session's tiny pipeline
-    (built first) compiled, so those programs come from the shared compilation cache."""
+    (built first) compiled, so those programs come from the session's compilation cache."""
     cwd = tmp_path_factory.mktemp("user_directory")
     flags = [f"--config={REPO}/configs/tiny.py", "--workdir=run",
              *config_flags(_relative_run_config(), tiny.get_config())]
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(xla_cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    done = _cm3jax(cwd, "pipeline", *flags, env_extra=cache)
+    done = _cm3jax(cwd, "pipeline", *flags)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return cwd, flags, cache
+    return cwd, flags
 
 
 @pytest.mark.slow
 def test_the_pipeline_runs_every_stage_in_a_relative_workdir(relative_run):
-    cwd, _, _ = relative_run
+    cwd, _ = relative_run
     run = cwd / "run"
     assert os.listdir(cwd) == ["run"]  # nothing written beside the workdir
     for stage in ("data", "vqgan", "tokens", "retrieval", "lm", "sft", "eval", "samples", "export"):
@@ -127,19 +125,19 @@ def test_the_pipeline_runs_every_stage_in_a_relative_workdir(relative_run):
 
 @pytest.mark.slow
 def test_generate_eval_and_export_on_their_own_in_a_relative_workdir(relative_run):
-    cwd, flags, cache = relative_run
-    done = _cm3jax(cwd, "generate", "image", *flags, "--prompt=a blue square", "--num=1", env_extra=cache)
+    cwd, flags = relative_run
+    done = _cm3jax(cwd, "generate", "image", *flags, "--prompt=a blue square", "--num=1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out_dir = done.stdout.strip().splitlines()[-1].split("written to ")[-1]
     assert os.path.isabs(out_dir) and "000.png" in os.listdir(out_dir)
 
     metrics = cwd / "run" / "eval" / "lm-4" / "metrics.json"
     metrics.unlink()
-    done = _cm3jax(cwd, "eval", *flags, "--config.eval.model=lm", env_extra=cache)
+    done = _cm3jax(cwd, "eval", *flags, "--config.eval.model=lm")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads(metrics.read_text())["step"] == 4
 
-    done = _cm3jax(cwd, "export", *flags, "--config.export.format=params", env_extra=cache)
+    done = _cm3jax(cwd, "export", *flags, "--config.export.format=params")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (cwd / "run" / "export" / "sft-2-params-float32" / "export.json").exists()
     assert os.listdir(cwd) == ["run"]

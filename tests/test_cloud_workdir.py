@@ -13,7 +13,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 from helpers import free_port, tiny_pipeline_config, train_losses  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 
 BUCKET = "cm3jax-test"
 

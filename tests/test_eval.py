@@ -11,7 +11,7 @@ from cm3jax.workdir import Workdir
 
 from helpers import copy_run, random_state_dict, tiny_pipeline_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 def _read(folder):

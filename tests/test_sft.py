@@ -25,7 +25,7 @@ from cm3jax.workdir import Workdir
 
 from helpers import REPO, copy_run, read_metrics_rows, tiny_pipeline_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 def sft_config(steps=4):

@@ -17,7 +17,7 @@ from cm3jax.workdir import ChangedInputsError, Workdir
 
 from helpers import tiny_pipeline_config, train_losses
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 
 STAGE_ORDER = tuple(stage.name for stage in stages.STAGES)
 
