@@ -1,6 +1,7 @@
 """The VQ-GAN: shapes, code range, straight-through gradients, learning, the adaptive GAN weight, and its trainer
 stage."""
 import dataclasses
+import functools
 import json
 import os
 
@@ -11,13 +12,25 @@ import optax
 import pytest
 
 from cm3jax.data.sources import SkipCounts, open_raw_source, read_examples
-from cm3jax.models.vqgan import VQGAN, VQGANConfig, pixels_from_uint8
+from cm3jax.models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig, pixels_from_uint8
 from cm3jax.train.vqgan import VQGANTrainOptions, VQGANTrainState, load_lpips, make_vqgan_steps, train_vqgan
 
 from helpers import copy_run
 
 SMALL = VQGANConfig(image_size=32, channels=16, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1,
                     attention_at_lowest=True, z_channels=32, codebook_size=32, code_dim=8)
+
+
+@functools.cache
+def _jitted_init(module):
+    return jax.jit(module.init)
+
+
+def init_params(module, seed: int):
+    """`module`'s parameters (a VQGAN or its PatchDiscriminator), from one jitted init per module config: parameters
+    depend on the key and the image size alone, so the tests share the compiled program."""
+    size = module.config.image_size
+    return _jitted_init(module)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
 
 
 @pytest.fixture
@@ -37,7 +50,7 @@ def digit_images(data_dir, n):
 def test_encode_decode_shapes_and_code_range():
     model = VQGAN(SMALL)
     images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1, maxval=1)
-    params = model.init(jax.random.key(1), images)["params"]
+    params = init_params(model, 1)
     codes = model.apply({"params": params}, images, method=model.encode)
     assert codes.shape == (3, 4, 4) and codes.dtype == jnp.int32 and SMALL.tokens_per_image == 16
     assert int(codes.min()) >= 0 and int(codes.max()) < SMALL.codebook_size
@@ -59,7 +72,7 @@ def test_the_patch_encoder_codes_each_patch_from_its_own_pixels():
     latents = {}
     for name, config in (("patch", patch), ("conv", SMALL)):
         model = VQGAN(config)
-        params = model.init(jax.random.key(1), images)["params"]
+        params = init_params(model, 1)
         latents[name] = np.asarray(model.apply({"params": params}, jnp.asarray(images))[3])
     np.testing.assert_allclose(latents["patch"][1, 0, 0], latents["patch"][0, 3, 1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(latents["conv"][1, 0, 0], latents["conv"][0, 3, 1], atol=1e-3)
@@ -69,12 +82,12 @@ def test_the_patch_encoder_codes_each_patch_from_its_own_pixels():
 def test_straight_through_gradients_reach_the_encoder():
     model = VQGAN(SMALL)
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
-    params = model.init(jax.random.key(1), images)["params"]
+    params = init_params(model, 1)
 
     def reconstruction_only(p):  # no codebook/commitment term: only the straight-through path can reach the encoder
         return jnp.mean(jnp.square(model.apply({"params": p}, images)[0] - images))
 
-    grads = jax.grad(reconstruction_only)(params)
+    grads = jax.jit(jax.grad(reconstruction_only))(params)
     for name in ("to_code", "Conv_0"):
         assert float(jnp.abs(grads["encoder"][name]["kernel"]).max()) > 0
 
@@ -87,10 +100,8 @@ def test_training_raises_psnr_and_uses_the_codebook(digits_dir):
     lpips_model, lpips_params = load_lpips("alexnet")
     train_step, eval_step = make_vqgan_steps(SMALL, options, lpips_model, optimizer)
     model = VQGAN(SMALL)
-    from cm3jax.models.vqgan import PatchDiscriminator
-
-    params = {"vqgan": model.init(jax.random.key(0), images)["params"],
-              "discriminator": PatchDiscriminator(SMALL).init(jax.random.key(1), images)["params"]}
+    params = {"vqgan": init_params(model, 0),
+              "discriminator": init_params(PatchDiscriminator(SMALL), 1)}
     state = VQGANTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                             code_usage=jnp.zeros(SMALL.codebook_size))
     batch = {"images": images, "valid": jnp.ones(16)}
@@ -130,17 +141,15 @@ def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_decoder_laye
     optimizer = optax.sgd(0.0)
     lpips_model, lpips_params = load_lpips("alexnet")
     train_step, _ = make_vqgan_steps(SMALL, options, lpips_model, optimizer)
-    from cm3jax.models.vqgan import PatchDiscriminator
-
     model, discriminator = VQGAN(SMALL), PatchDiscriminator(SMALL)
-    params = {"vqgan": model.init(jax.random.key(0), images)["params"],
-              "discriminator": discriminator.init(jax.random.key(1), images)["params"]}
+    params = {"vqgan": init_params(model, 0),
+              "discriminator": init_params(discriminator, 1)}
     state = VQGANTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                             code_usage=jnp.ones(SMALL.codebook_size))
     _, metrics = jax.jit(train_step)(state, {"images": images, "valid": jnp.ones(4)}, lpips_params)
 
     def last_layer_grad(objective):
-        return jax.grad(objective)(params["vqgan"])["decoder"]["to_image"]["kernel"]
+        return jax.jit(jax.grad(objective))(params["vqgan"])["decoder"]["to_image"]["kernel"]
 
     def reconstruction(p):
         out = model.apply({"params": p}, images)
@@ -163,10 +172,8 @@ def test_a_run_that_ends_before_disc_start_skips_the_discriminator_with_the_same
                          attention_at_lowest=False, z_channels=8, codebook_size=16, code_dim=4, disc_channels=8,
                          disc_layers=2)
     images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3), minval=-1, maxval=1)
-    from cm3jax.models.vqgan import PatchDiscriminator
-
-    params = {"vqgan": VQGAN(config).init(jax.random.key(1), images)["params"],
-              "discriminator": PatchDiscriminator(config).init(jax.random.key(2), images)["params"]}
+    params = {"vqgan": init_params(VQGAN(config), 1),
+              "discriminator": init_params(PatchDiscriminator(config), 2)}
     optimizer = optax.adam(1e-3)
     lpips_model, lpips_params = load_lpips("alexnet")
     results = []
