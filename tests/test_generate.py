@@ -1,5 +1,5 @@
-"""Generation from a trained (tiny) run: the CLI's outputs and one-line errors, every task's prompt and constraints,
-retrieval-augmented prompting and re-ranking, and the pipeline's samples stage."""
+"""Generation from a trained (tiny) run on shapes scenes: the CLI's outputs and one-line errors, every task's prompt
+and constraints, retrieval-augmented prompting and re-ranking, and the pipeline's samples stage."""
 import copy
 import dataclasses
 import json
@@ -14,8 +14,9 @@ import pytest
 from cm3jax import vocab as vocab_lib
 from cm3jax.errors import BadInputError
 from cm3jax.inference.decode import SamplingOptions
+from configs import tiny
 
-from helpers import copy_run
+from helpers import config_flags, copy_run, tiny_pipeline_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -23,21 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_vqgan_run):
-    """(config, workdir) of a tiny run on digits: the session's data and VQ-GAN, then tokens, retriever and LM, a few
-    steps each."""
-    from cm3jax.stages import by_name
-    from cm3jax.workdir import Workdir
-    from configs import tiny
-
-    workdir = str(copy_run(tiny_vqgan_run, tmp_path_factory.mktemp("run") / "run"))
-    config = tiny.get_config()
-    config.data.source = "token_shards"
-    config.train.update(seq_len=48, steps=4, checkpoint_every=4)
-    config.model.max_seq_len = 96
-    for name in ("tokens", "retrieval", "lm"):
-        assert by_name(name).run(config, Workdir(workdir))
-    return config, workdir
+def run(tmp_path_factory, tiny_pipeline_run):
+    """(config, workdir): a copy of the session's tiny pipeline run (shapes scenes, to a 4-step LM), which `generate`
+    writes into."""
+    return tiny_pipeline_config(), str(copy_run(tiny_pipeline_run, tmp_path_factory.mktemp("run") / "run"))
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +45,14 @@ def _cli(*args):
 
 def test_generate_image_cli_writes_images_a_contact_sheet_and_settings(run):
     config, workdir = run
-    overrides = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.model.max_seq_len=96"]
-    done = _cli("generate", "image", *overrides, "--prompt=a handwritten seven", "--num=3", "--cfg=2.5")
+    overrides = ["--config=configs/tiny.py", f"--workdir={workdir}", *config_flags(config, tiny.get_config())]
+    done = _cli("generate", "image", *overrides, "--prompt=a small blue square", "--num=3", "--cfg=2.5")
     assert done.returncode == 0, done.stdout + done.stderr
     out_dir = done.stdout.strip().splitlines()[-1].split("written to ")[-1]
     assert sorted(os.listdir(out_dir)) == ["000.png", "001.png", "002.png", "settings.json", "sheet.png"]
     assert np.asarray(PIL.Image.open(os.path.join(out_dir, "sheet.png"))).shape == (32, 96, 3)
     settings = json.load(open(os.path.join(out_dir, "settings.json")))
-    assert settings["prompt"] == "a handwritten seven" and settings["generate"]["guidance"] == "cfg"
+    assert settings["prompt"] == "a small blue square" and settings["generate"]["guidance"] == "cfg"
     assert settings["generate"]["cfg_scale"] == 2.5 and settings["step"] == 4 and settings["model"] == "lm"
 
 
@@ -78,7 +68,7 @@ def test_bad_generate_requests_get_one_line_errors(run, args, message):
 
 
 def test_a_workdir_without_a_model_gets_a_one_line_error(tmp_path):
-    done = _cli("generate", "image", "--prompt=a seven", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+    done = _cli("generate", "image", "--prompt=a red circle", "--config=configs/tiny.py", f"--workdir={tmp_path}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "no trained model" in done.stderr and "run `cm3jax train`" in done.stderr
 
@@ -93,14 +83,14 @@ def test_text_tasks_return_text_and_never_image_codes(generator, run):
         for row, n in zip(out, lengths):
             assert not np.any(generator.vocab.modality(row[:n]) == vocab_lib.MODALITY_IMAGE)
     assert isinstance(generator.caption(image), str)
-    assert isinstance(generator.answer(image, "what digit is this?"), str)
+    assert isinstance(generator.answer(image, "what colour is the circle?"), str)
     with pytest.raises(ValueError, match="cannot read the image"):
         generator.caption(os.path.join(workdir, "vqgan"))
 
 
 def test_a_prompt_longer_than_the_models_positions_is_a_clear_error(generator):
 
-    prompt = generator.prompter.text_to_image("a handwritten seven " * 40)  # far more than the 96 positions
+    prompt = generator.prompter.text_to_image("a large red circle in the center " * 40)  # far over 160 positions
     with pytest.raises(BadInputError, match="model.max_seq_len"):
         generator.run(prompt, 1, SamplingOptions(temperature=1.0, guidance="cfg"), seed=0)
 
@@ -128,7 +118,7 @@ def test_infill_regenerates_only_the_box(generator):
 
 def test_retrieval_augmented_prompt_and_reranking_keep_the_best_candidates(generator):
     options = SamplingOptions(temperature=1.0, guidance="none")
-    caption = "a handwritten three"
+    caption = "a yellow square in the center"
     _, candidates = generator.images(caption, 4, options, seed=3)
     _, kept = generator.images(caption, 2, options, seed=3, candidates=4)
     scores = generator.caption_image_scores(caption, candidates)
@@ -145,13 +135,13 @@ def test_samples_stage_writes_images_and_captions(run, generator, tmp_path):
 
     config, workdir = run
     config = config.copy_and_resolve_references()
-    config.generate.update(sample_prompts=("a handwritten one", "a handwritten two"), num=2, sample_captions=3,
+    config.generate.update(sample_prompts=("a red circle", "two green triangles"), num=2, sample_captions=3,
                            rerank_candidates=4)
     summary = write_samples(config, workdir, str(tmp_path))
     sheet = np.asarray(PIL.Image.open(summary["images"]))
     assert sheet.shape == (64, 64, 3)
     # The first row is the config's sampling with its re-ranking: the best 2 of 4 draws for the first prompt.
-    best, _ = generator.images("a handwritten one", 2, SamplingOptions.from_config(config.generate),
+    best, _ = generator.images("a red circle", 2, SamplingOptions.from_config(config.generate),
                                seed=config.generate.seed, candidates=4)
     np.testing.assert_array_equal(sheet[:32], np.concatenate(list(best), axis=1))
     captions = json.load(open(summary["captions"]))
