@@ -142,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
             # conv (taming) | patch: a per-patch MLP, each code made from its own f x f pixels alone (not in the
             # paper; equal patches always get equal codes, models/vqgan.py)
             encoder="conv",
+            decoder="conv",  # conv (taming) | patch: a per-patch MLP, each code drawing its own f x f pixels alone
             z_channels=256,
             code_dim=8,  # factorised, l2-normalised codes (LlamaGen: 8)
             commitment_beta=0.25,

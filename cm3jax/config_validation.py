@@ -18,6 +18,7 @@ MIN_TEXT_VOCAB = 320
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg16", "alexnet")
 VQGAN_ENCODERS = ("conv", "patch")
+VQGAN_DECODERS = ("conv", "patch")
 INDEX_KINDS = ("auto", "exact", "scann")
 RETRIEVAL_MODES = ("none", "neighbours")
 CAPTION_STYLES = ("auto", "infill", "continue", "instruction")
@@ -221,6 +222,7 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
             f"{v.reconstruction_loss!r} not in {RECONSTRUCTION_LOSSES}")
     require(v.lpips_net in LPIPS_NETS, "vqgan.lpips_net", f"{v.lpips_net!r} not in {LPIPS_NETS}")
     require(v.encoder in VQGAN_ENCODERS, "vqgan.encoder", f"{v.encoder!r} not in {VQGAN_ENCODERS}")
+    require(v.decoder in VQGAN_DECODERS, "vqgan.decoder", f"{v.decoder!r} not in {VQGAN_DECODERS}")
     require(v.code_dim >= 1 and v.channels >= 4, "vqgan.code_dim", "code_dim must be >= 1 and channels >= 4")
     require(0 <= v.dead_code_threshold < 1, "vqgan.dead_code_threshold",
             f"must be in [0, 1) (a share of uniform code use; 0 disables restarts), got {v.dead_code_threshold}")

@@ -78,6 +78,31 @@ def test_the_patch_encoder_codes_each_patch_from_its_own_pixels():
     assert not np.allclose(latents["conv"][1, 0, 0], latents["conv"][0, 3, 1], atol=1e-3)
 
 
+def test_the_patch_decoder_draws_each_patch_from_its_own_code():
+    """vqgan.decoder=patch: changing one code changes its own f x f pixels and nothing else, and equal codes draw equal
+    patches anywhere; the conv decoder's change spreads to the neighbours."""
+    patch = dataclasses.replace(SMALL, encoder="patch", decoder="patch")
+    codes = np.array(jax.random.randint(jax.random.key(2), (1, 4, 4), 0, SMALL.codebook_size))
+    changed = codes.copy()
+    changed[0, 1, 2] = (codes[0, 1, 2] + 1) % SMALL.codebook_size
+    changed[0, 3, 0] = codes[0, 0, 0]
+    drawn = {}
+    for name, config in (("patch", patch), ("conv", SMALL)):
+        model = VQGAN(config)
+        params = init_params(model, 1)
+        drawn[name] = [np.asarray(model.apply({"params": params}, jnp.asarray(c), method=model.decode))[0]
+                       for c in (codes, changed)]
+    before, after = drawn["patch"]
+    assert before.shape == (32, 32, 3)
+    differs = np.abs(after - before).max(axis=-1) > 1e-6
+    expected = np.zeros((32, 32), bool)
+    expected[8:16, 16:24] = expected[24:, :8] = True
+    np.testing.assert_array_equal(differs, expected)
+    np.testing.assert_allclose(after[24:, :8], before[:8, :8], rtol=1e-5, atol=1e-6)
+    conv_before, conv_after = drawn["conv"]
+    assert np.abs(conv_after - conv_before)[:8, 16:24].max() > 1e-4  # the patch above the changed code's
+
+
 @pytest.mark.slow
 def test_straight_through_gradients_reach_the_encoder():
     model = VQGAN(SMALL)

@@ -38,12 +38,14 @@ def unexportable_because(config: ml_collections.ConfigDict) -> str | None:
 
 
 def require_hf_expressible(config: ml_collections.ConfigDict) -> None:
-    """The LM as transformers' OPT and the VQ-GAN as the PyTorch module of export/pytorch (conv encoder only)."""
+    """The LM as transformers' OPT and the VQ-GAN as the PyTorch module of export/pytorch (conv encoder and decoder
+    only)."""
     opt.require_opt_expressible(config.model)
-    if config.vqgan.get("encoder", "conv") != "conv":
-        raise opt.UnexportableModelError(
-            f"config.export.format='hf': the PyTorch VQ-GAN has the conv encoder, not "
-            f"vqgan.encoder={config.vqgan.encoder!r}. Export it with --config.export.format=params")
+    for part in ("encoder", "decoder"):
+        if config.vqgan.get(part, "conv") != "conv":
+            raise opt.UnexportableModelError(
+                f"config.export.format='hf': the PyTorch VQ-GAN has the conv {part}, not "
+                f"vqgan.{part}={config.vqgan[part]!r}. Export it with --config.export.format=params")
 
 
 def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.Path:

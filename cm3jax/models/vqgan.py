@@ -5,7 +5,10 @@ resolution with stride-2 downsampling (nearest-neighbour upsampling in the decod
 at the lowest resolution, and a 1x1 projection to and from the code space. `vqgan.encoder=patch` replaces the encoder
 by a per-patch MLP (`PatchEncoder`): each code then depends on its own f x f pixels alone, so equal patches get equal
 codes anywhere in any image (the conv encoder's receptive field and GroupNorm's image-wide statistics make a code
-depend on its neighbours and on the whole image, which spreads one content over many codes).
+depend on its neighbours and on the whole image, which spreads one content over many codes). `vqgan.decoder=patch`
+likewise replaces the decoder by a per-patch MLP (`PatchDecoder`): each code draws its own f x f pixels alone, which
+suits images whose content is aligned to the patch grid (the shapes scenes) and trains in a fraction of the conv
+decoder's steps and time.
 The codebook is factorised and l2-normalised (ViT-VQGAN / LlamaGen, docs/paper.md §7): the encoder output is
 projected to `code_dim` (e.g. 8), both it and the codebook rows are l2-normalised, and the nearest code by cosine
 similarity is chosen; this keeps a large codebook in use where plain VQ collapses. Gradients pass the quantiser
@@ -46,6 +49,7 @@ class VQGANConfig:
     num_res_blocks: int = default("vqgan.num_res_blocks")
     attention_at_lowest: bool = default("vqgan.attention_at_lowest")
     encoder: str = default("vqgan.encoder")
+    decoder: str = default("vqgan.decoder")
     z_channels: int = default("vqgan.z_channels")
     codebook_size: int = default("vocab.image_codebook_size")
     code_dim: int = default("vqgan.code_dim")
@@ -60,7 +64,8 @@ class VQGANConfig:
         return cls(image_size=int(c.image_size), channels=int(c.channels),
                    channel_multipliers=tuple(int(m) for m in c.channel_multipliers),
                    num_res_blocks=int(c.num_res_blocks), attention_at_lowest=bool(c.attention_at_lowest),
-                   encoder=str(c.get("encoder", "conv")),  # configs saved before the field existed
+                   encoder=str(c.get("encoder", "conv")),  # configs saved before the fields existed
+                   decoder=str(c.get("decoder", "conv")),
                    z_channels=int(c.z_channels), codebook_size=int(config.vocab.image_codebook_size),
                    code_dim=int(c.code_dim), commitment_beta=float(c.commitment_beta),
                    disc_channels=int(c.disc_channels), disc_layers=int(c.disc_layers))
@@ -123,6 +128,17 @@ class Encoder(nn.Module):
         return nn.Conv(c.code_dim, (1, 1), name="to_code")(x)
 
 
+def _patch_mlp_width(c: VQGANConfig) -> int:
+    return c.channels * c.channel_multipliers[-1]  # the conv encoder's and decoder's lowest level
+
+
+def _residual_mlp(x, width: int, blocks: int):
+    for _ in range(max(1, blocks)):
+        h = nn.Dense(width)(nn.swish(nn.LayerNorm()(x)))
+        x = x + nn.Dense(width)(nn.swish(h))
+    return nn.swish(nn.LayerNorm()(x))
+
+
 class PatchEncoder(nn.Module):
     """[B, S, S, 3] -> [B, S/f, S/f, code_dim], every f x f patch on its own: flattened, then a residual MLP
     (LayerNorm per patch, swish) as wide as the conv encoder's lowest level, with num_res_blocks blocks."""
@@ -135,13 +151,25 @@ class PatchEncoder(nn.Module):
         f, (b, size, _, ch) = c.downsample_factor, x.shape
         g = size // f
         x = x.reshape(b, g, f, g, f, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, g, g, f * f * ch)
-        width = c.channels * c.channel_multipliers[-1]
-        x = nn.Dense(width)(x)
-        for _ in range(max(1, c.num_res_blocks)):
-            h = nn.Dense(width)(nn.swish(nn.LayerNorm()(x)))
-            x = x + nn.Dense(width)(nn.swish(h))
-        x = nn.Dense(c.z_channels)(nn.swish(nn.LayerNorm()(x)))
+        x = _residual_mlp(nn.Dense(_patch_mlp_width(c))(x), _patch_mlp_width(c), c.num_res_blocks)
+        x = nn.Dense(c.z_channels)(x)
         return nn.Dense(c.code_dim, name="to_code")(x)
+
+
+class PatchDecoder(nn.Module):
+    """[B, g, g, code_dim] -> [B, g*f, g*f, 3], every code on its own: the mirror of PatchEncoder (a residual MLP,
+    then the f x f x 3 pixels of its patch)."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, z):
+        c = self.config
+        f, (b, g, _, _) = c.downsample_factor, z.shape
+        x = nn.Dense(c.z_channels, name="from_code")(z)
+        x = _residual_mlp(nn.Dense(_patch_mlp_width(c))(x), _patch_mlp_width(c), c.num_res_blocks)
+        x = nn.Dense(f * f * 3, name="to_image")(x)
+        return x.reshape(b, g, g, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * f, g * f, 3)
 
 
 class Decoder(nn.Module):
@@ -215,7 +243,7 @@ class VQGAN(nn.Module):
     def setup(self):
         self.encoder = PatchEncoder(self.config) if self.config.encoder == "patch" else Encoder(self.config)
         self.quantizer = Quantizer(self.config)
-        self.decoder = Decoder(self.config)
+        self.decoder = PatchDecoder(self.config) if self.config.decoder == "patch" else Decoder(self.config)
 
     def __call__(self, images) -> VQGANOutput:
         q = self.quantizer(self.encoder(images))
