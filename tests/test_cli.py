@@ -61,7 +61,8 @@ def test_config_files_that_cannot_give_a_config_are_named_in_one_line(tmp_path, 
 
 @pytest.mark.parametrize("stage,field,value", [
     ("tokens", "tokenize.shard_size", 0), ("tokens", "tokenize.batch_size", -1),
-    ("vqgan", "vqgan.train.global_batch_size", 0), ("retrieval", "retriever.train.steps", 0),
+    ("vqgan", "vqgan.train.global_batch_size", 0), ("vqgan", "vqgan.decoder", "transposed"),
+    ("retrieval", "retriever.train.steps", 0),
     ("lm", "train.global_batch_size", 0), ("samples", "generate.cfg_scale", float("nan")),
     ("samples", "generate.cfg_scale", float("inf")), ("samples", "generate.temperature", float("nan")),
 ])

@@ -59,6 +59,8 @@ def test_bad_eval_settings_are_one_line(tmp_path, flag, field):
     (["--config.export.format=onnx"], ["config.export.format"]),
     (["--config.model.activation=swiglu"], ["model.activation='swiglu'", "export.format=params"]),
     (["--config.model.image_grid_embedding=True"], ["model.image_grid_embedding=True", "export.format=params"]),
+    (["--config.vqgan.encoder=patch"], ["vqgan.encoder='patch'", "export.format=params"]),
+    (["--config.vqgan.decoder=patch"], ["vqgan.decoder='patch'", "export.format=params"]),
     ([], ["no checkpoint under", "cm3jax train"]),
 ])
 def test_an_export_that_cannot_be_written_is_one_line(tmp_path, flags, fragments):
