@@ -83,6 +83,7 @@ def test_the_patch_decoder_draws_each_patch_from_its_own_code():
     patches anywhere; the conv decoder's change spreads to the neighbours."""
     patch = dataclasses.replace(SMALL, encoder="patch", decoder="patch")
     codes = np.array(jax.random.randint(jax.random.key(2), (1, 4, 4), 0, SMALL.codebook_size))
+    assert codes[0, 3, 0] != codes[0, 0, 0]  # the second change below is a change
     changed = codes.copy()
     changed[0, 1, 2] = (codes[0, 1, 2] + 1) % SMALL.codebook_size
     changed[0, 3, 0] = codes[0, 0, 0]
@@ -101,6 +102,22 @@ def test_the_patch_decoder_draws_each_patch_from_its_own_code():
     np.testing.assert_allclose(after[24:, :8], before[:8, :8], rtol=1e-5, atol=1e-6)
     conv_before, conv_after = drawn["conv"]
     assert np.abs(conv_after - conv_before)[:8, 16:24].max() > 1e-4  # the patch above the changed code's
+
+
+def test_a_checkpoint_of_another_decoder_is_refused_naming_the_field(tiny_config):
+    """A checkpoint saved before vqgan.decoder existed has the conv decoder: resuming it with the conv decoder is
+    accepted, with the patch decoder refused naming the field (not read as a damaged checkpoint)."""
+    from cm3jax.config import config_to_json
+    from cm3jax.train.checkpoint import state_differences
+    from cm3jax.train.vqgan import VQGAN_STATE_FIELDS
+
+    saved = json.loads(config_to_json(tiny_config))
+    del saved["vqgan"]["decoder"]
+    assert state_differences(tiny_config, saved, VQGAN_STATE_FIELDS) == ""
+    patch = tiny_config.copy_and_resolve_references()
+    patch.vqgan.decoder = "patch"
+    assert state_differences(patch, saved, VQGAN_STATE_FIELDS) == (
+        "config.vqgan.decoder='patch' but 'conv' in the checkpoint")
 
 
 @pytest.mark.slow

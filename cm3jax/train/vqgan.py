@@ -263,8 +263,8 @@ def vqgan_state_init(config: ml_collections.ConfigDict) -> tuple[Callable, optax
 
 # The config fields that fix the VQ-GAN's and its discriminator's parameter shapes.
 VQGAN_STATE_FIELDS = ("vocab.image_codebook_size", "vqgan.channels", "vqgan.channel_multipliers",
-                      "vqgan.num_res_blocks", "vqgan.attention_at_lowest", "vqgan.z_channels", "vqgan.code_dim",
-                      "vqgan.disc_channels", "vqgan.disc_layers")
+                      "vqgan.num_res_blocks", "vqgan.attention_at_lowest", "vqgan.encoder", "vqgan.decoder",
+                      "vqgan.z_channels", "vqgan.code_dim", "vqgan.disc_channels", "vqgan.disc_layers")
 
 
 def build_vqgan_task(config: ml_collections.ConfigDict, mesh: Mesh, train_data, eval_data,
