@@ -74,6 +74,25 @@ def test_an_object_one_cell_off_fails_grounding():
     assert scorers.grounding_scores(drawn, [requested(BLUE_SQUARE)])["all"] == 0.0  # an object not asked for
 
 
+def test_a_small_triangle_whose_tip_is_softened_is_still_in_its_box_and_a_wrong_size_is_not():
+    """At 24x24 a small triangle's tip is one pixel: a reconstruction that softens it shortens the outline by two
+    rows, and the box of the outline alone (IoU 0.35 with the requested box) missed every such object."""
+    from cm3jax.data.embedded.shapes import BACKGROUND, shape_box
+
+    triangle = Shape("triangle", "green", "small", "center")
+    image = render((triangle,), 24)[0].copy()
+    box = shape_box(triangle, 24)
+    tip_rows = slice(int(box[0]), int(box[0]) + 2)
+    image[tip_rows] = (image[tip_rows] + 3 * np.array(BACKGROUND)) // 4
+    drawn = parse_objects(image)
+    assert [o.shape for o in drawn] == [triangle]
+    requested = [(triangle.color, triangle.kind, tuple(box / 24))]
+    assert scorers.grounding_scores(drawn, requested) == {"objects": 1.0, "all": 1.0}
+    large = Shape("triangle", "green", "large", "center")
+    assert scorers.grounding_scores(drawn, [(large.color, large.kind, tuple(shape_box(large, 24) / 24))]) == \
+        {"objects": 0.0, "all": 0.0}
+
+
 def test_cider_d_is_pycocoevalcaps_score_and_ranks_captions():
     from pycocoevalcap.cider.cider import Cider
 

@@ -47,7 +47,10 @@ _CENTER_OFFSETS = (-1, 0, 1)  # pixels a template may sit off the centre of the 
 @dataclasses.dataclass(frozen=True)
 class ParsedObject:
     shape: Shape
-    box: tuple[float, float, float, float]  # (ymin, xmin, ymax, xmax) of its outline, as fractions of the image
+    # (ymin, xmin, ymax, xmax), as fractions of the image, of the drawn shape that fits the outline best: the box the
+    # dataset draws a shape in (`shape_box`). The outline's own extent is a pixel wider than that box (the drawing
+    # includes its last row and column) and loses a small triangle's one-pixel tip to any blur.
+    box: tuple[float, float, float, float]
 
 
 def parse_scene(image: np.ndarray) -> Scene:
@@ -83,12 +86,9 @@ def _read_cell(image: np.ndarray, contrast: np.ndarray, rows: slice, cols: slice
     outline = _largest_component(contrast[rows, cols] > half_way)
     if not _is_shape(outline):
         return None
-    kind, size = _best_template(outline, image.shape[0], rows.start, cols.start)
-    ys, xs = np.nonzero(outline)
-    box = np.array([rows.start + ys.min(), cols.start + xs.min(), rows.start + ys.max() + 1,
-                    cols.start + xs.max() + 1]) / image.shape[0]
+    kind, size, box = _best_template(outline, image.shape[0], rows.start, cols.start)
     return ParsedObject(Shape(kind=kind, color=COLORS[color_index], size=size, cell=cell),
-                        tuple(float(v) for v in box))
+                        tuple(float(v) / image.shape[0] for v in box))
 
 
 def _nearest_color(pixel: np.ndarray) -> int:
@@ -107,22 +107,23 @@ def _is_shape(mask: np.ndarray) -> bool:
     return thinnest >= _MIN_THICKNESS * max(mask.shape)
 
 
-def _best_template(outline: np.ndarray, image_size: int, top: int, left: int) -> tuple[str, str]:
-    """(kind, size) of the drawn shape, centred where the outline's box is or a pixel off it, that overlaps the
-    outline most."""
+def _best_template(outline: np.ndarray, image_size: int, top: int, left: int) -> tuple[str, str, np.ndarray]:
+    """(kind, size, box in pixels) of the drawn shape, centred where the outline's box is or a pixel off it, that
+    overlaps the outline most."""
     ys, xs = np.nonzero(outline)
     center_y = top + (ys.min() + ys.max() + 1) / 2
     center_x = left + (xs.min() + xs.max() + 1) / 2
-    best, best_iou = ("circle", "small"), -1.0
+    best, best_iou = None, -1.0
     for kind, size, dy, dx in itertools.product(KINDS, SIZES, _CENTER_OFFSETS, _CENTER_OFFSETS):
         half = HALF_EXTENT[size] * image_size / 3
         y, x = center_y + dy, center_x + dx
+        box = np.array([y - half, x - half, y + half, x + half])
         canvas = PIL.Image.new("L", (image_size, image_size), 0)
-        draw_shape(PIL.ImageDraw.Draw(canvas), kind, np.array([y - half, x - half, y + half, x + half]), 1)
+        draw_shape(PIL.ImageDraw.Draw(canvas), kind, box, 1)
         template = np.asarray(canvas, bool)[top:top + outline.shape[0], left:left + outline.shape[1]]
         iou = (template & outline).sum() / max((template | outline).sum(), 1)
         if iou > best_iou:
-            best, best_iou = (kind, size), iou
+            best, best_iou = (kind, size, box), iou
     return best
 
 
