@@ -36,7 +36,7 @@ def scene_record(rng):
     image and segmentation map as image ids)."""
     scene = random_scene(rng)
     _, instruction, edited = random_edit(scene, rng)
-    pairs = questions(scene, rng, "train")
+    pairs = questions(scene, rng)
 
     def image_ids():
         return VOCAB.image_ids(rng.integers(0, VOCAB.image_codebook_size, CODES))
@@ -58,7 +58,7 @@ def _sentences():
     out = list(TEMPLATE_TEXTS)
     for _ in range(300):
         scene = random_scene(rng)
-        out += [caption(scene), random_edit(scene, rng)[1]] + [f"{q} {a}" for q, a in questions(scene, rng, "train")]
+        out += [caption(scene), random_edit(scene, rng)[1]] + [f"{q} {a}" for q, a in questions(scene, rng)]
     return out
 
 

@@ -130,24 +130,18 @@ def random_edit(scene: Scene, rng: np.random.Generator) -> tuple[str, str, Scene
     return kind, f"make the {target.name()} {recoloured.color}", scene[:i] + (recoloured,) + scene[i + 1:]
 
 
-def questions(scene: Scene, rng: np.random.Generator, split: str) -> list[tuple[str, str]]:
-    """Question-answer pairs whose answers follow from the scene exactly. "is there" asks about a random (kind, colour),
-    present in about 1 scene in 8; train scenes also ask about one of their own objects, so that "yes" is learnt
-    as often as "no" (the held-out questions are the five alone)."""
+def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Question-answer pairs whose answers follow from the scene exactly."""
     shape = scene[rng.integers(len(scene))]
     present = {(s.kind, s.color) for s in scene}
     kind, color = KINDS[rng.integers(len(KINDS))], COLORS[rng.integers(len(COLORS))]
-    pairs = [
+    return [
         ("how many shapes are there?", NUMBER_WORDS[len(scene)]),
         (f"what color is the {shape.kind} {where_phrase(shape.cell)}?", shape.color),
         (f"what shape is {where_phrase(shape.cell)}?", shape.kind),
         (f"where is the {shape.name()}?", shape.cell),
         (f"is there {_article(color)} {color} {kind}?", "yes" if (kind, color) in present else "no"),
     ]
-    if split == "train":
-        there = scene[rng.integers(len(scene))]
-        pairs.append((f"is there {_article(there.color)} {there.color} {there.kind}?", "yes"))
-    return pairs
 
 
 def scene_example(seed: int, split: str, index: int, image_size: int) -> dict:
@@ -170,7 +164,7 @@ def scene_example(seed: int, split: str, index: int, image_size: int) -> dict:
         "segmentation": png_bytes(segmentation),
         "edit": {"kind": edit_kind, "instruction": instruction, "image": png_bytes(edited_image),
                  "caption": caption(edited)},
-        "vqa": [{"question": q, "answer": a} for q, a in questions(scene, rng, split)],
+        "vqa": [{"question": q, "answer": a} for q, a in questions(scene, rng)],
     }
 
 
@@ -192,9 +186,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "1-3 shapes, caption, boxes, segmentation, edit pair, VQA.",
-                     "1.1.0": "Train scenes also ask whether one of their own objects is there (answer: yes)."}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "1-3 shapes, caption, boxes, segmentation, edit pair, VQA."}
     BUILDER_CONFIGS = [ShapesConfig.make()]
 
     def _info(self) -> tfds.core.DatasetInfo:
