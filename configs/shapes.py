@@ -27,6 +27,10 @@ def get_config(arg=None):
     c.vqgan.train.update(steps=1000, eval_every=250, checkpoint_every=250)
     c.tokenize.shard_size = 2000
     c.retriever.text_len = 40
+    # The near-copy filter at 0.9 leaves a neighbour to about 0.2% of train scenes, so the LM trains in effect without
+    # retrieved scenes, which at this budget draws better than 0-2 of them (docs/evaluation.md: the retrieval table).
+    # How many scenes keep one moves with the spread of the retriever's embeddings; state it with
+    # --config.data.retrieval=none or a higher duplicate_threshold (0.99: 95%).
     c.retrieval.update(chunk_size=2000, duplicate_threshold=0.9)
     # Up to 2 retrieved scenes of ~30 caption pieces and 36 codes each before the query document; the longest SFT
     # prompt (grounded: caption and three boxes) with its image takes ~140.
