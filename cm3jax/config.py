@@ -332,6 +332,10 @@ def base_config() -> ml_collections.ConfigDict:
             # streams, the condition masked as the decoder's unconditional prompts mask it, the target learnt after
             # it. CM3leon: 0 (its guidance relies on CM3's masks); without CM3 spans nothing else trains those streams.
             condition_dropout=0.0,
+            # The share of captioning and VQA examples put image-first (`image <break> Question: q Answer: a.`);
+            # the rest are text-first with the answer infilled, the form `eval` and `generate` prompt with.
+            # Unstated in the paper; data.image_first_probability is pretraining's.
+            image_first_probability=0.5,
             steps=15_000,  # paper: ~30B tokens at 2M tokens a step
             peak_lr=5e-5,
             warmup_steps=150,

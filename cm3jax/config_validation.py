@@ -243,6 +243,8 @@ def validate_sft_config(config: ml_collections.ConfigDict) -> None:
     require(s.loss_on in LOSS_ON, "sft.loss_on", f"{s.loss_on!r} not in {LOSS_ON}")
     require(0.0 <= float(s.condition_dropout) < 1.0, "sft.condition_dropout",
             f"must be in [0, 1), got {s.condition_dropout}")
+    require(0.0 <= float(s.image_first_probability) <= 1.0, "sft.image_first_probability",
+            f"must be in [0, 1], got {s.image_first_probability}")
     unknown = sorted(set(s.mixture) - set(TASKS))
     require(not unknown, "sft.mixture", f"{unknown} not in {TASKS}")
     weights = [float(w) for w in s.mixture.values()]

@@ -1,9 +1,11 @@
 """Shared test helpers: run the LM train step directly on a mesh, outside the loop; run `cm3jax` commands on 1 or 2
 processes on localhost; and the tiny whole-pipeline config."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -47,7 +49,7 @@ def launch_command(command_and_flags, workdir, num_processes, devices_per_proces
     """Runs `python -m cm3jax COMMAND --config=CONFIG --workdir=WORKDIR FLAGS...` on `num_processes` processes of
     `devices_per_process` CPU devices (gloo collectives between them); asserts each exits 0; returns their outputs."""
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     args = [sys.executable, "-m", "cm3jax", command_and_flags[0], f"--config={config}", f"--workdir={workdir}",
             *command_and_flags[1:]]
@@ -57,10 +59,37 @@ def launch_command(command_and_flags, workdir, num_processes, devices_per_proces
     procs = [subprocess.Popen(args + ([f"--config.distributed.process_id={i}"] if num_processes > 1 else []),
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(num_processes)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = communicate_all(procs, timeout=300)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     return outputs
+
+
+def communicate_all(procs, timeout: float) -> list[str]:
+    """Each process's output once all have exited. Past `timeout` seconds the ones still running are sent SIGABRT,
+    which makes Python's fault handler (PYTHONFAULTHANDLER) print every thread's stack, and the test fails with those
+    stacks: a hang is diagnosed, and no process outlives its test."""
+    deadline = time.monotonic() + timeout
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    q.send_signal(signal.SIGABRT)
+            stacks = outputs + [_output_or_kill(q) for q in procs[len(outputs):]]
+            raise AssertionError(f"still running after {timeout} s; stacks at SIGABRT:\n" + "\n".join(
+                f"--- process {i} ---\n{out[-6000:]}" for i, out in enumerate(stacks)))
+    return outputs
+
+
+def _output_or_kill(proc) -> str:
+    try:
+        return proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
 
 
 def config_flags(config, base) -> list[str]:

@@ -1,6 +1,7 @@
 """data/sft.py: every template's tokens read back as its fields, loss weights exactly on the answer with
 sft.loss_on=target, and the task mixture's frequencies."""
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -257,6 +258,30 @@ def test_mixture_frequencies():
     for task, weight in mixture.items():
         p = weight / total
         assert abs(counts[task] / n - p) <= 3 * np.sqrt(p * (1 - p) / n) + 1e-9, (task, counts[task])
+
+
+@pytest.mark.parametrize("image_first", [0.0, 1.0])
+def test_sft_image_first_probability_orders_every_captioning_and_vqa_example(image_first):
+    """sft.image_first_probability, not pretraining's data.image_first_probability, orders SFT's captioning and VQA:
+    at 0 every answer is infilled after the image (the form eval prompts with), at 1 every answer follows it."""
+    from cm3jax.config import base_config
+    from cm3jax.train.sft import sft_training_config
+
+    config = base_config()
+    config.data.image_first_probability = 1.0 - image_first
+    config.sft.image_first_probability = image_first
+    options = PipelineOptions.from_config(sft_training_config(config), 1)
+    assert options.image_first_probability == image_first
+    to_example = RecordToTaskExample(VOCAB, dataclasses.replace(options, seq_len=160, num_streams=1),
+                                     SFTOptions(mixture=(("caption", 1.0), ("vqa", 1.0)), loss_on="target", cm3=False),
+                                     TEXT.model_proto, IMAGE_SIZE)
+    rng = np.random.default_rng(8)
+    closings = set()
+    for index in range(20):
+        _, document, meta = scene_record(rng)
+        out = to_example((index, index, encode_document_record(document, meta)))
+        closings.add(int(out["targets"][out["loss_weights"] > 0][-1]))
+    assert closings == {vocab_lib.EOS if image_first else vocab_lib.EOSS}
 
 
 def test_a_prompt_too_long_for_seq_len_becomes_text_to_image_and_is_counted():

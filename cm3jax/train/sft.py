@@ -22,10 +22,12 @@ from cm3jax.workdir import Workdir
 
 
 def sft_training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config SFT trains with: train.steps and optim's peak_lr and warmup from sft.*, no retrieved documents."""
+    """The config SFT trains with: train.steps, optim's peak_lr and warmup and the image-first share from sft.*, no
+    retrieved documents."""
     c = ml_collections.ConfigDict(config.to_dict())
     c.train.steps = int(config.sft.steps)
     c.optim.update(peak_lr=float(config.sft.peak_lr), warmup_steps=int(config.sft.warmup_steps))
+    c.data.image_first_probability = float(config.sft.image_first_probability)
     c.data.retrieval = "none"
     return c
 
