@@ -45,12 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(command_and_flags, workdir, num_processes, devices_per_process, config="configs/tiny.py"):
+def launch_command(command_and_flags, workdir, num_processes, devices_per_process, config="configs/tiny.py",
+                   delayed_process=None):
     """Runs `python -m cm3jax COMMAND --config=CONFIG --workdir=WORKDIR FLAGS...` on `num_processes` processes of
-    `devices_per_process` CPU devices (gloo collectives between them); asserts each exits 0; returns their outputs."""
+    `devices_per_process` CPU devices (gloo collectives between them); asserts each exits 0; returns their outputs.
+    Process `delayed_process` writes its files late (tests/delayed_writes)."""
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    if delayed_process is not None:
+        env.update(CM3JAX_TEST_DELAYED_PROCESS=str(delayed_process), PYTHONPATH=os.pathsep.join(
+            [os.path.join(REPO, "tests", "delayed_writes"), *filter(None, [env.get("PYTHONPATH")])]))
     args = [sys.executable, "-m", "cm3jax", command_and_flags[0], f"--config={config}", f"--workdir={workdir}",
             *command_and_flags[1:]]
     if num_processes > 1:
@@ -80,7 +85,7 @@ def communicate_all(procs, timeout: float) -> list[str]:
                     q.send_signal(signal.SIGABRT)
             stacks = outputs + [_output_or_kill(q) for q in procs[len(outputs):]]
             raise AssertionError(f"still running after {timeout} s; stacks at SIGABRT:\n" + "\n".join(
-                f"--- process {i} ---\n{out[-6000:]}" for i, out in enumerate(stacks)))
+                f"--- process {i} ---\n{out[-6000:]}" for i, out in enumerate(stacks))) from None
     return outputs
 
 

@@ -14,6 +14,7 @@ import json
 import jax
 import ml_collections
 from etils import epath
+from jax.experimental import multihost_utils
 
 from cm3jax.errors import MissingInputError
 from cm3jax.export import opt
@@ -74,14 +75,14 @@ def export_model(config: ml_collections.ConfigDict, workdir: Workdir) -> epath.P
         export_hf(config, workdir, model, step, partial, str(e.dtype), int(e.max_shard_mb) << 20)
     else:
         export_params(config, workdir, model, step, partial, str(e.dtype))
+    if jax.process_count() > 1:  # every process's part is written before the folder is completed and renamed
+        multihost_utils.sync_global_devices("cm3jax export parts written")
     if jax.process_index() == 0:
         record = {"format": str(e.format), "model": model, "step": step, "dtype": str(e.dtype),
                   "source_inputs": source.identity()}
         (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         replace_folder(partial, out, keep_replaced=False)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("cm3jax export written")
     return out
 

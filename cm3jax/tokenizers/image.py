@@ -71,15 +71,17 @@ class ImageTokenizer:
 
     def save(self, folder: PathLike) -> epath.Path:
         """Writes the parameters (no discriminator, no optimizer state) as an orbax checkpoint and the model config,
-        step and parameter digest as EXPORTED_CONFIG; `from_exported` reads them back."""
+        step and parameter digest as EXPORTED_CONFIG; `from_exported` reads them back. Every process takes part in
+        the orbax write; process 0 writes EXPORTED_CONFIG (other processes may return before it is there)."""
         folder = absolute_path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with ocp.StandardCheckpointer() as checkpointer:
             # Host copies: every process holds the whole VQ-GAN; orbax writes numpy arrays from the primary process.
             checkpointer.save(folder / "params", jax.device_get(self.params), force=True)
-        atomic_write_text(folder / EXPORTED_CONFIG, json.dumps(
-            {"model": dataclasses.asdict(self.model_config), "step": self.step, "params_sha256": self.digest()},
-            indent=1))
+        if jax.process_index() == 0:
+            atomic_write_text(folder / EXPORTED_CONFIG, json.dumps(
+                {"model": dataclasses.asdict(self.model_config), "step": self.step, "params_sha256": self.digest()},
+                indent=1))
         return folder
 
     @classmethod
