@@ -63,13 +63,15 @@ def test_two_processes_match_one_process(tmp_path, tiny_config):
 
 def test_two_processes_tokenize_like_one(tmp_path, tiny_config):
     """Each process encodes its own shards; together they write what one process writes, and the manifest sums
-    both processes' counts. The text tokenizer is trained by process 0 while process 1 waits for it."""
-    from cm3jax.data.embedded import build_embedded
+    both processes' counts. The text tokenizer is trained by process 0 while process 1 waits for it. The data
+    stage before it, on 2 processes too, builds the dataset once (process 0) while process 1 waits."""
     from cm3jax.data.shards import open_token_shards
     from cm3jax.train.vqgan import train_vqgan
 
     multi, single = tmp_path / "multi", tmp_path / "single"
-    build_embedded("digits", str(multi / "data"))
+    outputs = launch_command(["data"], str(multi), num_processes=2, devices_per_process=1)
+    assert "data: digits in" in outputs[0] and "data: digits in" not in outputs[1]
+    assert (multi / "data" / "COMPLETE.json").exists()
     tiny_config.vqgan.train.steps = 1
     train_vqgan(tiny_config, str(multi / "vqgan"), str(multi / "data"), jax.devices()[:1])
     shutil.copytree(multi, single)

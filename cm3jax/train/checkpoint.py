@@ -244,7 +244,8 @@ def require_resumable(config, saved: dict, state_fields: Sequence[str], where: s
 
 def set_aside_checkpoints_after(directory: PathLike, step: int, aside: PathLike) -> None:
     """Moves the checkpoints after `step` to `aside/<step>-<time>` (process 0), so the run continues from `step`
-    and nothing is deleted."""
+    and nothing is deleted. Every process waits for the move, whatever it listed: one that listed after process 0
+    moved them finds none."""
     later = [s for s in checkpoint_steps(directory) if s > step]
     if later and jax.process_index() == 0:
         aside = epath.Path(aside)
@@ -253,5 +254,5 @@ def set_aside_checkpoints_after(directory: PathLike, step: int, aside: PathLike)
         for s in later:
             move(epath.Path(directory) / str(s), aside / f"{s}-{stamp}")
         print(f"resuming from step {step}: checkpoints {later} moved to {aside}", flush=True)
-    if later and jax.process_count() > 1:
+    if jax.process_count() > 1:
         multihost_utils.sync_global_devices("cm3jax: checkpoints set aside")
