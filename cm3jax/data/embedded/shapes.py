@@ -104,7 +104,8 @@ def _article(word: str) -> str:
 
 
 def caption(scene: Scene) -> str:
-    parts = [f"a {s.phrase()} {where_phrase(s.cell)}" for s in scene]
+    """Names the shapes in reading order (by cell, left to right, top to bottom), so one image has one caption."""
+    parts = [f"a {s.phrase()} {where_phrase(s.cell)}" for s in sorted(scene, key=lambda s: CELLS.index(s.cell))]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -186,8 +187,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "1-3 shapes, caption, boxes, segmentation, edit pair, VQA."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "1-3 shapes, caption, boxes, segmentation, edit pair, VQA.",
+                     "1.1.0": "Captions name the shapes in reading order."}
     BUILDER_CONFIGS = [ShapesConfig.make()]
 
     def _info(self) -> tfds.core.DatasetInfo:
