@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from cm3jax.config import config_differences
 from cm3jax.config_validation import ConfigError
@@ -57,6 +59,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
             print(f"{stage.name}: skipped ({reason})", flush=True)
             continue
         stage_dir = workdir.stage(stage.name)
+        if jax.process_count() > 1:  # each process decides from what every process has finished, so all decide alike
+            multihost_utils.sync_global_devices(f"cm3jax pipeline: {stage.name}")
         if stage_dir.is_complete():
             changes = complete_stage_changes(config, workdir, stage)
             listed = "; ".join(f"config.{f}={g!r} (it ran with {s!r})" for f, g, s in changes)

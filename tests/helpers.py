@@ -46,10 +46,11 @@ def free_port() -> int:
 
 
 def launch_command(command_and_flags, workdir, num_processes, devices_per_process, config="configs/tiny.py",
-                   delayed_process=None):
+                   delayed_process=None, expect_success=True):
     """Runs `python -m cm3jax COMMAND --config=CONFIG --workdir=WORKDIR FLAGS...` on `num_processes` processes of
-    `devices_per_process` CPU devices (gloo collectives between them); asserts each exits 0; returns their outputs.
-    Process `delayed_process` writes its files late (tests/delayed_writes)."""
+    `devices_per_process` CPU devices (gloo collectives between them); asserts each exits 0 (or, with
+    `expect_success=False`, that none does); returns their outputs. Process `delayed_process` writes its files late
+    (tests/delayed_writes)."""
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
@@ -66,7 +67,7 @@ def launch_command(command_and_flags, workdir, num_processes, devices_per_proces
              for i in range(num_processes)]
     outputs = communicate_all(procs, timeout=300)
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+        assert (p.returncode == 0) == expect_success, out[-4000:]
     return outputs
 
 

@@ -90,6 +90,16 @@ def test_two_processes_tokenize_like_one(tmp_path, tiny_config):
     assert all(multi_records[i] == single_records[i] for i in range(200))
 
 
+def test_when_process_0_cannot_prepare_the_data_every_process_stops_with_one_line(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    outputs = launch_command(["data", "--config.raw_data.dataset=image_folder",
+                              f"--config.raw_data.paths={missing}/{{split}}"], str(tmp_path / "run"),
+                             num_processes=2, devices_per_process=1, expect_success=False)
+    assert f"cm3jax: {missing}/train/captions.jsonl not found" in outputs[0]
+    assert "cm3jax: data: process 0 could not prepare the data" in outputs[1]
+    assert "Traceback" not in outputs[0] + outputs[1]
+
+
 def test_two_processes_evaluate_like_one(tmp_path, tiny_pipeline_run):
     """Each process decodes its rows of every batch of prompts; the metrics and predictions process 0 writes are the
     ones a single process writes (the held-out loss reads two data streams in both, so the same batches)."""

@@ -5,25 +5,34 @@ import json
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
+from cm3jax.errors import UserError
 from cm3jax.stages.stage import Stage
 from cm3jax.workdir import Workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
-    """Process 0 builds and checks the data while the others wait: processes building one dataset into one folder
-    would clash, and a process that went on early could find the stage complete and skip it."""
+    """Process 0 builds and checks the data while the others wait (processes building one dataset into one folder
+    would clash); when it fails, every process stops."""
     from cm3jax.data.prepare import prepare_raw_data
 
     config = workdir.resolve(config)
     stage_dir = workdir.data.create()
+    failure = None
     if jax.process_index() == 0:
-        summary = prepare_raw_data(config.raw_data, str(stage_dir))
-        stage_dir.mark_complete(config, {"dataset": config.raw_data.dataset, "splits": summary})
-        print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("cm3jax: data ready")
+        try:
+            summary = prepare_raw_data(config.raw_data, str(stage_dir))
+            stage_dir.mark_complete(config, {"dataset": config.raw_data.dataset, "splits": summary})
+            print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
+        except Exception as e:  # raised below, once the other processes know
+            failure = e
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(failure is not None)):
+        if failure is None:
+            raise UserError("data: process 0 could not prepare the data (its output says why)")
+    if failure is not None:
+        raise failure
     return True
 
 
