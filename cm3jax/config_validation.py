@@ -245,6 +245,9 @@ def validate_sft_config(config: ml_collections.ConfigDict) -> None:
             f"must be in [0, 1), got {s.condition_dropout}")
     require(0.0 <= float(s.image_first_probability) <= 1.0, "sft.image_first_probability",
             f"must be in [0, 1], got {s.image_first_probability}")
+    require(1 <= int(s.vqa_pairs) <= int(config.vocab.num_masks), "sft.vqa_pairs",
+            f"must be in [1, vocab.num_masks={config.vocab.num_masks}] (each infilled answer takes a <mask:i>), "
+            f"got {s.vqa_pairs}")
     unknown = sorted(set(s.mixture) - set(TASKS))
     require(not unknown, "sft.mixture", f"{unknown} not in {TASKS}")
     weights = [float(w) for w in s.mixture.values()]

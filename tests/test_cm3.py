@@ -117,7 +117,7 @@ def test_whole_caption_of_the_query_document_is_a_span_at_the_configured_rate():
     n, hits = 3000, 0
     for _ in range(n):
         required = cm3.whole_text_span(document, len(retrieved), options, rng)
-        spans = cm3.sample_spans([len(s.tokens) for s in document], 3, rng, required)
+        spans = cm3.sample_spans([len(s.tokens) for s in document], 3, rng, (required,) if required else ())
         if required is not None:
             hits += 1
             assert required == cm3.Span(3, 0, 4) and required in spans

@@ -2,6 +2,7 @@
 sft.loss_on=target, and the task mixture's frequencies."""
 import collections
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -93,13 +94,13 @@ def test_every_template_reads_back_as_its_fields():
     caption_text, image = texts(built["caption"])
     assert caption_text == f"{CAPTION_INSTRUCTION} {text}"
     np.testing.assert_array_equal(image, record.image)
-    target = built["caption"].target
+    target = built["caption"].targets[0]
     assert decode(built["caption"].document[0].tokens[target.start:target.end]) == text
     question_text = texts(built["vqa"])[0]
     asked = [(q, a) for q, a in zip(meta["vqa"]["question"], meta["vqa"]["answer"])
              if question_text == f"Question: {q} Answer: {a}."]
     assert len(asked) == 1
-    target = built["vqa"].target
+    target = built["vqa"].targets[0]
     assert decode(built["vqa"].document[0].tokens[target.start:target.end]) == f" {asked[0][1]}."
     edit = texts(built["edit"])
     assert edit[0] == EDIT_INSTRUCTION and edit[2] == meta["edit"]["instruction"]
@@ -212,7 +213,8 @@ def test_target_loss_weights_only_the_answer(cm3_on):
         example = to_example.templates.build(task, Record(document[0].tokens, document[1].tokens, meta), drawn,
                                              image_first=bool(drawn.random() < to_example.options
                                                               .image_first_probability))
-        answer = example.document[example.target.segment].tokens[example.target.start:example.target.end]
+        (target,) = example.targets
+        answer = example.document[target.segment].tokens[target.start:target.end]
         targets = out["targets"]
         if not cm3_on:
             # The weighted targets are exactly the answer and its closing token.
@@ -222,8 +224,8 @@ def test_target_loss_weights_only_the_answer(cm3_on):
             assert not weighted[first - 1]  # the token before the answer (the prompt's end) is not weighted
             if example.infilled:
                 assert out["inputs"][first] == VOCAB.mask_id(0)  # predicted from the answer's <mask:0>
-            elif example.target.start:  # image first: `image <break> Question: q Answer: a.`
-                assert out["inputs"][first] == example.document[-1].tokens[example.target.start - 1]
+            elif target.start:  # image first: `image <break> Question: q Answer: a.`
+                assert out["inputs"][first] == example.document[-1].tokens[target.start - 1]
             else:  # an image asked for after the prompt
                 assert out["inputs"][first] == vocab_lib.BREAK
         else:
@@ -282,6 +284,47 @@ def test_sft_image_first_probability_orders_every_captioning_and_vqa_example(ima
         out = to_example((index, index, encode_document_record(document, meta)))
         closings.add(int(out["targets"][out["loss_weights"] > 0][-1]))
     assert closings == {vocab_lib.EOS if image_first else vocab_lib.EOSS}
+
+
+@pytest.mark.parametrize("image_first", [False, True])
+def test_sft_vqa_pairs_asks_several_questions_and_learns_every_answer(image_first):
+    """sft.vqa_pairs=5: a VQA example asks up to 5 of the record's pairs, every pair once and none whose answer another
+    states, in the document as `Question: q Answer: a.` one after another. With loss_on=target the weighted tokens
+    are exactly the answers: text-first each infilled after the image as `<mask:i> answer <eoss>` in question order,
+    image-first in place and the last closed by <eos>."""
+    options = PipelineOptions(seq_len=200, global_batch_size=8, num_streams=1,
+                              image_first_probability=float(image_first))
+    to_example = RecordToTaskExample(VOCAB, options, SFTOptions(mixture=(("vqa", 1.0),), loss_on="target", cm3=False,
+                                                                vqa_pairs=5), TEXT.model_proto, IMAGE_SIZE)
+    rng = np.random.default_rng(9)
+    counts = collections.Counter()
+    for index in range(60):
+        _, document, meta = scene_record(rng)
+        out = to_example((index, index, encode_document_record(document, meta)))
+        asked = dict(zip(meta["vqa"]["question"], meta["vqa"]["answer"]))
+        text = decode(out["inputs"][VOCAB.modality(out["inputs"]) == vocab_lib.MODALITY_TEXT])
+        questions_asked = [q for q in text.split("Question: ")[1:]]
+        counts[len(questions_asked)] += 1
+        answers = [f" {asked[q.split(' Answer:')[0]]}." for q in questions_asked]
+        assert len(set(questions_asked)) == len(questions_asked)
+        for q in questions_asked:  # no question states another's answer
+            for other in questions_asked:
+                answer = asked[other.split(" Answer:")[0]]
+                assert q == other or not re.search(rf"\b{answer}\b", q.split(" Answer:")[0]), (q, other)
+        weighted = out["targets"][out["loss_weights"] > 0]
+        if image_first:
+            assert text == "".join(f"Question: {q}" for q in questions_asked)
+            assert decode(weighted[:-1]) == "".join(answers) and weighted[-1] == vocab_lib.EOS
+        else:
+            closes = np.flatnonzero(weighted == vocab_lib.EOSS)
+            assert len(closes) == len(answers)
+            assert [decode(a[:-1]) for a in np.split(weighted, closes + 1)[:-1]] == [
+                decode(encode(a)) for a in answers]
+            for i, first in enumerate(np.flatnonzero(np.diff(np.r_[0, out["loss_weights"]]) > 0)):
+                assert out["inputs"][first] == VOCAB.mask_id(i)  # answer i follows its <mask:i>
+    # Each scene's where / colour / shape questions are about one shape and state each other's answers: at most
+    # one of them, with `how many` and `is there`.
+    assert set(counts) == {1, 2, 3}
 
 
 def test_a_prompt_too_long_for_seq_len_becomes_text_to_image_and_is_counted():

@@ -160,6 +160,7 @@ def test_cli_overrides_reach_the_run_and_bad_values_name_the_field(tmp_path):
     ({"data.packing": "greedy"}, "data.packing"),
     ({"data.image_first_probability": 1.5}, "data.image_first_probability"),
     ({"sft.image_first_probability": float("nan")}, "sft.image_first_probability"),
+    ({"sft.vqa_pairs": 9}, "sft.vqa_pairs"),  # tiny has 8 mask tokens
     ({"data.cm3_whole_text_probability": -0.1}, "data.cm3_whole_text_probability"),
     ({"model.scan_unroll": 3}, "model.scan_unroll"),  # tiny has 2 layers
     ({"raw_data.dataset": "laion"}, "raw_data.dataset"),

@@ -19,6 +19,7 @@ classifier-free guidance and the prompt of captioning by infilling; small models
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -67,15 +68,15 @@ def whole_text_span(document: Document, query_start: int, options: CM3Options,
 
 
 def sample_spans(segment_lengths: list[int], num_spans: int, rng: np.random.Generator,
-                 required: Span | None = None) -> list[Span]:
+                 required: Sequence[Span] = ()) -> list[Span]:
     """Up to `num_spans` non-overlapping non-empty spans, each inside one segment, sorted in document order;
-    `required` (if any) is one of them."""
+    the non-overlapping `required` ones are among them."""
     lengths = np.asarray(segment_lengths, np.int64)
     total = int(lengths.sum())
     if num_spans <= 0 or total == 0:
         return []
-    kept: list[Span] = [required] if required is not None else []
-    if len(kept) == num_spans:
+    kept: list[Span] = list(required)
+    if len(kept) >= num_spans:
         return kept
     segment_of = np.repeat(np.arange(len(lengths)), lengths)
     for _ in range(num_spans * num_spans):

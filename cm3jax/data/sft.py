@@ -1,18 +1,19 @@
 """Instruction-tuning (SFT) examples: CM3leon's task templates (docs/paper.md §6, its Table 5) built from a token-shard
 record and the fields its source kept (data/record_meta.py).
 
-A `TaskExample` is a document (segments, serialised as in pretraining) and its target, the tokens the instruction asks
-for. Where the template puts the target last (text -> image, editing, structure, grounding, image-first captioning
-and VQA) it is learnt in place. Where the template puts it before its condition (`Question: q Answer: a. <break>
-image`), the target is a CM3 span: `<mask:0>` in its place and `<mask:0> target <eoss>` after the document. That is
-the prompt the eval and generate commands give (inference/tasks.py), so an answer is always predicted after its
-whole condition.
+A `TaskExample` is a document (segments, serialised as in pretraining) and its targets, the tokens the instruction
+asks for. Where the template puts the targets after their condition (text -> image, editing, structure, grounding,
+image-first captioning and VQA) they are learnt in place. Where the template puts them before it (`Question: q
+Answer: a. <break> image`), each target is a CM3 span: `<mask:i>` in its place and `<mask:i> target <eoss>` after the
+document. That is the prompt the eval and generate commands give (inference/tasks.py), so an answer is always
+predicted after its whole condition.
 
 Tasks, and the fields a record needs for each:
 - text_to_image: its caption and image (every record): `caption <break> image`;
 - caption: `Describe the given picture. caption <break> image`, or the image first;
 - vqa: meta `vqa` (question and answer lists), or a class `label` with names (digits: "what digit is this?"):
-  `Question: q Answer: a. <break> image`, or the image first;
+  `Question: q Answer: a. <break> image`, or the image first; with sft.vqa_pairs > 1 an example may ask several of
+  the record's questions (`Question: q1 Answer: a1. Question: q2 Answer: a2. <break> image`), each answer a target;
 - edit: meta `edit` (instruction, edited image): `Edit first image following the instruction <break> image <break>
   instruction <break> edited image`;
 - structure: meta `segmentation` (a label map, stored as image codes): `Make high quality image from segmentation
@@ -23,6 +24,7 @@ Tasks, and the fields a record needs for each:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -64,13 +66,17 @@ TextEncoder = Callable[[str], np.ndarray]  # text -> unified text ids
 class TaskExample:
     task: str
     document: Document
-    target: Span  # the tokens the instruction asks for
+    targets: tuple[Span, ...]  # the tokens the instruction asks for, in document order, all in one segment
 
     @property
     def infilled(self) -> bool:
-        """True when the target is not the end of the document: it is then learnt as a CM3 span."""
-        last = len(self.document) - 1
-        return not (self.target.segment == last and self.target.end == len(self.document[last].tokens))
+        """True when the targets come before the document's last segment (their condition): each is then learnt as
+        a CM3 span."""
+        return self.targets[0].segment != len(self.document) - 1
+
+    @property
+    def infilled_spans(self) -> int:
+        return len(self.targets) if self.infilled else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +114,10 @@ def record_boxes(meta: Mapping, image_size: int) -> list[tuple[str, tuple[int, i
 class TaskTemplates:
     """Builds each task's TaskExample from a record; `available(record)` says which tasks its fields allow."""
 
-    def __init__(self, encode_text: TextEncoder, image_size: int, label_names: Sequence[str] | None = None):
+    def __init__(self, encode_text: TextEncoder, image_size: int, label_names: Sequence[str] | None = None,
+                 vqa_pairs: int = 1):
         self.encode_text, self.image_size, self.label_names = encode_text, image_size, label_names
+        self.vqa_pairs = vqa_pairs
 
     def available(self, record: Record) -> list[str]:
         meta = record.meta
@@ -123,11 +131,12 @@ class TaskTemplates:
         if task == "text_to_image":
             return _last_is_target(task, [text_segment(record.caption), image_segment(record.image)])
         if task == "caption":
-            return self._text_answer(task, record.image, f"{CAPTION_INSTRUCTION} ", record.caption, image_first)
+            return self._text_answers(task, record.image, [(self.encode_text(f"{CAPTION_INSTRUCTION} "),
+                                                            record.caption)], image_first)
         if task == "vqa":
-            question, answer = self._question(record.meta, rng)
-            return self._text_answer(task, record.image, f"Question: {question} Answer:",
-                                     self.encode_text(f" {answer}."), image_first)
+            pairs = [(self.encode_text(f"Question: {question} Answer:"), self.encode_text(f" {answer}."))
+                     for question, answer in self._questions(record.meta, rng)]
+            return self._text_answers(task, record.image, pairs, image_first)
         if task == "edit":
             edit = record.meta["edit"]
             return _last_is_target(task, [text_segment(self.encode_text(EDIT_INSTRUCTION)),
@@ -149,26 +158,47 @@ class TaskTemplates:
         objects = tail.format(objects=grounded_objects_text(record_boxes(record.meta, self.image_size)))
         return np.concatenate([self.encode_text(head), record.caption, self.encode_text(objects)]).astype(np.int32)
 
-    def _question(self, meta: Mapping, rng: np.random.Generator) -> tuple[str, str]:
+    def _questions(self, meta: Mapping, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """1 to `vqa_pairs` of the record's question-answer pairs (how many drawn uniformly), in random order, none
+        whose answer another of them states (`where is the red circle? top left` and `what color is the circle in the
+        top left? red` answer each other: asked together, the text would give the answer the image should)."""
         pairs = meta.get("vqa", {})
-        if pairs.get("question"):
-            i = int(rng.integers(len(pairs["question"])))
-            return pairs["question"][i], pairs["answer"][i]
-        return LABEL_QUESTION, self.label_names[int(meta["label"])]
+        if not pairs.get("question"):
+            return [(LABEL_QUESTION, self.label_names[int(meta["label"])])]
+        available = list(zip(pairs["question"], pairs["answer"]))
+        count = int(rng.integers(1, min(self.vqa_pairs, len(available)) + 1))
+        chosen: list[tuple[str, str]] = []
+        for i in rng.permutation(len(available)):
+            if len(chosen) == count:
+                break
+            question, answer = available[i]
+            if not any(_states(q, answer) or _states(question, a) for q, a in chosen):
+                chosen.append((question, answer))
+        return chosen
 
-    def _text_answer(self, task: str, image: np.ndarray, instruction: str, answer: np.ndarray,
-                     image_first: bool) -> TaskExample:
-        """`instruction answer <break> image` (the answer a CM3 span) or `image <break> instruction answer`."""
-        head = self.encode_text(instruction)
-        text = text_segment(np.concatenate([head, answer]))
-        if image_first:
-            return TaskExample(task, [image_segment(image), text], Span(1, len(head), len(text.tokens)))
-        return TaskExample(task, [text, image_segment(image)], Span(0, len(head), len(text.tokens)))
+    def _text_answers(self, task: str, image: np.ndarray, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                      image_first: bool) -> TaskExample:
+        """`instruction answer ... <break> image` (each answer a CM3 span) or `image <break> instruction answer ...`
+        from (instruction, answer) ids."""
+        pieces, spans, cursor = [], [], 0
+        segment = 1 if image_first else 0
+        for head, answer in pairs:
+            pieces += [head, answer]
+            spans.append(Span(segment, cursor + len(head), cursor + len(head) + len(answer)))
+            cursor += len(head) + len(answer)
+        text = text_segment(np.concatenate(pieces))
+        document = [image_segment(image), text] if image_first else [text, image_segment(image)]
+        return TaskExample(task, document, tuple(spans))
+
+
+def _states(question: str, answer: str) -> bool:
+    """Whether `answer` appears in `question` as whole words."""
+    return re.search(rf"\b{re.escape(answer.strip())}\b", question, re.IGNORECASE) is not None
 
 
 def _last_is_target(task: str, document: Document) -> TaskExample:
     last = len(document) - 1
-    return TaskExample(task, document, Span(last, 0, len(document[last].tokens)))
+    return TaskExample(task, document, (Span(last, 0, len(document[last].tokens)),))
 
 
 def guidance_stream_forms(example: TaskExample, vocab: vocab_lib.UnifiedVocab) -> list[TaskExample]:
@@ -197,8 +227,10 @@ def choose_task(mixture: Mapping[str, float], available: Sequence[str], rng: np.
 
 
 def _shortest_text(example: TaskExample, segment: int) -> int:
-    """Tokens a text segment keeps when cut: one, and in the target's segment what precedes it and one of it."""
-    return example.target.start + 1 if segment == example.target.segment else 1
+    """Tokens a text segment keeps when cut: one, and in the targets' segment what precedes the first target and one
+    of it."""
+    first = example.targets[0]
+    return first.start + 1 if segment == first.segment else 1
 
 
 def shortest_length(example: TaskExample) -> int:
@@ -210,12 +242,12 @@ def shortest_length(example: TaskExample) -> int:
 
 def fit_task_example(example: TaskExample, max_tokens: int) -> TaskExample:
     """Cuts text from the end of the longest text segment until the serialised example has at most `max_tokens`
-    tokens, keeping at least one token of the target. Images are never cut: an example whose images alone do not
-    fit raises ValueError (train.seq_len is too short for the task)."""
+    tokens, keeping at least one token of the first target (a target cut whole is dropped). Images are never cut: an
+    example whose images alone do not fit raises ValueError (train.seq_len is too short for the task)."""
     if shortest_length(example) > max_tokens:
         raise ValueError(f"an SFT {example.task} example needs {shortest_length(example)} tokens with its text cut "
                          f"to the least, more than the {max_tokens} it may take: raise train.seq_len")
-    document, target = list(example.document), example.target
+    document, targets = list(example.document), example.targets
     excess = serialized_length(document) - max_tokens
     while excess > 0:
         texts = [i for i, s in enumerate(document) if s.modality == vocab_lib.MODALITY_TEXT
@@ -224,16 +256,18 @@ def fit_task_example(example: TaskExample, max_tokens: int) -> TaskExample:
         keep = _shortest_text(example, i)
         cut = min(excess, len(document[i].tokens) - keep)
         document[i] = Segment(document[i].modality, document[i].tokens[:-cut])
-        if i == target.segment:
-            target = Span(target.segment, target.start, min(target.end, len(document[i].tokens)))
+        if i == targets[0].segment:
+            kept = len(document[i].tokens)
+            targets = tuple(Span(t.segment, t.start, min(t.end, kept)) for t in targets if t.start < kept)
         excess -= cut
-    return TaskExample(example.task, document, target)
+    return TaskExample(example.task, document, targets)
 
 
 def target_token_weights(example: TaskExample) -> list[np.ndarray]:
-    """Per segment and token: 1 on the target, 0 elsewhere (`sft.loss_on=target`)."""
+    """Per segment and token: 1 on the targets, 0 elsewhere (`sft.loss_on=target`)."""
     weights = [np.zeros(len(s.tokens), np.float32) for s in example.document]
-    weights[example.target.segment][example.target.start:example.target.end] = 1.0
+    for target in example.targets:
+        weights[target.segment][target.start:target.end] = 1.0
     return weights
 
 
@@ -243,11 +277,12 @@ class SFTOptions:
     loss_on: str = default("sft.loss_on")  # all (CM3leon) | target (the answer alone)
     cm3: bool = default("sft.cm3")  # CM3 spans drawn over the whole example, as in pretraining
     condition_dropout: float = default("sft.condition_dropout")  # guided examples given as a guidance stream
+    vqa_pairs: int = default("sft.vqa_pairs")  # question-answer pairs a VQA example may ask
 
     @classmethod
     def from_config(cls, sft_config) -> SFTOptions:
         return cls(tuple((str(k), float(v)) for k, v in sft_config.mixture.items()), str(sft_config.loss_on),
-                   bool(sft_config.cm3), float(sft_config.condition_dropout))
+                   bool(sft_config.cm3), float(sft_config.condition_dropout), int(sft_config.vqa_pairs))
 
 
 class RecordToTaskExample:
@@ -280,7 +315,7 @@ class RecordToTaskExample:
 
             text = TextTokenizer(self.text_model)
             self._templates = TaskTemplates(lambda s: self.vocab.text_ids(text.encode(s)), self.image_size,
-                                            self.label_names)
+                                            self.label_names, self.sft.vqa_pairs)
         return self._templates
 
     def __call__(self, item: tuple[int, int, bytes]) -> dict:
@@ -293,7 +328,7 @@ class RecordToTaskExample:
                              f"builds its tasks from caption-image records")
         task = choose_task(dict(self.sft.mixture), self.templates.available(record), rng)
         example = self.templates.build(task, record, rng, image_first=bool(rng.random() < o.image_first_probability))
-        room = o.seq_len + 1 - cm3.TOKENS_ADDED_PER_SPAN * example.infilled
+        room = o.seq_len + 1 - cm3.TOKENS_ADDED_PER_SPAN * example.infilled_spans
         too_long = shortest_length(example) > room
         if too_long:
             task = "text_to_image"
@@ -303,14 +338,14 @@ class RecordToTaskExample:
             forms = guidance_stream_forms(example, self.vocab)
             example, unconditional = forms[int(rng.integers(len(forms)))], True
         # Random spans are drawn as in pretraining, as many as leave room for the example and mask tokens for the
-        # target's span; none in a guidance stream's form, whose prompt already holds the masks it decodes from.
+        # targets' spans; none in a guidance stream's form, whose prompt already holds the masks it decodes from.
         num_spans = min(cm3.draw_span_count(rng, o.cm3) if self.sft.cm3 and not unconditional else 0,
                         max(0, room - shortest_length(example)) // cm3.TOKENS_ADDED_PER_SPAN,
-                        self.vocab.num_masks - example.infilled)
+                        self.vocab.num_masks - example.infilled_spans)
         length = serialized_length(example.document)
         example = fit_task_example(example, room - cm3.TOKENS_ADDED_PER_SPAN * num_spans)
-        spans = cm3.sample_spans([len(s.tokens) for s in example.document], num_spans + example.infilled, rng,
-                                 example.target if example.infilled else None)
+        spans = cm3.sample_spans([len(s.tokens) for s in example.document], num_spans + example.infilled_spans, rng,
+                                 example.targets if example.infilled else ())
         if self.sft.loss_on == "target":
             masked = cm3.cm3_mask_document(example.document, spans, self.vocab,
                                            segment_weights=[0.0] * len(example.document),
