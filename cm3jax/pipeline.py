@@ -45,7 +45,8 @@ def continues(stage: Stage, changes: list) -> bool:
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     """Runs the stages in order; a complete stage is skipped when its config is unchanged, continued when only its
-    step count grew, and refused (ConfigError naming the fields) otherwise; once a stage has run, the complete
+    step count grew, run again when it is outdated (Stage.outdated), and refused (ConfigError naming the fields)
+    otherwise; once a stage has run, the complete
     stages after it run again, each checking its inputs (a rerun of unchanged work resumes and finds it done). A
     preempted stage ends the pipeline (the same command resumes it), so no later stage runs on its unfinished
     outputs. Returns False when a stage was preempted."""
@@ -61,7 +62,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
         stage_dir = workdir.stage(stage.name)
         if jax.process_count() > 1:  # each process decides from what every process has finished, so all decide alike
             multihost_utils.sync_global_devices(f"cm3jax pipeline: {stage.name}")
-        if stage_dir.is_complete():
+        outdated = stage_dir.is_complete() and stage.outdated(config, workdir)
+        if outdated:
+            print(f"{stage.name}: complete, but {outdated}: running it again", flush=True)
+        elif stage_dir.is_complete():
             changes = complete_stage_changes(config, workdir, stage)
             listed = "; ".join(f"config.{f}={g!r} (it ran with {s!r})" for f, g, s in changes)
             if not changes and not earlier_stage_ran:

@@ -93,6 +93,30 @@ def test_tokens_and_the_lm_refuse_inputs_they_were_not_made_from(tiny_pipeline_r
         stages.by_command("train").run(config, Workdir(workdir))
 
 
+def test_data_built_by_another_version_of_the_embedded_dataset_is_rebuilt_and_its_tokens_refused(
+        tiny_pipeline_run, tmp_path, capsys):
+    """A workdir whose shapes data (and tokens) an earlier cm3jax built from another dataset version: the data stage
+    runs again, and the tokens stage refuses its shards instead of training on them."""
+    workdir = _copy_stages_before(tiny_pipeline_run, tmp_path / "run", "retrieval")
+    marker = os.path.join(workdir, "data", "COMPLETE.json")
+    record = json.load(open(marker))
+    assert record["version"] == "1.1.0"
+    with open(marker, "w") as f:
+        json.dump({**record, "version": "1.0.0"}, f)
+    inputs_file = os.path.join(workdir, "tokens", "inputs.json")
+    inputs = json.load(open(inputs_file))
+    inputs["raw_data"]["embedded_version"] = "1.0.0"
+    with open(inputs_file, "w") as f:
+        json.dump(inputs, f)
+    shards = _shards(os.path.join(workdir, "tokens"))
+    with pytest.raises(ChangedInputsError, match="'embedded_version': '1.1.0'"):
+        run_pipeline(tiny_pipeline_config(), Workdir(workdir))
+    assert "data: complete, but it holds shapes 1.0.0, this cm3jax builds 1.1.0: running it again" in (
+        capsys.readouterr().out)
+    assert json.load(open(marker))["version"] == "1.1.0"
+    assert _shards(os.path.join(workdir, "tokens")) == shards
+
+
 def test_retrieval_rebuilds_what_a_retriever_trained_on_or_new_settings_make_outdated(tiny_pipeline_run, tmp_path,
                                                                                        capsys):
     from cm3jax.storage import load_arrays

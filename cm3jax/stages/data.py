@@ -8,9 +8,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cm3jax.data.embedded import embedded_version
 from cm3jax.errors import UserError
 from cm3jax.stages.stage import Stage
-from cm3jax.workdir import Workdir
+from cm3jax.workdir import COMPLETE_MARKER, Workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
@@ -24,7 +25,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     if jax.process_index() == 0:
         try:
             summary = prepare_raw_data(config.raw_data, str(stage_dir))
-            stage_dir.mark_complete(config, {"dataset": config.raw_data.dataset, "splits": summary})
+            stage_dir.mark_complete(config, {"dataset": config.raw_data.dataset,
+                                             "version": embedded_version(config.raw_data.dataset), "splits": summary})
             print(f"data: {config.raw_data.dataset} in {stage_dir}: {json.dumps(summary)}", flush=True)
         except Exception as e:  # raised below, once the other processes know
             failure = e
@@ -36,11 +38,21 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     return True
 
 
+def outdated(config: ml_collections.ConfigDict, workdir: Workdir) -> str | None:
+    """Why the complete data stage no longer holds what this code builds: an embedded dataset of another version
+    (one the stage did not record counts as another)."""
+    version = embedded_version(config.raw_data.dataset)
+    built = json.loads((workdir.data.path / COMPLETE_MARKER).read_text()).get("version")
+    if version is not None and built != version:
+        return f"it holds {config.raw_data.dataset} {built or 'of an unrecorded version'}, this cm3jax builds {version}"
+    return None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     from cm3jax.config_validation import validate_raw_data_config
 
     validate_raw_data_config(config)
 
 
-STAGE = Stage(name="data", command="data", run=run, validate=validate, config_fields=("raw_data",),
+STAGE = Stage(name="data", command="data", run=run, validate=validate, outdated=outdated, config_fields=("raw_data",),
               summary="build the embedded dataset (DIR/data) or check the configured raw source; print a summary")

@@ -14,6 +14,10 @@ def always(config: ml_collections.ConfigDict) -> str | None:
     return None
 
 
+def never_outdated(config: ml_collections.ConfigDict, workdir: Workdir) -> str | None:
+    return None
+
+
 def nothing_to_check(config: ml_collections.ConfigDict) -> None:
     return None
 
@@ -33,6 +37,9 @@ class Stage:
     skipped_because: Callable[[ml_collections.ConfigDict], str | None] = always
     # Raises ConfigError naming the field when the stage's own sections cannot run (before anything runs).
     validate: Callable[[ml_collections.ConfigDict], None] = nothing_to_check
+    # None while a complete stage's outputs are what this code would make with this config, else why not (the
+    # pipeline then runs it again).
+    outdated: Callable[[ml_collections.ConfigDict, Workdir], str | None] = never_outdated
 
 
 def run_training_stage(config: ml_collections.ConfigDict, workdir: Workdir, model: str, stage_dir: StageDir,

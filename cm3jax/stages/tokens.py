@@ -73,11 +73,15 @@ def tokens_inputs(image_tokenizer: ImageTokenizer, workdir: Workdir, raw_data: d
 
 
 def raw_data_identity(config: ml_collections.ConfigDict, sources: dict) -> dict:
-    """The raw data the shards are cut from: its settings (dataset, paths, keys, image size), and per split the
-    examples and the shards they are cut into. A change to any of them makes the shards already written another
-    data's (the files' contents are not hashed: a corpus rewritten in place with as many examples is not seen)."""
+    """The raw data the shards are cut from: its settings (dataset, paths, keys, image size), the version of an
+    embedded dataset, and per split the examples and the shards they are cut into. A change to any of them makes the
+    shards already written another data's (the files' contents are not hashed: a corpus rewritten in place with as
+    many examples is not seen)."""
+    from cm3jax.data.embedded import embedded_version
+
     shard_size = int(config.tokenize.shard_size)
     return {"settings": json.loads(json.dumps(config.raw_data.to_dict(), sort_keys=True)), "shard_size": shard_size,
+            "embedded_version": embedded_version(config.raw_data.dataset),
             "splits": {split: {"examples": len(source), "shards": num_shards(len(source), shard_size)}
                        for split, source in sources.items()}}
 

@@ -23,6 +23,13 @@ def embedded_builder(name: str, data_dir: str, *, shapes_train_size: int = 20000
     raise ValueError(f"unknown embedded dataset {name!r}; known: {EMBEDDED_DATASETS}")
 
 
+def embedded_version(dataset: str) -> str | None:
+    """The version this code builds of an embedded dataset (None for other datasets): a workdir's data and tokens
+    made from another version are stale."""
+    builders = {"digits": Digits, "shapes": Shapes}
+    return str(builders[dataset].VERSION) if dataset in builders else None
+
+
 def build_embedded(name: str, data_dir: str, **options) -> tfds.core.DatasetBuilder:
     """Builds the dataset under data_dir unless it is already there; returns its builder."""
     builder = embedded_builder(name, data_dir, **options)
