@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 CONFIG ?= configs/demo.py
 PYTEST_ARGS ?=
+# The suite runs on this many processes (pytest-xdist), each test file's tests together on one of them.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-fast lint bench clean
 
@@ -22,11 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/cm3jax pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The tests that need no end-to-end training and no extra processes: a few minutes, for use while working.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow and not multiprocess" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not multiprocess" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,7 +34,9 @@ setup(
     extras_require={
         # The GCS client and a local GCS emulator: tests run a whole pipeline in a gs:// workdir with no network.
         # PyTorch (CPU) and transformers: the hf export is loaded and run by them (tests/test_export_hf.py).
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.15", "gcsfs>=2024.6", "gcp-storage-emulator>=2024.8",
+        # pytest-xdist runs the suite on two processes (`make test`); filelock lets them build shared workdirs once.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "filelock>=3.12", "ruff>=0.15",
+                "gcsfs>=2024.6", "gcp-storage-emulator>=2024.8",
                 "torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
         # gs:// workdirs: etils.epath without TensorFlow (orbax reaches buckets through tensorstore by itself).
         "gcs": ["gcsfs>=2024.6"],

@@ -73,7 +73,7 @@ def test_the_patch_encoder_codes_each_patch_from_its_own_pixels():
     for name, config in (("patch", patch), ("conv", SMALL)):
         model = VQGAN(config)
         params = init_params(model, 1)
-        latents[name] = np.asarray(model.apply({"params": params}, jnp.asarray(images))[3])
+        latents[name] = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images))[3])
     np.testing.assert_allclose(latents["patch"][1, 0, 0], latents["patch"][0, 3, 1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(latents["conv"][1, 0, 0], latents["conv"][0, 3, 1], atol=1e-3)
 
@@ -91,8 +91,8 @@ def test_the_patch_decoder_draws_each_patch_from_its_own_code():
     for name, config in (("patch", patch), ("conv", SMALL)):
         model = VQGAN(config)
         params = init_params(model, 1)
-        drawn[name] = [np.asarray(model.apply({"params": params}, jnp.asarray(c), method=model.decode))[0]
-                       for c in (codes, changed)]
+        decode = jax.jit(functools.partial(model.apply, method=model.decode))
+        drawn[name] = [np.asarray(decode({"params": params}, jnp.asarray(c)))[0] for c in (codes, changed)]
     before, after = drawn["patch"]
     assert before.shape == (32, 32, 3)
     differs = np.abs(after - before).max(axis=-1) > 1e-6
