@@ -336,9 +336,9 @@ def base_config() -> ml_collections.ConfigDict:
             # the rest are text-first with the answer infilled, the form `eval` and `generate` prompt with.
             # Unstated in the paper; data.image_first_probability is pretraining's.
             image_first_probability=0.5,
-            # At most this many of a record's question-answer pairs in one VQA example (how many drawn uniformly
-            # from 1), each answer a target: `Question: q1 Answer: a1. Question: q2 Answer: a2. <break> image`.
-            # CM3leon: 1.
+            # At most this many of a record's question-answer pairs in one VQA example (how many aimed for drawn
+            # uniformly from 1; none whose answer another states), each answer a target: `Question: q1 Answer:
+            # a1.Question: q2 Answer: a2. <break> image`. CM3leon: 1.
             vqa_pairs=1,
             steps=15_000,  # paper: ~30B tokens at 2M tokens a step
             peak_lr=5e-5,

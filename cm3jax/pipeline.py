@@ -62,21 +62,21 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
         stage_dir = workdir.stage(stage.name)
         if jax.process_count() > 1:  # each process decides from what every process has finished, so all decide alike
             multihost_utils.sync_global_devices(f"cm3jax pipeline: {stage.name}")
-        outdated = stage_dir.is_complete() and stage.outdated(config, workdir)
-        if outdated:
-            print(f"{stage.name}: complete, but {outdated}: running it again", flush=True)
-        elif stage_dir.is_complete():
+        if stage_dir.is_complete():
             changes = complete_stage_changes(config, workdir, stage)
             listed = "; ".join(f"config.{f}={g!r} (it ran with {s!r})" for f, g, s in changes)
-            if not changes and not earlier_stage_ran:
-                print(f"{stage.name}: complete, skipped", flush=True)
-                continue
-            if not changes:
-                print(f"{stage.name}: complete, run again to check it against the stage before, which ran", flush=True)
-            elif not continues(stage, changes):
+            if changes and not continues(stage, changes):
                 raise ConfigError(f"{stage.name} is complete but its config differs from the one it ran with: "
                                   f"{listed}. Run with the values it ran with, or use a new --workdir (or move "
                                   f"{stage_dir} and the stages after it away) to redo it")
+            outdated = stage.outdated(config, workdir)
+            if outdated:
+                print(f"{stage.name}: complete, but {outdated}: running it again", flush=True)
+            elif not changes and not earlier_stage_ran:
+                print(f"{stage.name}: complete, skipped", flush=True)
+                continue
+            elif not changes:
+                print(f"{stage.name}: complete, run again to check it against the stage before, which ran", flush=True)
             else:
                 print(f"{stage.name}: complete, but {listed}: training on from its last checkpoint", flush=True)
         earlier_stage_ran = True

@@ -22,8 +22,10 @@ from cm3jax.data.sft import (
     Record,
     RecordToTaskExample,
     SFTOptions,
+    TaskExample,
     TaskTemplates,
     choose_task,
+    fit_task_example,
     guidance_stream_forms,
 )
 from cm3jax.inference.tasks import TaskPrompter
@@ -325,6 +327,20 @@ def test_sft_vqa_pairs_asks_several_questions_and_learns_every_answer(image_firs
     # Each scene's where / colour / shape questions are about one shape and state each other's answers: at most
     # one of them, with `how many` and `is there`.
     assert set(counts) == {1, 2, 3}
+
+
+def test_an_example_of_several_answers_is_cut_to_whole_answers():
+    """fit_task_example keeps only whole answers of a several-answer example, its text ending with the last kept one
+    (no question left without its answer); with one left it cuts inside it, keeping one token."""
+    image = image_segment(VOCAB.image_ids(np.arange(CODES)))
+    text = text_segment(VOCAB.text_ids(np.arange(30)))  # q1 0-5, a1 5-10, q2 10-15, a2 15-20, q3 20-25, a3 25-30
+    example = TaskExample("vqa", [text, image], (cm3.Span(0, 5, 10), cm3.Span(0, 15, 20), cm3.Span(0, 25, 30)))
+    full = serialize_document(example.document).size
+    cut = fit_task_example(example, full - 3)  # a3 would lose 3 tokens: q3 and a3 go
+    assert cut.targets == (cm3.Span(0, 5, 10), cm3.Span(0, 15, 20)) and len(cut.document[0].tokens) == 20
+    cut = fit_task_example(example, full - 22)  # only 8 text tokens: inside a1
+    assert cut.targets == (cm3.Span(0, 5, 8),) and len(cut.document[0].tokens) == 8
+    assert fit_task_example(example, full) == example
 
 
 def test_a_prompt_too_long_for_seq_len_becomes_text_to_image_and_is_counted():

@@ -159,13 +159,16 @@ class TaskTemplates:
         return np.concatenate([self.encode_text(head), record.caption, self.encode_text(objects)]).astype(np.int32)
 
     def _questions(self, meta: Mapping, rng: np.random.Generator) -> list[tuple[str, str]]:
-        """1 to `vqa_pairs` of the record's question-answer pairs (how many drawn uniformly), in random order, none
-        whose answer another of them states (`where is the red circle? top left` and `what color is the circle in the
-        top left? red` answer each other: asked together, the text would give the answer the image should)."""
+        """Up to `vqa_pairs` of the record's question-answer pairs (how many aimed for drawn uniformly from 1), in
+        random order, leaving out any whose answer another of them states (`where is the red circle? top left` and
+        `what color is the circle in the top left? red` answer each other: asked together, the text would give the
+        answer the image should)."""
         pairs = meta.get("vqa", {})
         if not pairs.get("question"):
             return [(LABEL_QUESTION, self.label_names[int(meta["label"])])]
         available = list(zip(pairs["question"], pairs["answer"]))
+        if self.vqa_pairs == 1:
+            return [available[int(rng.integers(len(available)))]]
         count = int(rng.integers(1, min(self.vqa_pairs, len(available)) + 1))
         chosen: list[tuple[str, str]] = []
         for i in rng.permutation(len(available)):
@@ -192,8 +195,9 @@ class TaskTemplates:
 
 
 def _states(question: str, answer: str) -> bool:
-    """Whether `answer` appears in `question` as whole words."""
-    return re.search(rf"\b{re.escape(answer.strip())}\b", question, re.IGNORECASE) is not None
+    """Whether `answer` appears in `question` as whole words (an empty answer states nothing)."""
+    answer = answer.strip()
+    return bool(answer) and re.search(rf"\b{re.escape(answer)}\b", question, re.IGNORECASE) is not None
 
 
 def _last_is_target(task: str, document: Document) -> TaskExample:
@@ -242,8 +246,9 @@ def shortest_length(example: TaskExample) -> int:
 
 def fit_task_example(example: TaskExample, max_tokens: int) -> TaskExample:
     """Cuts text from the end of the longest text segment until the serialised example has at most `max_tokens`
-    tokens, keeping at least one token of the first target (a target cut whole is dropped). Images are never cut: an
-    example whose images alone do not fit raises ValueError (train.seq_len is too short for the task)."""
+    tokens, keeping at least one token of the first target. Of several targets only whole ones are kept, the text
+    ending with the last of them. Images are never cut: an example whose images alone do not fit raises ValueError
+    (train.seq_len is too short for the task)."""
     if shortest_length(example) > max_tokens:
         raise ValueError(f"an SFT {example.task} example needs {shortest_length(example)} tokens with its text cut "
                          f"to the least, more than the {max_tokens} it may take: raise train.seq_len")
@@ -254,12 +259,15 @@ def fit_task_example(example: TaskExample, max_tokens: int) -> TaskExample:
                  and len(s.tokens) > _shortest_text(example, i)]
         i = max(texts, key=lambda j: len(document[j].tokens))
         keep = _shortest_text(example, i)
-        cut = min(excess, len(document[i].tokens) - keep)
-        document[i] = Segment(document[i].modality, document[i].tokens[:-cut])
+        kept = len(document[i].tokens) - min(excess, len(document[i].tokens) - keep)
         if i == targets[0].segment:
-            kept = len(document[i].tokens)
-            targets = tuple(Span(t.segment, t.start, min(t.end, kept)) for t in targets if t.start < kept)
-        excess -= cut
+            whole = [t for t in targets if t.end <= kept]
+            if whole and len(whole) < len(targets):  # a later target would be cut: end with the last whole one
+                kept, targets = whole[-1].end, tuple(whole)
+            elif not whole:
+                targets = (Span(targets[0].segment, targets[0].start, kept),)
+        excess -= len(document[i].tokens) - kept
+        document[i] = Segment(document[i].modality, document[i].tokens[:kept])
     return TaskExample(example.task, document, targets)
 
 

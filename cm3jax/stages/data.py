@@ -40,11 +40,16 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
 
 def outdated(config: ml_collections.ConfigDict, workdir: Workdir) -> str | None:
     """Why the complete data stage no longer holds what this code builds: an embedded dataset of another version
-    (one the stage did not record counts as another)."""
+    than the one it recorded (a stage completed before versions were recorded is taken as it is)."""
     version = embedded_version(config.raw_data.dataset)
-    built = json.loads((workdir.data.path / COMPLETE_MARKER).read_text()).get("version")
-    if version is not None and built != version:
-        return f"it holds {config.raw_data.dataset} {built or 'of an unrecorded version'}, this cm3jax builds {version}"
+    if version is None:
+        return None
+    try:
+        built = json.loads((workdir.data.path / COMPLETE_MARKER).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return f"its {COMPLETE_MARKER} cannot be read"
+    if built is not None and built != version:
+        return f"it holds {config.raw_data.dataset} {built}, this cm3jax builds {version}"
     return None
 
 

@@ -36,7 +36,7 @@ from cm3jax.stages.stage import Stage
 from cm3jax.storage import atomic_write_text, files_digest
 from cm3jax.tokenizers.image import ImageTokenizer
 from cm3jax.tokenizers.text import TextTokenizer
-from cm3jax.workdir import Workdir
+from cm3jax.workdir import INPUTS_FILE, StageDir, Workdir
 
 
 def load_or_train_text_tokenizer(config: ml_collections.ConfigDict, workdir: Workdir) -> TextTokenizer:
@@ -86,6 +86,17 @@ def raw_data_identity(config: ml_collections.ConfigDict, sources: dict) -> dict:
                        for split, source in sources.items()}}
 
 
+def _as_recorded(inputs: dict, tokens: StageDir) -> dict:
+    """`inputs` without `embedded_version` when the folder's inputs.json was written before it was recorded: those
+    shards are taken as they are (and their identity, which later stages recorded, kept) rather than refused for a
+    field they could not have."""
+    path = tokens.path / INPUTS_FILE
+    if not path.exists() or "embedded_version" in json.loads(path.read_text()).get("raw_data", {}):
+        return inputs
+    raw_data = {k: v for k, v in inputs["raw_data"].items() if k != "embedded_version"}
+    return {**inputs, "raw_data": raw_data}
+
+
 def num_shards(examples: int, shard_size: int) -> int:
     return max(1, math.ceil(examples / shard_size))
 
@@ -113,7 +124,7 @@ def tokenize_dataset(config: ml_collections.ConfigDict, workdir: Workdir, device
             f"{vocab.text_size}: raise vocab.text_size or train a smaller tokenizer")
     # Shards of one folder come from one VQ-GAN, one text tokenizer and one raw dataset cut into the same shards,
     # also across interrupted runs.
-    inputs = tokens_inputs(image_tokenizer, workdir, raw_data_identity(config, sources))
+    inputs = _as_recorded(tokens_inputs(image_tokenizer, workdir, raw_data_identity(config, sources)), tokens)
     tokens.check_inputs(inputs)
     tokens.create()
     vocab_lib.check_or_save_vocab(vocab, out_dir, write=jax.process_index() == 0)
