@@ -135,7 +135,7 @@ class DocumentToExample:
         sample = assemble_sample(retrieved, document, o.seq_len + 1 - cm3.TOKENS_ADDED_PER_SPAN * num_spans)
         required = cm3.whole_text_span(sample.segments, sample.retrieved_segments, o.cm3, rng) if num_spans else None
         spans = cm3.sample_spans([len(s.tokens) for s in sample.segments], num_spans, rng,
-                                 (required,) if required else ())
+                                 (required,) if required is not None else ())
         weights = ([o.retrieved_loss_weight] * sample.retrieved_segments
                    + [1.0] * (len(sample.segments) - sample.retrieved_segments))
         masked = cm3.cm3_mask_document(sample.segments, spans, self.vocab, sample.document_starts, weights)

@@ -13,7 +13,7 @@ Tasks, and the fields a record needs for each:
 - caption: `Describe the given picture. caption <break> image`, or the image first;
 - vqa: meta `vqa` (question and answer lists), or a class `label` with names (digits: "what digit is this?"):
   `Question: q Answer: a. <break> image`, or the image first; with sft.vqa_pairs > 1 an example may ask several of
-  the record's questions (`Question: q1 Answer: a1. Question: q2 Answer: a2. <break> image`), each answer a target;
+  the record's questions (`Question: q1 Answer: a1.Question: q2 Answer: a2. <break> image`), each answer a target;
 - edit: meta `edit` (instruction, edited image): `Edit first image following the instruction <break> image <break>
   instruction <break> edited image`;
 - structure: meta `segmentation` (a label map, stored as image codes): `Make high quality image from segmentation

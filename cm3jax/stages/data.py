@@ -8,7 +8,6 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cm3jax.data.embedded import embedded_version
 from cm3jax.errors import UserError
 from cm3jax.stages.stage import Stage
 from cm3jax.workdir import COMPLETE_MARKER, Workdir
@@ -17,6 +16,7 @@ from cm3jax.workdir import COMPLETE_MARKER, Workdir
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
     """Process 0 builds and checks the data while the others wait (processes building one dataset into one folder
     would clash); when it fails, every process stops."""
+    from cm3jax.data.embedded import embedded_version
     from cm3jax.data.prepare import prepare_raw_data
 
     config = workdir.resolve(config)
@@ -41,6 +41,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> bool:
 def outdated(config: ml_collections.ConfigDict, workdir: Workdir) -> str | None:
     """Why the complete data stage no longer holds what this code builds: an embedded dataset of another version
     than the one it recorded (a stage completed before versions were recorded is taken as it is)."""
+    from cm3jax.data.embedded import embedded_version
+
     version = embedded_version(config.raw_data.dataset)
     if version is None:
         return None
